@@ -1,0 +1,1 @@
+"""Megatron-core integration (installed as ``pdelta_cp.megatron_patches``). Not written yet."""

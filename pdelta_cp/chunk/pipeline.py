@@ -1,0 +1,132 @@
+"""The chunkwise PyTorch path of the op, for one rank (or one process), with its two state hand-offs.
+
+Order of work (docs/algorithm.md §3):
+  1. preconditioner chunk maps -> per-piece summaries -> exchange + fold -> A entering every segment
+  2. A at every token -> write keys p (depend on the incoming A: that is why A goes first)
+  3. WY/UT chunk quantities -> per-piece state summaries -> exchange + fold -> S entering every segment
+  4. chunk-by-chunk state pass and outputs
+Per-piece summaries compose the chunk maps with a log-depth tree (no chain over the rank's chunks).
+Autograd differentiates the whole path, collectives included (see :mod:`pdelta_cp.cp.comm`).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..cp.exchange import exchange_and_fold
+from ..cp.layout import StreamLayout
+from .delta import delta_chunks
+from .plan import ChunkPlan, make_chunk_plan, scan_chunks
+from .preconditioner import preconditioner_chunks, preconditioner_tokens, squash_multiplier
+from .summary import DENSE, DIAGONAL, AffineKind
+
+CHUNK_SIZE = 64
+
+
+@dataclass
+class StreamInputs:
+    """One rank's tokens as a flat stream, in the compute dtype (float32 or float64).
+
+    q_hat, k_hat [L, H, K] (normalised, q scaled); v [L, HV, V]; beta [L, HV]; g_atk, beta_atk [L, H];
+    g None | [L, HV] | [L, HV, K]; centre [H]; initial_state [N, HV, K, V] | None; initial_A_state [N, H, K] | None.
+    """
+
+    q_hat: Tensor
+    k_hat: Tensor
+    v: Tensor
+    beta: Tensor
+    g_atk: Tensor
+    beta_atk: Tensor
+    g: Tensor | None
+    centre: Tensor
+    x: float
+    eps: float
+    initial_state: Tensor | None
+    initial_A_state: Tensor | None
+
+
+@dataclass
+class StreamOutputs:
+    o: Tensor  # [L, HV, V]
+    final_S: Tensor  # [Nseg, HV, K, V] state leaving each local segment
+    final_A: Tensor  # [Nseg, H, K]
+
+
+def _heads_first(plan: ChunkPlan, x: Tensor) -> Tensor:
+    """[L, heads, *rest] -> [Nc, heads, C, *rest]."""
+    return plan.gather(x).movedim(1, 2)
+
+
+def _initial(init: Tensor | None, shape, like: Tensor) -> Callable[[int], Tensor]:
+    if init is None:
+        zero = like.new_zeros(shape)
+        return lambda seq: zero
+    return lambda seq: init[seq]
+
+
+def _entering_states(
+    layout: StreamLayout,
+    group,
+    plan: ChunkPlan,
+    kind: AffineKind,
+    chunk_maps: Callable[[slice], tuple[Tensor, Tensor]],
+    initial: Callable[[int], Tensor],
+    after: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """State entering every local segment [Nseg, ...], and the gathered payload (None for one process)."""
+    segs = layout.segments
+    if layout.world == 1:  # every piece starts a sequence: nothing to hand over
+        return torch.stack([initial(s.seq) for s in segs]), None
+    exports_M, exports_b = [], []
+    for piece in range(len(layout.pieces)):
+        last = layout.last_segment(piece)
+        M, b = kind.reduce(*chunk_maps(plan.chunks_of(last)))
+        if last != layout.first_segment(piece):  # a sequence starts inside the piece: export its end state
+            M, b = torch.zeros_like(M), kind.apply(M, initial(segs[last].seq)) + b
+        exports_M.append(M)
+        exports_b.append(b)
+    entering, gathered = exchange_and_fold(
+        layout, group, kind, (torch.stack(exports_M), torch.stack(exports_b)), initial, after
+    )
+    first_of_piece = {layout.first_segment(p) for p in range(len(layout.pieces))}
+    states = [entering[s.piece] if i in first_of_piece else initial(s.seq) for i, s in enumerate(segs)]
+    return torch.stack(states), gathered
+
+
+def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group) -> StreamOutputs:
+    H, K = inp.k_hat.shape[1:]
+    HV, V = inp.v.shape[1:]
+    plan = make_chunk_plan([(s.start, s.end) for s in layout.segments], layout.num_tokens, CHUNK_SIZE,
+                           inp.v.device)
+
+    # 1. preconditioner state entering every segment
+    k_hat = _heads_first(plan, inp.k_hat)  # [Nc, H, C, K]
+    pre = preconditioner_chunks(k_hat, _heads_first(plan, inp.g_atk), _heads_first(plan, inp.beta_atk))
+    A_init = _initial(inp.initial_A_state, (H, K), inp.k_hat)
+    A_enter, A_gathered = _entering_states(layout, group, plan, DIAGONAL, lambda ids: (pre.decay[ids], pre.end[ids]),
+                                           A_init, None)
+    A_start, A_final = scan_chunks(plan, A_enter, lambda ids, A: pre.decay[ids] * A + pre.end[ids])
+
+    # 2. write keys
+    A_tok = preconditioner_tokens(pre, A_start)
+    p = k_hat * squash_multiplier(A_tok, inp.centre[:, None, None], inp.x, inp.eps)
+
+    # 3. WY/UT chunk quantities per value head, state entering every segment
+    group_size = HV // H
+
+    def per_value_head(t: Tensor) -> Tensor:
+        return t.repeat_interleave(group_size, dim=1) if group_size > 1 else t
+
+    g = None if inp.g is None else _heads_first(plan, inp.g)
+    chunks = delta_chunks(per_value_head(_heads_first(plan, inp.q_hat)), per_value_head(k_hat), per_value_head(p),
+                          _heads_first(plan, inp.v), _heads_first(plan, inp.beta), g)
+    S_init = _initial(inp.initial_state, (HV, K, V), inp.v)
+    S_enter, _ = _entering_states(layout, group, plan, DENSE, chunks.maps, S_init, A_gathered)
+
+    # 4. state pass and outputs
+    S_start, S_final = scan_chunks(plan, S_enter, chunks.step)
+    o = plan.scatter(chunks.output(S_start).movedim(2, 1))
+    return StreamOutputs(o=o, final_S=S_final, final_A=A_final)

@@ -1,0 +1,108 @@
+"""Chunk bookkeeping: cut a packed token stream into fixed-size chunks that never cross a segment boundary.
+
+A *segment* is a run of consecutive local tokens that belong to one sequence (a whole sequence, or the part
+of it that one CP piece holds). Each segment is cut into chunks of ``chunk_size`` tokens; its last chunk is
+padded. Padding tokens gather a zero row, which makes them identity steps of every recurrence (zero key,
+zero gains, zero log-decay), so they change nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Where every chunk's tokens live in the local stream.
+
+    token_index [Nc, C]: index into the stream, ``num_tokens`` (a zero pad row) for padding.
+    chunk_segment [Nc]: segment of each chunk; chunk_pos [Nc]: position of the chunk in its segment.
+    seg_bounds: (start, end) of each segment in the stream. Chunks are ordered by segment, then position,
+    so valid tokens appear in stream order when read chunk by chunk.
+    """
+
+    num_tokens: int
+    chunk_size: int
+    seg_bounds: tuple[tuple[int, int], ...]
+    token_index: Tensor
+    valid: Tensor
+    chunk_segment: Tensor
+    chunk_pos: Tensor
+    seg_first_chunk: tuple[int, ...]
+    seg_num_chunks: tuple[int, ...]
+
+    @property
+    def num_chunks(self) -> int:
+        return self.token_index.shape[0]
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.seg_bounds)
+
+    def chunks_of(self, seg: int) -> slice:
+        first = self.seg_first_chunk[seg]
+        return slice(first, first + self.seg_num_chunks[seg])
+
+    def gather(self, x: Tensor) -> Tensor:
+        """[L, *rest] stream tensor -> [Nc, C, *rest] chunk tensor (padding = 0)."""
+        padded = torch.cat([x, x.new_zeros((1,) + x.shape[1:])])
+        return padded[self.token_index]
+
+    def scatter(self, xc: Tensor) -> Tensor:
+        """[Nc, C, *rest] chunk tensor -> [L, *rest] stream tensor (drops padding)."""
+        return xc.reshape((-1,) + xc.shape[2:])[self.valid.reshape(-1)]
+
+
+def make_chunk_plan(seg_bounds: list[tuple[int, int]], num_tokens: int, chunk_size: int, device) -> ChunkPlan:
+    """Build the plan for segments ``seg_bounds`` (consecutive, covering ``[0, num_tokens)``)."""
+    rows, segs, poss, firsts, counts = [], [], [], [], []
+    for s, (start, end) in enumerate(seg_bounds):
+        n = -(-(end - start) // chunk_size)
+        firsts.append(len(rows))
+        counts.append(n)
+        for j in range(n):
+            lo = start + j * chunk_size
+            idx = list(range(lo, min(lo + chunk_size, end)))
+            rows.append(idx + [num_tokens] * (chunk_size - len(idx)))
+            segs.append(s)
+            poss.append(j)
+    token_index = torch.tensor(rows, dtype=torch.long, device=device).reshape(-1, chunk_size)
+    return ChunkPlan(
+        num_tokens=num_tokens,
+        chunk_size=chunk_size,
+        seg_bounds=tuple(seg_bounds),
+        token_index=token_index,
+        valid=token_index < num_tokens,
+        chunk_segment=torch.tensor(segs, dtype=torch.long, device=device),
+        chunk_pos=torch.tensor(poss, dtype=torch.long, device=device),
+        seg_first_chunk=tuple(firsts),
+        seg_num_chunks=tuple(counts),
+    )
+
+
+def scan_chunks(plan: ChunkPlan, init: Tensor, step) -> tuple[Tensor, Tensor]:
+    """Run a recurrence over the chunks of every segment, all segments side by side.
+
+    init [Nseg, *S]: state at the start of each segment. ``step(chunk_ids, state) -> state`` advances the
+    states of the given chunks (one per segment) by one chunk. Returns the state at the start of every chunk
+    [Nc, *S] and the final state of every segment [Nseg, *S]. Sequential over chunk positions only.
+    """
+    states = init
+    starts = [None] * plan.num_chunks
+    pos = plan.chunk_pos.tolist()
+    seg = plan.chunk_segment.tolist()
+    by_pos: dict[int, list[int]] = {}
+    for c, p in enumerate(pos):
+        by_pos.setdefault(p, []).append(c)
+    for p in sorted(by_pos):
+        chunk_ids = by_pos[p]
+        seg_ids = torch.tensor([seg[c] for c in chunk_ids], device=init.device)
+        current = states[seg_ids]
+        for i, c in enumerate(chunk_ids):
+            starts[c] = current[i]
+        states = states.index_put((seg_ids,), step(torch.tensor(chunk_ids, device=init.device), current))
+    if plan.num_chunks == 0:
+        return init.new_zeros((0,) + init.shape[1:]), states
+    return torch.stack(starts), states

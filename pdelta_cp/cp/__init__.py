@@ -1,0 +1,1 @@
+"""Context parallelism: layout bookkeeping, summary exchange, collectives with autograd, conv halo."""
