@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["naive_precond_delta_rule"]
+__all__ = ["naive_precond_delta_rule", "naive_short_conv"]
 
 
 def _l2normalize(x: Tensor) -> Tensor:
@@ -118,3 +118,24 @@ def naive_precond_delta_rule(
     if not output_final_state:
         return o, None, None
     return o, torch.stack(finals_S), torch.stack(finals_A)
+
+
+def naive_short_conv(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = "silu",
+    cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """Causal depthwise conv, one sequence at a time: x [B,T,D], weight [D,W], bias [D] -> [B,T,D]."""
+    B, T, D = x.shape
+    width = weight.shape[1]
+    if cu_seqlens is None:
+        bounds = [(b, 0, T) for b in range(B)]
+    else:
+        cu = [int(c) for c in cu_seqlens.tolist()]
+        bounds = [(0, cu[n], cu[n + 1]) for n in range(len(cu) - 1)]
+    rows: list[list[Tensor]] = [[] for _ in range(B)]
+    for b, start, end in bounds:
+        seq = x[b, start:end].T[None]  # [1, D, n]
+        seq = torch.nn.functional.pad(seq, (width - 1, 0))
+        y = torch.nn.functional.conv1d(seq, weight[:, None, :].to(x.dtype), bias, groups=D)[0].T
+        rows[b].append(torch.nn.functional.silu(y) if activation == "silu" else y)
+    return torch.stack([torch.cat(r) for r in rows])

@@ -17,6 +17,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+# torch >= 2.12 renamed the flat-tensor collectives; older releases (e.g. 2.11 on the GPU image) lack the new names
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def world_and_rank(group) -> tuple[int, int]:
     if group is None:
         return 1, 0
@@ -31,13 +36,13 @@ class _AllGather(torch.autograd.Function):
         ctx.group = group
         world = dist.get_world_size(group)
         out = x.new_empty(world * x.numel())  # flat buffers: gloo splits the output along dim 0
-        dist.all_gather_into_tensor(out, x.reshape(-1).contiguous(), group=group)
+        _all_gather_flat(out, x.reshape(-1).contiguous(), group=group)
         return out.view((world,) + x.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         out = grad.new_empty(grad[0].numel())
-        dist.reduce_scatter_tensor(out, grad.reshape(-1).contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
+        _reduce_scatter_flat(out, grad.reshape(-1).contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
         return out.view(grad.shape[1:]), None
 
 
@@ -110,7 +115,7 @@ def agree(error: Exception | None, sig: int, group, device, what: str) -> None:
     world, rank = world_and_rank(group)
     mine = torch.tensor([1 if error is not None else 0, sig], dtype=torch.int64, device=device)
     everyone = torch.empty(world * 2, dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(everyone, mine, group=group)
+    _all_gather_flat(everyone, mine, group=group)
     everyone = everyone.view(world, 2)
     failed = [r for r in range(world) if int(everyone[r, 0]) != 0]
     if error is not None:

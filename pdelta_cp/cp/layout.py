@@ -124,6 +124,10 @@ def stream_layout(
     Without ``cu_seqlens`` every row is its own sequence of ``world * local_len`` tokens, split by ``layout``.
     With ``cu_seqlens`` (global boundaries, batch 1) the packed stream of ``cu_seqlens[-1]`` tokens is split.
     """
+    if world == 1:  # a zigzag of one rank holds pieces 0 and 1 in order: the contiguous stream
+        if layout == "zigzag":
+            split_stream(cu_seqlens[-1] if cu_seqlens else local_len, 1, 0, layout)  # same divisibility rule
+        layout = "contiguous"
     if cu_seqlens is None:
         total = world * local_len
         seq_bounds = [(b * total, (b + 1) * total) for b in range(batch)]
@@ -133,3 +137,16 @@ def stream_layout(
         seq_bounds = list(zip(cu_seqlens[:-1], cu_seqlens[1:]))
         pieces = [split_stream(cu_seqlens[-1], world, r, layout) for r in range(world)]
     return build_layout(seq_bounds, pieces, rank)
+
+
+def local_token_index(total: int, world: int, rank: int, layout: str) -> list[int]:
+    """Positions (along T of a [B, T_global, ...] or packed [1, T_global, ...] tensor) that ``rank`` holds."""
+    return [t for s, e in split_stream(total, world, rank, layout) for t in range(s, e)]
+
+
+def shard(x, world: int, rank: int, layout: str = "contiguous", dim: int = 1):
+    """This rank's share of a full-sequence tensor along ``dim`` (tokens): what to pass to the op under CP."""
+    import torch
+
+    idx = torch.tensor(local_token_index(x.shape[dim], world, rank, layout), device=x.device)
+    return x.index_select(dim, idx)
