@@ -1,0 +1,63 @@
+"""Process-group start-up shared by every entry point: under torchrun/DeepSpeed/mpirun, or self-launched.
+
+``run_distributed(worker, nprocs)`` calls ``worker(*args)`` on every rank with an initialised default process
+group. When the process was not started by a launcher (no RANK/WORLD_SIZE in the environment), it starts
+``nprocs`` local processes itself and gives each the same environment torchrun would, so a single code
+path serves both cases.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def launched() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 300) -> None:
+    """Initialise the default group from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (env://)."""
+    if dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def _child(local_rank: int, worker: Callable, nprocs: int, port: int, args: tuple, backend: str | None) -> None:
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nprocs),
+                      LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _run_here(worker, args, backend)
+
+
+def _run_here(worker: Callable, args: tuple, backend: str | None) -> None:
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    init_from_env(backend)
+    try:
+        worker(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(worker: Callable, nprocs: int, args: tuple = (), backend: str | None = None) -> None:
+    """Run ``worker(*args)`` on every rank of a default process group (self-launching ``nprocs`` if needed)."""
+    if launched():
+        _run_here(worker, args, backend)
+        return
+    mp.start_processes(_child, args=(worker, nprocs, free_port(), args, backend), nprocs=nprocs,
+                       start_method="spawn", join=True)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine:  ./run.sh demo  |  ./run.sh test
+# Creates .venv on first use (CPU torch 2.13.0 from the local wheel: a looser pin pulls a multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=.venv/bin/python
+
+setup() {
+    if [ -x "$PY" ] && "$PY" -c "import pdelta_cp, pytest, hypothesis" 2>/dev/null; then return; fi
+    python3 -m venv .venv
+    "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0 numpy "pytest>=8" "hypothesis>=6" 2>&1 | grep -v "is ignored" || true
+    "$PY" -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "is ignored" || true
+    "$PY" -c "import pdelta_cp, torch; print('pdelta-cp installed with torch', torch.__version__)"
+}
+
+run_tests() {
+    # single-process tests (the distributed ones skip themselves outside torchrun)
+    OMP_NUM_THREADS=2 timeout 1200 "$PY" -m pytest -q tests "$@"
+    # CP tests: one torchrun launch per world size, one process group per launch, gloo on CPU
+    for n in 2 4; do
+        echo "== distributed tests on $n processes (gloo)"
+        timeout 1200 .venv/bin/torchrun --nproc-per-node "$n" --local-ranks-filter 0 \
+            -m pytest -q -p no:cacheprovider tests/distributed "$@"
+    done
+}
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+    demo) setup; exec .venv/bin/pdelta-cp demo "$@" ;;
+    test) setup; run_tests "$@" ;;
+    setup) setup ;;
+    *) echo "usage: ./run.sh demo | test | setup" >&2; exit 2 ;;
+esac
