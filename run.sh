@@ -6,15 +6,16 @@ cd "$(dirname "$0")"
 PY=.venv/bin/python
 
 setup() {
-    if [ -x "$PY" ] && "$PY" -c "import pdelta_cp, pytest, hypothesis" 2>/dev/null; then return; fi
+    if [ -x "$PY" ] && "$PY" -c "import pdelta_cp, pytest, hypothesis, triton" 2>/dev/null; then return; fi
     python3 -m venv .venv
-    "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0 numpy "pytest>=8" "hypothesis>=6" 2>&1 | grep -v "is ignored" || true
+    "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0 numpy triton "pytest>=8" "hypothesis>=6" 2>&1 | grep -v "is ignored" || true
     "$PY" -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "is ignored" || true
     "$PY" -c "import pdelta_cp, torch; print('pdelta-cp installed with torch', torch.__version__)"
 }
 
 run_tests() {
-    # single-process tests (the distributed ones skip themselves outside torchrun)
+    # single-process tests (the distributed ones skip themselves outside torchrun; Triton kernels run
+    # in the interpreter on CPU)
     OMP_NUM_THREADS=2 timeout 1200 "$PY" -m pytest -q tests "$@"
     # CP tests: one torchrun launch per world size, one process group per launch, gloo on CPU
     for n in 2 4; do

@@ -1,5 +1,4 @@
-"""Triton kernels (installed as ``pdelta_cp.kernels``).
+"""Triton kernels (installed as ``pdelta_cp.kernels``), each mirroring a stage of :mod:`pdelta_cp.chunk`.
 
-Not written yet: ``precond_delta_rule(..., backend="triton")`` raises a clear NotImplementedError until
-they land (issue: Triton chunkwise kernels). The PyTorch chunk path in ``pdelta_cp.chunk`` is their blueprint.
+Import this package only where Triton can run (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 """

@@ -19,11 +19,25 @@ def _group_device(group, fallback: torch.device) -> torch.device:
     return fallback
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend == "triton":
-        raise NotImplementedError("backend='triton' is not available in this version (the Triton kernels are "
-                                  "being written); use backend='torch' or 'auto'")
-    return "torch"
+def _triton_runs_on(device: torch.device) -> bool:
+    from .kernels._triton_utils import triton_available
+
+    return triton_available(device)
+
+
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"auto": Triton on CUDA for 16/32-bit inputs, else the PyTorch chunk path."""
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and dtype != torch.float64 and _triton_runs_on(device) else "torch"
+    if dtype == torch.float64:
+        raise ValueError("backend='triton' computes in float32 with float32/bfloat16/float16 inputs; "
+                         "use backend='torch' for float64")
+    if not _triton_runs_on(device):
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU) and an installed "
+                         f"triton; the inputs are on {device}. Use backend='torch' or 'auto'")
+    return "triton"
 
 
 def _l2normalize(x: Tensor) -> Tensor:
@@ -79,7 +93,7 @@ def precond_delta_rule(
         problem = check_inputs(q, k, v, beta, g_atk, beta_atk, g, initial_state=initial_state,
                                initial_A_state=initial_A_state, cu_seqlens=cu_seqlens, world=world,
                                cp_layout=cp_layout)
-        backend = _resolve_backend(backend, device)
+        backend = _resolve_backend(backend, device, q.dtype)
     except (ValueError, TypeError, NotImplementedError) as exc:
         error = exc
     sig = 0 if problem is None else signature(
@@ -109,6 +123,7 @@ def precond_delta_rule(
         ),
         layout,
         cp_group,
+        backend,
     )
     o = out.o.reshape(P.B, P.T, P.HV, P.V).to(v.dtype)
     if not output_final_state:

@@ -3,6 +3,16 @@ import os
 import pytest
 import torch
 
+# Triton kernels run on CPU only in the interpreter; it must be chosen before any kernel module is imported
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        from pdelta_cp.kernels._triton_utils import patch_interpreter_bf16_dot
+
+        patch_interpreter_bf16_dot()
+    except ImportError:  # triton not installed: the kernel tests skip themselves
+        pass
+
 # under torchrun every rank gets one thread: oversubscribed OpenMP threads spin and slow 2-core machines 10x
 _LAUNCHED = "RANK" in os.environ and "WORLD_SIZE" in os.environ
 torch.set_num_threads(1 if _LAUNCHED else max(1, min(2, os.cpu_count() or 1)))

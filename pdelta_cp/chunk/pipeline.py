@@ -19,7 +19,7 @@ from torch import Tensor
 from ..cp.exchange import exchange_and_fold
 from ..cp.layout import StreamLayout
 from .delta import delta_chunks
-from .plan import ChunkPlan, make_chunk_plan, scan_chunks
+from .plan import ChunkPlan, diagonal_scan, make_chunk_plan, scan_chunks
 from .preconditioner import preconditioner_chunks, preconditioner_tokens, squash_multiplier
 from .summary import DENSE, DIAGONAL, AffineKind
 
@@ -96,7 +96,19 @@ def _entering_states(
     return torch.stack(states), gathered
 
 
-def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group) -> StreamOutputs:
+def _state_pass(plan: ChunkPlan, chunks, S_enter: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """States entering every chunk and leaving every segment: Python loop (torch) or Triton kernels."""
+    if backend == "triton":
+        from ..kernels.state_pass import state_pass
+
+        K = chunks.W.shape[-1]
+        decay = chunks.decay.expand(*chunks.decay.shape[:-1], K)
+        return state_pass(chunks.W, chunks.U, chunks.p_tilde, decay, S_enter, plan.seg_first_chunk,
+                          plan.seg_num_chunks)
+    return scan_chunks(plan, S_enter, chunks.step)
+
+
+def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, backend: str = "torch") -> StreamOutputs:
     H, K = inp.k_hat.shape[1:]
     HV, V = inp.v.shape[1:]
     plan = make_chunk_plan([(s.start, s.end) for s in layout.segments], layout.num_tokens, CHUNK_SIZE,
@@ -108,7 +120,7 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group) -
     A_init = _initial(inp.initial_A_state, (H, K), inp.k_hat)
     A_enter, A_gathered = _entering_states(layout, group, plan, DIAGONAL, lambda ids: (pre.decay[ids], pre.end[ids]),
                                            A_init, None)
-    A_start, A_final = scan_chunks(plan, A_enter, lambda ids, A: pre.decay[ids] * A + pre.end[ids])
+    A_start, A_final = diagonal_scan(plan, A_enter, pre.decay, pre.end)
 
     # 2. write keys
     A_tok = preconditioner_tokens(pre, A_start)
@@ -127,6 +139,6 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group) -
     S_enter, _ = _entering_states(layout, group, plan, DENSE, chunks.maps, S_init, A_gathered)
 
     # 4. state pass and outputs
-    S_start, S_final = scan_chunks(plan, S_enter, chunks.step)
+    S_start, S_final = _state_pass(plan, chunks, S_enter, backend)
     o = plan.scatter(chunks.output(S_start).movedim(2, 1))
     return StreamOutputs(o=o, final_S=S_final, final_A=A_final)

@@ -106,3 +106,27 @@ def scan_chunks(plan: ChunkPlan, init: Tensor, step) -> tuple[Tensor, Tensor]:
     if plan.num_chunks == 0:
         return init.new_zeros((0,) + init.shape[1:]), states
     return torch.stack(starts), states
+
+
+def diagonal_scan(plan: ChunkPlan, init: Tensor, decay: Tensor, end: Tensor) -> tuple[Tensor, Tensor]:
+    """The diagonal recurrence A <- decay_c * A + end_c over each segment's chunks, in log depth.
+
+    init [Nseg, *S]; decay, end [Nc, *S]. Returns (state entering every chunk [Nc, *S], final state of every
+    segment [Nseg, *S]). A Hillis-Steele scan over chunk positions: at step d every chunk absorbs the partial
+    map of the chunk d places earlier in its segment. Differentiable; no chain over the chunks.
+    """
+    pos = plan.chunk_pos
+    D, A = decay, end  # inclusive maps of chunks [first of segment .. c], built up in place of each chunk
+    d = 1
+    while d < max(plan.seg_num_chunks, default=1):
+        has = (pos >= d).view((-1,) + (1,) * (D.dim() - 1))
+        prev_D = torch.cat([D.new_ones((d,) + D.shape[1:]), D[:-d]])
+        prev_A = torch.cat([A.new_zeros((d,) + A.shape[1:]), A[:-d]])
+        D, A = torch.where(has, D * prev_D, D), torch.where(has, D * prev_A + A, A)
+        d *= 2
+    seg_init = init[plan.chunk_segment]
+    after = D * seg_init + A  # state leaving each chunk
+    first = (pos == 0).view((-1,) + (1,) * (D.dim() - 1))
+    before = torch.where(first, seg_init, torch.cat([seg_init[:1], after[:-1]]))
+    last = torch.tensor([f + n - 1 for f, n in zip(plan.seg_first_chunk, plan.seg_num_chunks)], device=init.device)
+    return before, after[last]

@@ -1,0 +1,48 @@
+"""Small shared helpers for the Triton kernels."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: small, so tests exercise the segment-parallel path at small sizes
+
+
+def triton_available(device: torch.device) -> bool:
+    """True when Triton kernels can run for tensors on ``device`` (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or INTERPRET
+
+
+def patch_interpreter_bf16_dot() -> None:
+    """Triton's interpreter multiplies bf16 operands as raw uint16 (silently wrong): upcast them first."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_dot, "_pdelta_patched", False):
+        return
+    original = builder.create_dot
+
+    def create_dot(self, a, b, d, *args, **kwargs):
+        if a.dtype.scalar == tl.bfloat16:
+            a = self.cast_impl(a, tl.float32)
+        if b.dtype.scalar == tl.bfloat16:
+            b = self.cast_impl(b, tl.float32)
+        return original(self, a, b, d, *args, **kwargs)
+
+    create_dot._pdelta_patched = True
+    builder.create_dot = create_dot

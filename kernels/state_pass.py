@@ -1,0 +1,253 @@
+"""The inter-chunk state pass, its reverse (gradient) pass, and segment parallelism inside one GPU.
+
+Per chunk c (state entering it S_c, [K, V] per value head), from the chunk quantities of
+:mod:`pdelta_cp.chunk.delta` (W, U, P̃ = p ⊙ e^{Γ_C-Γ}, decay d = e^{Γ_C}):
+
+    Δ_c = U_c − W_c S_c ,    S_{c+1} = d_c ⊙ S_c + P̃_cᵀ Δ_c
+
+Forward kernel: one program per (V block, value head, segment), sequential over the segment's chunks.
+In *summary mode* the same loop runs on the augmented state [M | b] (K + V columns) started from [I | 0] with
+no input on the M columns: it yields the segment's affine map, which is what lets long segments be cut into
+sub-segments that run in parallel and are joined by a short fold (the same summaries CP exchanges).
+
+Reverse kernel (adjoint Λ_c = dL/dS_c, carried transposed as X = Λᵀ so no dot result is ever transposed):
+
+    dΔ_c = P̃_c Λ_{c+1},  dP̃_c = Δ_c Λ_{c+1}ᵀ,  dd_c = Σ_v S_c ⊙ Λ_{c+1},  dU_c = dΔ_c,  dW_c = −dΔ_c S_cᵀ
+    Λ_c = G_c + d_c ⊙ Λ_{c+1} − W_cᵀ dΔ_c                       (G_c: gradient arriving on S_c itself)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._triton_utils import INTERPRET, next_pow2, num_sms
+
+
+@triton.jit
+def _state_fwd_kernel(W, U, P, D, S0, FIRST, LENGTH, STARTS, FINAL, HV,
+                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      SUMMARY: tl.constexpr, STORE_STARTS: tl.constexpr, PRECISION: tl.constexpr):
+    i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    first = tl.load(FIRST + i_s).to(tl.int64)
+    n = tl.load(LENGTH + i_s)
+    rk = tl.arange(0, BK)
+    rc = tl.arange(0, C)
+    cols = i_v * BV + tl.arange(0, BV)
+    mk = rk < K
+    if SUMMARY:  # columns [0, K): M (starts as I, no input); [K, K+V): b (starts at 0, input U)
+        NCOL: tl.constexpr = K + V
+        mcol = cols < NCOL
+        ucol = cols - K
+        umask = (cols >= K) & mcol
+        S = tl.where((rk[:, None] == cols[None, :]) & mk[:, None], 1.0, 0.0).to(tl.float32)
+    else:
+        NCOL: tl.constexpr = V
+        mcol = cols < V
+        ucol = cols
+        umask = mcol
+        S = tl.load(S0 + ((i_s * HV + i_h) * K + rk[:, None]) * V + cols[None, :],
+                    mask=mk[:, None] & mcol[None, :], other=0.0).to(tl.float32)
+    smask = mk[:, None] & mcol[None, :]
+    for j in range(n):
+        base = (first + j) * HV + i_h
+        if STORE_STARTS:
+            tl.store(STARTS + (base * K + rk[:, None]) * NCOL + cols[None, :], S, mask=smask)
+        w = tl.load(W + (base * C + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+        u = tl.load(U + (base * C + rc[:, None]) * V + ucol[None, :], mask=umask[None, :], other=0.0)
+        p_t = tl.load(P + (base * C + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+        d = tl.load(D + base * K + rk, mask=mk, other=0.0)
+        delta = u - tl.dot(w, S, input_precision=PRECISION)
+        S = d[:, None] * S + tl.dot(p_t, delta, input_precision=PRECISION)
+    tl.store(FINAL + ((i_s * HV + i_h) * K + rk[:, None]) * NCOL + cols[None, :], S, mask=smask)
+
+
+@triton.jit
+def _state_bwd_kernel(W, U, P, D, STARTS, G, TERMINAL, FIRST, LENGTH,
+                      DW, DU, DP, DD, DS0, HV, NCH,
+                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      STORE_GRADS: tl.constexpr, PRECISION: tl.constexpr):
+    """DW, DP [NV, Nc, HV, C, K] and DD [NV, Nc, HV, K] receive per-V-block partial sums (slot i_v)."""
+    i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    first = tl.load(FIRST + i_s).to(tl.int64)
+    n = tl.load(LENGTH + i_s)
+    rk = tl.arange(0, BK)
+    rc = tl.arange(0, C)
+    cols = i_v * BV + tl.arange(0, BV)
+    mk = rk < K
+    mv = cols < V
+    tmask = mv[:, None] & mk[None, :]
+    slot = i_v.to(tl.int64) * NCH
+    X = tl.load(TERMINAL + ((i_s * HV + i_h) * K + rk[None, :]) * V + cols[:, None], mask=tmask, other=0.0)
+    for jj in range(n):
+        base = (first + n - 1 - jj) * HV + i_h
+        w = tl.load(W + (base * C + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+        p_t = tl.load(P + (base * C + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+        d = tl.load(D + base * K + rk, mask=mk, other=0.0)
+        g_t = tl.load(G + (base * K + rk[None, :]) * V + cols[:, None], mask=tmask, other=0.0)
+        d_delta_t = tl.dot(X, p_t, input_precision=PRECISION)  # [BV, C] = (P̃ Λ)ᵀ
+        if STORE_GRADS:
+            s = tl.load(STARTS + (base * K + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :],
+                        other=0.0)
+            s_t = tl.load(STARTS + (base * K + rk[None, :]) * V + cols[:, None], mask=tmask, other=0.0)
+            u = tl.load(U + (base * C + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+            delta = u - tl.dot(w, s, input_precision=PRECISION)  # [C, BV]
+            d_p = tl.dot(delta, X, input_precision=PRECISION)  # [C, BK]
+            d_w_t = -tl.dot(s, d_delta_t, input_precision=PRECISION)  # [BK, C]
+            tl.store(DP + slot * C * K + (base * C + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
+            tl.store(DW + slot * C * K + (base * C + rc[None, :]) * K + rk[:, None], d_w_t, mask=mk[:, None])
+            tl.store(DD + slot * K + base * K + rk, tl.sum(s_t * X, axis=0), mask=mk)
+            tl.store(DU + (base * C + rc[None, :]) * V + cols[:, None], d_delta_t, mask=mv[:, None])
+        X = g_t + X * d[None, :] - tl.dot(d_delta_t, w, input_precision=PRECISION)
+    tl.store(DS0 + ((i_s * HV + i_h) * K + rk[None, :]) * V + cols[:, None], X, mask=tmask)
+
+
+def _config(K: int, ncol: int) -> tuple[int, int, int]:
+    BK = max(16, next_pow2(K))
+    BV = min(64 if BK <= 128 else 32, max(16, next_pow2(ncol)))
+    return BK, BV, 4 if BK <= 64 else 8
+
+
+def _precision(summary: bool) -> str:
+    if INTERPRET:
+        return "ieee"
+    return "tf32x3" if summary else "tf32"  # long products of transition maps need more than TF32
+
+
+def _segments_tensor(values, device) -> Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=True):
+    """Launch the forward pass over segments (chunk ranges ``first``/``length``); see module docstring."""
+    Nc, HV, C, K = W.shape
+    V = U.shape[-1]
+    ncol = K + V if summary else V
+    BK, BV, warps = _config(K, ncol)
+    nseg = len(first)
+    starts = W.new_empty((Nc, HV, K, ncol) if store_starts else (1,))
+    final = W.new_empty((nseg, HV, K, ncol))
+    grid = (triton.cdiv(ncol, BV), HV, nseg)
+    _state_fwd_kernel[grid](W, U, P, D, W if S0 is None else S0, _segments_tensor(first, W.device),
+                            _segments_tensor(length, W.device), starts, final, HV, K=K, V=V, C=C, BK=BK, BV=BV,
+                            SUMMARY=summary, STORE_STARTS=store_starts, PRECISION=_precision(summary),
+                            num_warps=warps)
+    return starts, final
+
+
+def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=True):
+    """Launch the reverse pass; returns (dW, dU, dP, dD, dS_enter) (grads None when not ``store_grads``)."""
+    Nc, HV, C, K = W.shape
+    V = U.shape[-1]
+    BK, BV, warps = _config(K, V)
+    NV = triton.cdiv(V, BV)
+    nseg = len(first)
+    if store_grads:
+        dW, dP = W.new_empty((NV, Nc, HV, C, K)), W.new_empty((NV, Nc, HV, C, K))
+        dD, dU = W.new_empty((NV, Nc, HV, K)), W.new_empty((Nc, HV, C, V))
+    else:
+        dW = dP = dD = dU = W.new_empty(1)
+    dS0 = W.new_empty((nseg, HV, K, V))
+    _state_bwd_kernel[(NV, HV, nseg)](W, U, P, D, starts, G, terminal, _segments_tensor(first, W.device),
+                                       _segments_tensor(length, W.device), dW, dU, dP, dD, dS0, HV, Nc * HV,
+                                       K=K, V=V, C=C, BK=BK, BV=BV, STORE_GRADS=store_grads,
+                                       PRECISION=_precision(False), num_warps=warps)
+    if not store_grads:
+        return None, None, None, None, dS0
+    return dW.sum(0), dU, dP.sum(0), dD.sum(0), dS0
+
+
+def split_segments(seg_first, seg_len, sub_len: int):
+    """Cut each segment's chunk range into sub-segments of at most ``sub_len`` chunks.
+
+    Returns (first, length, segment, position) per sub-segment, ordered by segment then position.
+    """
+    out = []
+    for s, (f, n) in enumerate(zip(seg_first, seg_len)):
+        for i, lo in enumerate(range(0, n, sub_len)):
+            out.append((f + lo, min(sub_len, n - lo), s, i))
+    return out
+
+
+def default_sub_len(seg_len, HV: int, V: int, device) -> int:
+    """Sub-segment length (in chunks) that gives the GPU enough programs: about 4 waves of the SMs."""
+    total = sum(seg_len)
+    programs_per_sub = HV * triton.cdiv(V, _config(V, V)[1])
+    wanted_subs = max(1, (4 * num_sms(device)) // max(1, programs_per_sub))
+    return max(4 if INTERPRET else 16, -(-total // wanted_subs))
+
+
+class StatePass(torch.autograd.Function):
+    """(W, U, P̃, d, S_enter) -> (state entering every chunk [Nc,HV,K,V], final state of every segment).
+
+    Segments longer than ``sub_len`` chunks run as parallel sub-segments joined by their affine summaries.
+    """
+
+    @staticmethod
+    def forward(ctx, W, U, P, D, S_enter, seg_first, seg_len, sub_len):
+        subs = split_segments(seg_first, seg_len, sub_len)
+        first, length = [s[0] for s in subs], [s[1] for s in subs]
+        split = len(subs) > len(seg_first)
+        M = None
+        if split:
+            _, maps = state_forward(W, U, P, D, None, first, length, summary=True, store_starts=False)
+            K = W.shape[-1]
+            M, b = maps[..., :K], maps[..., K:]
+            S_sub = _fold_forward(M, b, S_enter, subs)
+        else:
+            S_sub = S_enter.contiguous()
+        starts, finals = state_forward(W, U, P, D, S_sub, first, length)
+        last = [i for i, s in enumerate(subs) if i + 1 == len(subs) or subs[i + 1][2] != s[2]]
+        ctx.save_for_backward(W, U, P, D, starts, M)
+        ctx.subs, ctx.last = subs, last
+        return starts, finals[last]
+
+    @staticmethod
+    def backward(ctx, g_starts, g_final):
+        W, U, P, D, starts, M = ctx.saved_tensors
+        subs, last = ctx.subs, ctx.last
+        first, length = [s[0] for s in subs], [s[1] for s in subs]
+        Nc, HV, C, K = W.shape
+        V = U.shape[-1]
+        g_starts = torch.zeros_like(starts) if g_starts is None else g_starts.contiguous()
+        g_final = W.new_zeros((len(last), HV, K, V)) if g_final is None else g_final
+        terminal = W.new_zeros((len(subs), HV, K, V))
+        terminal[last] = g_final
+        if M is not None:
+            *_, local = state_backward(W, U, P, D, starts, g_starts, torch.zeros_like(terminal), first, length,
+                                       store_grads=False)
+            terminal = _fold_backward(M, local, terminal, subs, last)
+        dW, dU, dP, dD, dS0 = state_backward(W, U, P, D, starts, g_starts, terminal.contiguous(), first, length)
+        first_sub = [i for i, s in enumerate(subs) if s[3] == 0]
+        return dW, dU, dP, dD, dS0[first_sub], None, None, None
+
+
+def _fold_forward(M, b, S_enter, subs):
+    """State entering every sub-segment: S_in(i+1) = M_i S_in(i) + b_i within each segment."""
+    S_in = [None] * len(subs)
+    state = {}
+    for i, (_, _, seg, pos) in enumerate(subs):
+        cur = S_enter[seg] if pos == 0 else state[seg]
+        S_in[i] = cur
+        state[seg] = M[i] @ cur + b[i]
+    return torch.stack(S_in).contiguous()
+
+
+def _fold_backward(M, local, terminal, subs, last):
+    """Adjoint leaving every sub-segment: Λ_out(i) = Λ_in(i+1) = local(i+1) + M_{i+1}ᵀ Λ_out(i+1)."""
+    out = terminal.clone()
+    for i in range(len(subs) - 2, -1, -1):
+        if i in last:
+            continue
+        out[i] = local[i + 1] + M[i + 1].mT @ out[i + 1]
+    return out
+
+
+def state_pass(W: Tensor, U: Tensor, P: Tensor, D: Tensor, S_enter: Tensor, seg_first, seg_len,
+               sub_len: int | None = None) -> tuple[Tensor, Tensor]:
+    """W, P [Nc,HV,C,K]; U [Nc,HV,C,V]; D [Nc,HV,K]; S_enter [Nseg,HV,K,V] (float32) -> (starts, finals)."""
+    if sub_len is None:
+        sub_len = default_sub_len(seg_len, W.shape[1], U.shape[-1], W.device)
+    args = [t.contiguous() for t in (W, U, P, D, S_enter)]
+    return StatePass.apply(*args, tuple(seg_first), tuple(seg_len), sub_len)
