@@ -103,10 +103,11 @@ def _state_bwd_kernel(W, U, P, D, STARTS, G, TERMINAL, FIRST, LENGTH,
     tl.store(DS0 + ((i_s * HV + i_h) * K + rk[None, :]) * V + cols[:, None], X, mask=tmask)
 
 
-def _config(K: int, ncol: int) -> tuple[int, int, int]:
+def _config(K: int, ncol: int) -> tuple[int, int, int, int]:
+    """(BK, BV, num_warps, num_stages): whole K per program; V tiled to bound registers and shared memory."""
     BK = max(16, next_pow2(K))
-    BV = min(64 if BK <= 128 else 32, max(16, next_pow2(ncol)))
-    return BK, BV, 4 if BK <= 64 else 8
+    BV = min(64 if BK <= 64 else 32, max(16, next_pow2(ncol)))
+    return BK, BV, 4 if BK <= 64 else 8, 2 if BK <= 64 else 1
 
 
 def _precision(summary: bool) -> str:
@@ -124,7 +125,7 @@ def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=Tru
     Nc, HV, C, K = W.shape
     V = U.shape[-1]
     ncol = K + V if summary else V
-    BK, BV, warps = _config(K, ncol)
+    BK, BV, warps, stages = _config(K, ncol)
     nseg = len(first)
     starts = W.new_empty((Nc, HV, K, ncol) if store_starts else (1,))
     final = W.new_empty((nseg, HV, K, ncol))
@@ -132,7 +133,7 @@ def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=Tru
     _state_fwd_kernel[grid](W, U, P, D, W if S0 is None else S0, _segments_tensor(first, W.device),
                             _segments_tensor(length, W.device), starts, final, HV, K=K, V=V, C=C, BK=BK, BV=BV,
                             SUMMARY=summary, STORE_STARTS=store_starts, PRECISION=_precision(summary),
-                            num_warps=warps)
+                            num_warps=warps, num_stages=stages)
     return starts, final
 
 
@@ -140,7 +141,7 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
     """Launch the reverse pass; returns (dW, dU, dP, dD, dS_enter) (grads None when not ``store_grads``)."""
     Nc, HV, C, K = W.shape
     V = U.shape[-1]
-    BK, BV, warps = _config(K, V)
+    BK, BV, warps, stages = _config(K, V)
     NV = triton.cdiv(V, BV)
     nseg = len(first)
     if store_grads:
@@ -152,7 +153,7 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
     _state_bwd_kernel[(NV, HV, nseg)](W, U, P, D, starts, G, terminal, _segments_tensor(first, W.device),
                                        _segments_tensor(length, W.device), dW, dU, dP, dD, dS0, HV, Nc * HV,
                                        K=K, V=V, C=C, BK=BK, BV=BV, STORE_GRADS=store_grads,
-                                       PRECISION=_precision(False), num_warps=warps)
+                                       PRECISION=_precision(False), num_warps=warps, num_stages=stages)
     if not store_grads:
         return None, None, None, None, dS0
     return dW.sum(0), dU, dP.sum(0), dD.sum(0), dS0

@@ -12,11 +12,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("variant", ["pdn", "pgdn", "pkda"])
-@pytest.mark.parametrize("cu", [None, [0, 5, 150, 200]], ids=["fixed", "varlen"])
-def test_triton_backend_matches_reference(variant, cu):
+@pytest.mark.parametrize("cu,K,V", [(None, 16, 16), ([0, 5, 150, 200], 12, 20)], ids=["fixed", "varlen_odd_KV"])
+def test_triton_backend_matches_reference(variant, cu, K, V):
     B = 2 if cu is None else 1
     N = B if cu is None else len(cu) - 1
-    inp = make_inputs(B=B, T=200, H=2, HV=4, K=16, V=16, variant=variant, dtype=torch.float32, num_sequences=N,
+    inp = make_inputs(B=B, T=200, H=2, HV=4, K=K, V=V, variant=variant, dtype=torch.float32, num_sequences=N,
                       device=DEVICE)
     cu_t = None if cu is None else torch.tensor(cu, device=DEVICE)
     ref_inp = {n: t.detach().double().requires_grad_(True) for n, t in inp.items()}

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..cp.exchange import exchange_and_fold
 from ..cp.layout import StreamLayout
-from .delta import delta_chunks
+from .delta import DeltaChunks, delta_chunks
 from .plan import ChunkPlan, diagonal_scan, make_chunk_plan, scan_chunks
 from .preconditioner import preconditioner_chunks, preconditioner_tokens, squash_multiplier
 from .summary import DENSE, DIAGONAL, AffineKind
@@ -96,16 +96,50 @@ def _entering_states(
     return torch.stack(states), gathered
 
 
-def _state_pass(plan: ChunkPlan, chunks, S_enter: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    """States entering every chunk and leaving every segment: Python loop (torch) or Triton kernels."""
-    if backend == "triton":
+class _DeltaStage:
+    """Steps 3-4 for one backend: chunk quantities (with their affine maps for CP) and the state pass + outputs.
+
+    torch: the PyTorch chunk form and a chunk-by-chunk loop. triton: Triton WY, state-pass and output kernels
+    (scalar decay: PDN/PGDN); per-channel decay (PKDA) uses the PyTorch chunk form with the Triton state pass.
+    Inputs are chunk tensors: q_hat, k_hat, p [Nc,H,C,K]; v [Nc,HV,C,V]; beta [Nc,HV,C]; g None|[Nc,HV,C]|[..,K].
+    """
+
+    def __init__(self, plan: ChunkPlan, q_hat, k_hat, p, v, beta, g, backend: str):
+        self.plan, self.backend = plan, backend
+        HV, H = v.shape[1], k_hat.shape[1]
+        self.fused = backend == "triton" and (g is None or g.dim() == 3)
+        if self.fused:
+            from ..kernels.wy import wy_scalar_decay
+
+            self.gamma = torch.zeros_like(beta) if g is None else g.cumsum(-1)
+            W, U, p_tilde, d = wy_scalar_decay(k_hat, p, v, beta, self.gamma)
+            self.q_hat, self.p = q_hat, p
+            self.chunks = DeltaChunks(q_decayed=None, qp=None, W=W, U=U, p_tilde=p_tilde, decay=d[..., None])
+        else:
+            def per_value_head(t: Tensor) -> Tensor:
+                return t.repeat_interleave(HV // H, dim=1) if HV > H else t
+
+            self.chunks = delta_chunks(per_value_head(q_hat), per_value_head(k_hat), per_value_head(p), v, beta, g)
+
+    def maps(self, ids):
+        return self.chunks.maps(ids)
+
+    def run(self, S_enter: Tensor) -> tuple[Tensor, Tensor]:
+        """Outputs [Nc, HV, C, V] and the state leaving every segment."""
+        ch, plan = self.chunks, self.plan
+        if self.backend == "torch":
+            S_start, S_final = scan_chunks(plan, S_enter, ch.step)
+            return ch.output(S_start), S_final
         from ..kernels.state_pass import state_pass
 
-        K = chunks.W.shape[-1]
-        decay = chunks.decay.expand(*chunks.decay.shape[:-1], K)
-        return state_pass(chunks.W, chunks.U, chunks.p_tilde, decay, S_enter, plan.seg_first_chunk,
-                          plan.seg_num_chunks)
-    return scan_chunks(plan, S_enter, chunks.step)
+        K = ch.W.shape[-1]
+        S_start, S_final = state_pass(ch.W, ch.U, ch.p_tilde, ch.decay.expand(*ch.decay.shape[:-1], K), S_enter,
+                                      plan.seg_first_chunk, plan.seg_num_chunks)
+        if self.fused:
+            from ..kernels.output import output_scalar_decay
+
+            return output_scalar_decay(self.q_hat, self.p, self.gamma, ch.W, ch.U, S_start), S_final
+        return ch.output(S_start), S_final
 
 
 def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, backend: str = "torch") -> StreamOutputs:
@@ -126,19 +160,14 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
     A_tok = preconditioner_tokens(pre, A_start)
     p = k_hat * squash_multiplier(A_tok, inp.centre[:, None, None], inp.x, inp.eps)
 
-    # 3. WY/UT chunk quantities per value head, state entering every segment
-    group_size = HV // H
-
-    def per_value_head(t: Tensor) -> Tensor:
-        return t.repeat_interleave(group_size, dim=1) if group_size > 1 else t
-
+    # 3. WY/UT chunk quantities, state entering every segment
     g = None if inp.g is None else _heads_first(plan, inp.g)
-    chunks = delta_chunks(per_value_head(_heads_first(plan, inp.q_hat)), per_value_head(k_hat), per_value_head(p),
-                          _heads_first(plan, inp.v), _heads_first(plan, inp.beta), g)
+    stage = _DeltaStage(plan, _heads_first(plan, inp.q_hat), k_hat, p, _heads_first(plan, inp.v),
+                        _heads_first(plan, inp.beta), g, backend)
     S_init = _initial(inp.initial_state, (HV, K, V), inp.v)
-    S_enter, _ = _entering_states(layout, group, plan, DENSE, chunks.maps, S_init, A_gathered)
+    S_enter, _ = _entering_states(layout, group, plan, DENSE, stage.maps, S_init, A_gathered)
 
     # 4. state pass and outputs
-    S_start, S_final = _state_pass(plan, chunks, S_enter, backend)
-    o = plan.scatter(chunks.output(S_start).movedim(2, 1))
+    o_chunks, S_final = stage.run(S_enter)
+    o = plan.scatter(o_chunks.movedim(2, 1))
     return StreamOutputs(o=o, final_S=S_final, final_A=A_final)

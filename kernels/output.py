@@ -1,0 +1,157 @@
+"""Chunk outputs for a scalar decay per token (PDN, PGDN): forward and backward.
+
+Per chunk and value head, with S the state entering the chunk and A = Q̂ Pᵀ ⊙ D (lower, diagonal included):
+
+    Δ = U − W S ,     O = (Q̂ ⊙ e^Γ) S + A Δ
+
+Backward (given dO): dΔ = Aᵀ dO;  dS = (Q̂ ⊙ e^Γ)ᵀ dO − Wᵀ dΔ;  dU = dΔ;  dW = −dΔ Sᵀ;
+dQ̂ = (dO Sᵀ) ⊙ e^Γ + (dA ⊙ D) P;  dP = (dA ⊙ D)ᵀ Q̂ with dA = dO Δᵀ;  dΓ = rowsum(dO Sᵀ ⊙ Q̂e^Γ)
++ rowsum(dA ⊙ A) − colsum(dA ⊙ A).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import INTERPRET, next_pow2
+
+C = 64
+
+
+@triton.jit
+def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
+                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    srow = (i_c64 * HV + i_h) * K
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    cols = i_v * BV + tl.arange(0, BV)
+    mv = cols < V
+    gam = tl.load(GAM + vrow + rc)
+    q = tl.load(Q + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    p_t = tl.load(P + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+    lower = rc[:, None] >= rc[None, :]
+    A = tl.where(lower, tl.dot(q, p_t, input_precision=PRECISION)
+                 * tl.exp(tl.where(lower, gam[:, None] - gam[None, :], 0.0)), 0.0)
+    s = tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+    w = tl.load(W + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+    delta = u - tl.dot(w, s, input_precision=PRECISION)
+    o = tl.dot(q * tl.exp(gam)[:, None], s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
+    tl.store(O + (vrow + rc[:, None]) * V + cols[None, :], o, mask=mv[None, :])
+
+
+@triton.jit
+def _out_bwd_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, DW, DU, DS, H, HV, G,
+                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    srow = (i_c64 * HV + i_h) * K
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    gam = tl.load(GAM + vrow + rc)
+    eg = tl.exp(gam)
+    q = tl.load(Q + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    q_t = tl.load(Q + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+    pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    p_t = tl.load(P + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+    w = tl.load(W + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    w_t = tl.load(W + (vrow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+    lower = rc[:, None] >= rc[None, :]
+    upper = rc[:, None] <= rc[None, :]
+    decay = tl.exp(tl.where(lower, gam[:, None] - gam[None, :], 0.0))
+    decay_t = tl.exp(tl.where(upper, gam[None, :] - gam[:, None], 0.0))
+    A = tl.where(lower, tl.dot(q, p_t, input_precision=PRECISION) * decay, 0.0)
+    A_t = tl.where(upper, tl.dot(pp, q_t, input_precision=PRECISION) * decay_t, 0.0)
+    d_q = tl.zeros([C, BK], dtype=tl.float32)
+    d_w = tl.zeros([C, BK], dtype=tl.float32)
+    dA = tl.zeros([C, C], dtype=tl.float32)
+    dA_t = tl.zeros([C, C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        mv = cols < V
+        s = tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
+        u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        u_t = tl.load(U + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+        do = tl.load(DO + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        do_t = tl.load(DO + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+        delta = u - tl.dot(w, s, input_precision=PRECISION)  # [C, BV]
+        delta_t = u_t - tl.dot(s_t, w_t, input_precision=PRECISION)  # [BV, C]
+        d_delta = tl.dot(A_t, do, input_precision=PRECISION)  # Aᵀ dO
+        tl.store(DU + (vrow + rc[:, None]) * V + cols[None, :], d_delta, mask=mv[None, :])
+        d_s = tl.dot(q_t * eg[None, :], do, input_precision=PRECISION) - tl.dot(w_t, d_delta,
+                                                                                input_precision=PRECISION)
+        tl.store(DS + (srow + rk[:, None]) * V + cols[None, :], d_s, mask=mk[:, None] & mv[None, :])
+        d_q += tl.dot(do, s_t, input_precision=PRECISION)
+        d_w -= tl.dot(d_delta, s_t, input_precision=PRECISION)
+        dA += tl.dot(do, delta_t, input_precision=PRECISION)
+        dA_t += tl.dot(delta, do_t, input_precision=PRECISION)
+    d_gam = tl.sum(d_q * q, axis=1) * eg  # from (Q̂ ⊙ e^Γ) S
+    d_q = d_q * eg[:, None]
+    dA = tl.where(lower, dA, 0.0)
+    dA_t = tl.where(upper, dA_t, 0.0)
+    d_q += tl.dot(dA * decay, pp, input_precision=PRECISION)
+    d_p = tl.dot(dA_t * decay_t, q, input_precision=PRECISION)
+    d_gam += tl.sum(dA * A, axis=1) - tl.sum(dA_t * A_t, axis=1)
+    tl.store(DQ + (vrow + rc[:, None]) * K + rk[None, :], d_q, mask=mk[None, :])
+    tl.store(DP + (vrow + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
+    tl.store(DW + (vrow + rc[:, None]) * K + rk[None, :], d_w, mask=mk[None, :])
+    tl.store(DGAM + vrow + rc, d_gam)
+
+
+def _config(K: int, V: int):
+    BK = max(16, next_pow2(K))
+    BV = min(64 if BK <= 64 else 32, max(16, next_pow2(V)))
+    return BK, BV, 4 if BK <= 64 else 8
+
+
+def _precision() -> str:
+    return "ieee" if INTERPRET else "tf32"
+
+
+class OutputScalarDecay(torch.autograd.Function):
+    """(Q̂, P [Nc,H,C,K]; Γ [Nc,HV,C]; W [Nc,HV,C,K]; U [Nc,HV,C,V]; S [Nc,HV,K,V]) -> O [Nc,HV,C,V]."""
+
+    @staticmethod
+    def forward(ctx, q_hat, p, gamma, W, U, S):
+        Nc, H, _, K = q_hat.shape
+        HV, V = U.shape[1], U.shape[-1]
+        BK, BV, warps = _config(K, V)
+        O = U.new_empty(Nc, HV, C, V)
+        if Nc:
+            _out_fwd_kernel[(triton.cdiv(V, BV), Nc, HV)](q_hat, p, gamma, W, U, S, O, H, HV, HV // H, K=K, V=V,
+                                                          C=C, BK=BK, BV=BV, PRECISION=_precision(),
+                                                          num_warps=warps)
+        ctx.save_for_backward(q_hat, p, gamma, W, U, S)
+        return O
+
+    @staticmethod
+    def backward(ctx, dO):
+        q_hat, p, gamma, W, U, S = ctx.saved_tensors
+        Nc, H, _, K = q_hat.shape
+        HV, V = U.shape[1], U.shape[-1]
+        BK, BV, warps = _config(K, V)
+        dO = dO.contiguous()
+        dq, dp, dW = torch.empty_like(W), torch.empty_like(W), torch.empty_like(W)
+        dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
+        if Nc:
+            _out_bwd_kernel[(Nc, HV)](q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, dW, dU, dS, H, HV, HV // H,
+                                      K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=_precision(), num_warps=warps)
+        G = HV // H
+        return dq.view(Nc, H, G, C, K).sum(2), dp.view(Nc, H, G, C, K).sum(2), dgam, dW, dU, dS
+
+
+def output_scalar_decay(q_hat, p, gamma, W, U, S):
+    args = [t.contiguous().float() for t in (q_hat, p, gamma, W, U, S)]
+    return OutputScalarDecay.apply(*args)

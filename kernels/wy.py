@@ -1,0 +1,200 @@
+"""The asymmetric WY/UT chunk stage for a scalar decay per token (PDN, PGDN): forward and backward.
+
+Per chunk and value head (key tensors read from the key head hv // (HV/H)); Γ is the chunk-local cumulative
+log-decay, D_ij = e^{Γ_i − Γ_j}:
+
+    L = diag(β) (K̂ Pᵀ ⊙ D) strictly lower      T = (I + L)^-1   (forward substitution, float32)
+    W = T diag(β e^Γ) K̂      U = T diag(β) V      P̃ = P ⊙ e^{Γ_C − Γ}      d = e^{Γ_C}
+
+Backward (given dW, dU, dP̃, dd):
+    dBk = Tᵀ dW,  dBv = Tᵀ dU,  dT = dW Bkᵀ + dU Bvᵀ,  dL = −Tᵀ dT Tᵀ (strictly lower)
+    K̂ Pᵀ path: dK̂ += (β dL ⊙ D) P,  dP += (β dL ⊙ D)ᵀ K̂,  dβ_i += Σ_j dL_ij (K̂Pᵀ ⊙ D)_ij
+    Γ collects: rowsum − colsum of dL ⊙ L, rowsum(dBk ⊙ Bk), −rowsum(dP̃ ⊙ P̃) (+ its total and dd·d on Γ_C).
+Transposed products are formed from transposed loads or recomputed, never by transposing a dot result.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import INTERPRET, next_pow2
+
+C = 64
+
+
+@triton.jit
+def _invert_unit_lower(L, rc, C: tl.constexpr):
+    """(I + L)^-1 for strictly lower L [C, C], by forward substitution on rows: T_i = e_i − L_i,: T."""
+    T = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0).to(tl.float32)
+    for i in range(1, C):
+        l_row = tl.sum(tl.where(rc[:, None] == i, L, 0.0), axis=0)
+        T = tl.where(rc[:, None] == i, T - tl.sum(l_row[:, None] * T, axis=0)[None, :], T)
+    return T
+
+
+@triton.jit
+def _wy_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
+                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    beta = tl.load(BETA + vrow + rc)
+    gam = tl.load(GAM + vrow + rc)
+    kk = tl.load(KH + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    p_t = tl.load(P + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+    strict = rc[:, None] > rc[None, :]
+    decay = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0))
+    L = tl.where(strict, beta[:, None] * tl.dot(kk, p_t, input_precision=PRECISION) * decay, 0.0)
+    T = _invert_unit_lower(L, rc, C)
+    tl.store(TINV + (vrow + rc[:, None]) * C + rc[None, :], T)
+    eg = tl.exp(gam)
+    w = tl.dot(T, kk * (beta * eg)[:, None], input_precision=PRECISION)
+    tl.store(W + (vrow + rc[:, None]) * K + rk[None, :], w, mask=mk[None, :])
+    g_end = tl.sum(tl.where(rc == C - 1, gam, 0.0), axis=0)
+    pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], pp * tl.exp(g_end - gam)[:, None], mask=mk[None, :])
+    tl.store(DEC + i_c64 * HV + i_h, tl.exp(g_end))
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        mv = cols < V
+        vv = tl.load(VV + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        u = tl.dot(T, vv * beta[:, None], input_precision=PRECISION)
+        tl.store(U + (vrow + rc[:, None]) * V + cols[None, :], u, mask=mv[None, :])
+
+
+@triton.jit
+def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
+                   DK, DP, DV, DBETA, DGAM, H, HV, G,
+                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """Writes per-value-head dK̂ (read side), dP, and dV, dβ, dΓ."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    beta = tl.load(BETA + vrow + rc)
+    gam = tl.load(GAM + vrow + rc)
+    eg = tl.exp(gam)
+    g_end = tl.sum(tl.where(rc == C - 1, gam, 0.0), axis=0)
+    kk = tl.load(KH + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)  # [C, BK]
+    k_t = tl.load(KH + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)  # [BK, C]
+    pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    p_t = tl.load(P + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+    T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
+    T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
+    dw = tl.load(DW + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    dw_t = tl.load(DW + (vrow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+    bk = kk * (beta * eg)[:, None]  # Bk [C, BK]
+    bk_t = k_t * (beta * eg)[None, :]  # Bkᵀ [BK, C]
+    # dT = dW Bkᵀ + dU Bvᵀ and its transpose dTᵀ = Bk dWᵀ + Bv dUᵀ
+    dT = tl.dot(dw, bk_t, input_precision=PRECISION)
+    dT_t = tl.dot(bk, dw_t, input_precision=PRECISION)
+    d_beta = tl.zeros([C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        mv = cols < V
+        vv = tl.load(VV + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        vv_t = tl.load(VV + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+        du = tl.load(DU + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        du_t = tl.load(DU + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+        dT += tl.dot(du, vv_t * beta[None, :], input_precision=PRECISION)
+        dT_t += tl.dot(vv * beta[:, None], du_t, input_precision=PRECISION)
+        d_bv = tl.dot(T_t, du, input_precision=PRECISION)  # Tᵀ dU  [C, BV]
+        tl.store(DV + (vrow + rc[:, None]) * V + cols[None, :], d_bv * beta[:, None], mask=mv[None, :])
+        d_beta += tl.sum(d_bv * vv, axis=1)
+    d_bk = tl.dot(T_t, dw, input_precision=PRECISION)  # Tᵀ dW  [C, BK]
+    d_beta += tl.sum(d_bk * kk * eg[:, None], axis=1)
+    d_gam = tl.sum(d_bk * bk, axis=1)
+    d_k = d_bk * (beta * eg)[:, None]
+    # dL = −Tᵀ dT Tᵀ (strictly lower), dLᵀ = −T dTᵀ T (strictly upper)
+    strict = rc[:, None] > rc[None, :]
+    strict_t = rc[:, None] < rc[None, :]
+    dL = tl.where(strict, -tl.dot(tl.dot(T_t, dT, input_precision=PRECISION), T_t, input_precision=PRECISION), 0.0)
+    dL_t = tl.where(strict_t, -tl.dot(tl.dot(T, dT_t, input_precision=PRECISION), T, input_precision=PRECISION),
+                    0.0)
+    decay = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0))
+    decay_t = tl.exp(tl.where(strict_t, gam[None, :] - gam[:, None], 0.0))
+    kp = tl.dot(kk, p_t, input_precision=PRECISION) * decay  # (K̂Pᵀ ⊙ D), lower part used
+    pk_t = tl.dot(pp, k_t, input_precision=PRECISION) * decay_t  # its transpose, upper part used
+    d_beta += tl.sum(tl.where(strict, dL * kp, 0.0), axis=1)
+    e = tl.where(strict, dL * beta[:, None] * decay, 0.0)
+    e_t = tl.where(strict_t, dL_t * beta[None, :] * decay_t, 0.0)
+    d_k += tl.dot(e, pp, input_precision=PRECISION)
+    d_p = tl.dot(e_t, kk, input_precision=PRECISION)
+    gl = tl.where(strict, dL * kp, 0.0) * beta[:, None]  # dL ⊙ L
+    gl_t = tl.where(strict_t, dL_t * pk_t, 0.0) * beta[None, :]  # (dL ⊙ L)ᵀ
+    d_gam += tl.sum(gl, axis=1) - tl.sum(gl_t, axis=1)
+    # P̃ = P ⊙ e^{Γ_C − Γ} and d = e^{Γ_C}
+    dpt = tl.load(DPT + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    scale_end = tl.exp(g_end - gam)
+    d_p += dpt * scale_end[:, None]
+    s = tl.sum(dpt * pp, axis=1) * scale_end
+    d_gam -= s
+    d_end = tl.sum(s, axis=0) + tl.load(DDEC + i_c64 * HV + i_h) * tl.exp(g_end)
+    d_gam += tl.where(rc == C - 1, d_end, 0.0)
+    tl.store(DK + (vrow + rc[:, None]) * K + rk[None, :], d_k, mask=mk[None, :])
+    tl.store(DP + (vrow + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
+    tl.store(DBETA + vrow + rc, d_beta)
+    tl.store(DGAM + vrow + rc, d_gam)
+
+
+def _config(K: int, V: int):
+    BK = max(16, next_pow2(K))
+    BV = min(64, max(16, next_pow2(V)))
+    return BK, BV, 4 if BK <= 64 else 8
+
+
+def _precision() -> str:
+    return "ieee" if INTERPRET else "tf32"
+
+
+class WYScalarDecay(torch.autograd.Function):
+    """(K̂, P [Nc,H,C,K]; V [Nc,HV,C,V]; β, Γ [Nc,HV,C]) -> (W, U, P̃ [Nc,HV,C,*], d [Nc,HV]) in float32."""
+
+    @staticmethod
+    def forward(ctx, k_hat, p, v, beta, gamma):
+        Nc, H, _, K = k_hat.shape
+        HV, V = v.shape[1], v.shape[-1]
+        BK, BV, warps = _config(K, V)
+        W, P_t = k_hat.new_empty(Nc, HV, C, K), k_hat.new_empty(Nc, HV, C, K)
+        U, T = k_hat.new_empty(Nc, HV, C, V), k_hat.new_empty(Nc, HV, C, C)
+        d = k_hat.new_empty(Nc, HV)
+        if Nc:
+            _wy_fwd_kernel[(Nc, HV)](k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C,
+                                     BK=BK, BV=BV, PRECISION=_precision(), num_warps=warps)
+        ctx.save_for_backward(k_hat, p, v, beta, gamma, T)
+        return W, U, P_t, d
+
+    @staticmethod
+    def backward(ctx, dW, dU, dP_t, dd):
+        k_hat, p, v, beta, gamma, T = ctx.saved_tensors
+        Nc, H, _, K = k_hat.shape
+        HV, V = v.shape[1], v.shape[-1]
+        BK, BV, warps = _config(K, V)
+        z = torch.zeros
+        dW = z(Nc, HV, C, K, device=v.device) if dW is None else dW.contiguous()
+        dU = z(Nc, HV, C, V, device=v.device) if dU is None else dU.contiguous()
+        dP_t = z(Nc, HV, C, K, device=v.device) if dP_t is None else dP_t.contiguous()
+        dd = z(Nc, HV, device=v.device) if dd is None else dd.contiguous()
+        dk, dp = torch.empty_like(dW), torch.empty_like(dW)
+        dv, dbeta, dgam = torch.empty_like(v), torch.empty_like(beta), torch.empty_like(gamma)
+        if Nc:
+            _wy_bwd_kernel[(Nc, HV)](k_hat, p, v, beta, gamma, T, dW, dU, dP_t, dd, dk, dp, dv, dbeta, dgam,
+                                     H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=_precision(),
+                                     num_warps=warps)
+        G = HV // H
+        return dk.view(Nc, H, G, C, K).sum(2), dp.view(Nc, H, G, C, K).sum(2), dv, dbeta, dgam
+
+
+def wy_scalar_decay(k_hat, p, v, beta, gamma):
+    args = [t.contiguous().float() for t in (k_hat, p, v, beta, gamma)]
+    return WYScalarDecay.apply(*args)
