@@ -48,9 +48,43 @@ def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
 
 
 @triton.jit
-def _out_bwd_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, DW, DU, DS, H, HV, G,
-                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    PRECISION: tl.constexpr):
+def _out_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, NCH,
+                          K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """dΔ = Aᵀ dO (= dU), dS = (Q̂ ⊙ e^Γ)ᵀ dO − Wᵀ dΔ, and per-V-block partial dW = −dΔ Sᵀ (slot i_v)."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    srow = (i_c64 * HV + i_h) * K
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    cols = i_v * BV + tl.arange(0, BV)
+    mv = cols < V
+    gam = tl.load(GAM + vrow + rc)
+    upper = rc[:, None] <= rc[None, :]
+    pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    q_t = tl.load(Q + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+    A_t = tl.where(upper, tl.dot(pp, q_t, input_precision=PRECISION)
+                   * tl.exp(tl.where(upper, gam[None, :] - gam[:, None], 0.0)), 0.0)
+    do = tl.load(DO + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+    d_delta = tl.dot(A_t, do, input_precision=PRECISION)
+    tl.store(DU + (vrow + rc[:, None]) * V + cols[None, :], d_delta, mask=mv[None, :])
+    w_t = tl.load(W + (vrow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+    d_s = tl.dot(q_t * tl.exp(gam)[None, :], do, input_precision=PRECISION) - tl.dot(w_t, d_delta,
+                                                                                     input_precision=PRECISION)
+    tl.store(DS + (srow + rk[:, None]) * V + cols[None, :], d_s, mask=mk[:, None] & mv[None, :])
+    s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
+    d_w = -tl.dot(d_delta, s_t, input_precision=PRECISION)
+    tl.store(DW + i_v.to(tl.int64) * NCH * C * K + (vrow + rc[:, None]) * K + rk[None, :], d_w, mask=mk[None, :])
+
+
+@triton.jit
+def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, H, HV, G,
+                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """dQ̂, dP and dΓ: accumulates dO Sᵀ, dA = dO Δᵀ and dAᵀ = Δ dOᵀ over V blocks."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -61,20 +95,9 @@ def _out_bwd_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, DW, DU, DS, H, HV, G,
     mk = rk < K
     gam = tl.load(GAM + vrow + rc)
     eg = tl.exp(gam)
-    q = tl.load(Q + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
-    q_t = tl.load(Q + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
-    pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
-    p_t = tl.load(P + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
     w = tl.load(W + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
     w_t = tl.load(W + (vrow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
-    lower = rc[:, None] >= rc[None, :]
-    upper = rc[:, None] <= rc[None, :]
-    decay = tl.exp(tl.where(lower, gam[:, None] - gam[None, :], 0.0))
-    decay_t = tl.exp(tl.where(upper, gam[None, :] - gam[:, None], 0.0))
-    A = tl.where(lower, tl.dot(q, p_t, input_precision=PRECISION) * decay, 0.0)
-    A_t = tl.where(upper, tl.dot(pp, q_t, input_precision=PRECISION) * decay_t, 0.0)
     d_q = tl.zeros([C, BK], dtype=tl.float32)
-    d_w = tl.zeros([C, BK], dtype=tl.float32)
     dA = tl.zeros([C, C], dtype=tl.float32)
     dA_t = tl.zeros([C, C], dtype=tl.float32)
     for v0 in range(0, V, BV):
@@ -88,32 +111,36 @@ def _out_bwd_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, DW, DU, DS, H, HV, G,
         do_t = tl.load(DO + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
         delta = u - tl.dot(w, s, input_precision=PRECISION)  # [C, BV]
         delta_t = u_t - tl.dot(s_t, w_t, input_precision=PRECISION)  # [BV, C]
-        d_delta = tl.dot(A_t, do, input_precision=PRECISION)  # Aᵀ dO
-        tl.store(DU + (vrow + rc[:, None]) * V + cols[None, :], d_delta, mask=mv[None, :])
-        d_s = tl.dot(q_t * eg[None, :], do, input_precision=PRECISION) - tl.dot(w_t, d_delta,
-                                                                                input_precision=PRECISION)
-        tl.store(DS + (srow + rk[:, None]) * V + cols[None, :], d_s, mask=mk[:, None] & mv[None, :])
         d_q += tl.dot(do, s_t, input_precision=PRECISION)
-        d_w -= tl.dot(d_delta, s_t, input_precision=PRECISION)
         dA += tl.dot(do, delta_t, input_precision=PRECISION)
         dA_t += tl.dot(delta, do_t, input_precision=PRECISION)
+    q = tl.load(Q + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
     d_gam = tl.sum(d_q * q, axis=1) * eg  # from (Q̂ ⊙ e^Γ) S
     d_q = d_q * eg[:, None]
+    lower = rc[:, None] >= rc[None, :]
+    upper = rc[:, None] <= rc[None, :]
+    decay = tl.exp(tl.where(lower, gam[:, None] - gam[None, :], 0.0))
+    decay_t = tl.exp(tl.where(upper, gam[None, :] - gam[:, None], 0.0))
+    p_t = tl.load(P + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+    A = tl.where(lower, tl.dot(q, p_t, input_precision=PRECISION) * decay, 0.0)
     dA = tl.where(lower, dA, 0.0)
-    dA_t = tl.where(upper, dA_t, 0.0)
+    pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
     d_q += tl.dot(dA * decay, pp, input_precision=PRECISION)
-    d_p = tl.dot(dA_t * decay_t, q, input_precision=PRECISION)
-    d_gam += tl.sum(dA * A, axis=1) - tl.sum(dA_t * A_t, axis=1)
     tl.store(DQ + (vrow + rc[:, None]) * K + rk[None, :], d_q, mask=mk[None, :])
+    q_t = tl.load(Q + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+    A_t = tl.where(upper, tl.dot(pp, q_t, input_precision=PRECISION) * decay_t, 0.0)
+    dA_t = tl.where(upper, dA_t, 0.0)
+    d_p = tl.dot(dA_t * decay_t, q, input_precision=PRECISION)
     tl.store(DP + (vrow + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
-    tl.store(DW + (vrow + rc[:, None]) * K + rk[None, :], d_w, mask=mk[None, :])
+    d_gam += tl.sum(dA * A, axis=1) - tl.sum(dA_t * A_t, axis=1)
     tl.store(DGAM + vrow + rc, d_gam)
 
 
 def _config(K: int, V: int):
+    """(BK, BV, num_warps, num_stages): one stage for wide K keeps shared memory under Hopper's 227 KB."""
     BK = max(16, next_pow2(K))
     BV = min(64 if BK <= 64 else 32, max(16, next_pow2(V)))
-    return BK, BV, 4 if BK <= 64 else 8
+    return BK, BV, 4 if BK <= 64 else 8, 1
 
 
 def _precision() -> str:
@@ -127,12 +154,12 @@ class OutputScalarDecay(torch.autograd.Function):
     def forward(ctx, q_hat, p, gamma, W, U, S):
         Nc, H, _, K = q_hat.shape
         HV, V = U.shape[1], U.shape[-1]
-        BK, BV, warps = _config(K, V)
+        BK, BV, warps, stages = _config(K, V)
         O = U.new_empty(Nc, HV, C, V)
         if Nc:
             _out_fwd_kernel[(triton.cdiv(V, BV), Nc, HV)](q_hat, p, gamma, W, U, S, O, H, HV, HV // H, K=K, V=V,
                                                           C=C, BK=BK, BV=BV, PRECISION=_precision(),
-                                                          num_warps=warps)
+                                                          num_warps=warps, num_stages=stages)
         ctx.save_for_backward(q_hat, p, gamma, W, U, S)
         return O
 
@@ -141,15 +168,18 @@ class OutputScalarDecay(torch.autograd.Function):
         q_hat, p, gamma, W, U, S = ctx.saved_tensors
         Nc, H, _, K = q_hat.shape
         HV, V = U.shape[1], U.shape[-1]
-        BK, BV, warps = _config(K, V)
+        BK, BV, warps, stages = _config(K, V)
         dO = dO.contiguous()
-        dq, dp, dW = torch.empty_like(W), torch.empty_like(W), torch.empty_like(W)
+        NV = triton.cdiv(V, BV)
+        dq, dp, dW = torch.empty_like(W), torch.empty_like(W), W.new_empty((NV,) + W.shape)
         dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
         if Nc:
-            _out_bwd_kernel[(Nc, HV)](q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, dW, dU, dS, H, HV, HV // H,
-                                      K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=_precision(), num_warps=warps)
+            common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=_precision(), num_warps=warps, num_stages=stages)
+            _out_bwd_state_kernel[(NV, Nc, HV)](q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H, Nc * HV,
+                                                **common)
+            _out_bwd_qp_kernel[(Nc, HV)](q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H, **common)
         G = HV // H
-        return dq.view(Nc, H, G, C, K).sum(2), dp.view(Nc, H, G, C, K).sum(2), dgam, dW, dU, dS
+        return dq.view(Nc, H, G, C, K).sum(2), dp.view(Nc, H, G, C, K).sum(2), dgam, dW.sum(0), dU, dS
 
 
 def output_scalar_decay(q_hat, p, gamma, W, U, S):

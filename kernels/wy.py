@@ -14,11 +14,19 @@ Transposed products are formed from transposed loads or recomputed, never by tra
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from ..chunk.delta import wy_form
 from ._triton_utils import INTERPRET, next_pow2
+
+# The backward kernel below needs more shared memory than Hopper has at K >= 64 (seen on H200, Triton 3.6.0);
+# until a split version is proven on GPU, CUDA recomputes the stage in PyTorch for its backward.
+# PDELTA_TRITON_WY_BWD=1 forces the kernel (the interpreter always uses it, and CI tests it there).
+TRITON_WY_BACKWARD = INTERPRET or os.environ.get("PDELTA_TRITON_WY_BWD") == "1"
 
 C = 64
 
@@ -148,9 +156,10 @@ def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
 
 
 def _config(K: int, V: int):
+    """(BK, BV, num_warps, num_stages): one stage for wide K keeps shared memory under Hopper's 227 KB."""
     BK = max(16, next_pow2(K))
-    BV = min(64, max(16, next_pow2(V)))
-    return BK, BV, 4 if BK <= 64 else 8
+    BV = min(64 if BK <= 64 else 32, max(16, next_pow2(V)))
+    return BK, BV, 4 if BK <= 64 else 8, 1
 
 
 def _precision() -> str:
@@ -164,22 +173,25 @@ class WYScalarDecay(torch.autograd.Function):
     def forward(ctx, k_hat, p, v, beta, gamma):
         Nc, H, _, K = k_hat.shape
         HV, V = v.shape[1], v.shape[-1]
-        BK, BV, warps = _config(K, V)
+        BK, BV, warps, stages = _config(K, V)
         W, P_t = k_hat.new_empty(Nc, HV, C, K), k_hat.new_empty(Nc, HV, C, K)
         U, T = k_hat.new_empty(Nc, HV, C, V), k_hat.new_empty(Nc, HV, C, C)
         d = k_hat.new_empty(Nc, HV)
         if Nc:
             _wy_fwd_kernel[(Nc, HV)](k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C,
-                                     BK=BK, BV=BV, PRECISION=_precision(), num_warps=warps)
+                                     BK=BK, BV=BV, PRECISION=_precision(), num_warps=warps,
+                                     num_stages=stages)
         ctx.save_for_backward(k_hat, p, v, beta, gamma, T)
         return W, U, P_t, d
 
     @staticmethod
     def backward(ctx, dW, dU, dP_t, dd):
+        if not TRITON_WY_BACKWARD:
+            return _backward_by_recompute(ctx, dW, dU, dP_t, dd)
         k_hat, p, v, beta, gamma, T = ctx.saved_tensors
         Nc, H, _, K = k_hat.shape
         HV, V = v.shape[1], v.shape[-1]
-        BK, BV, warps = _config(K, V)
+        BK, BV, warps, stages = _config(K, V)
         z = torch.zeros
         dW = z(Nc, HV, C, K, device=v.device) if dW is None else dW.contiguous()
         dU = z(Nc, HV, C, V, device=v.device) if dU is None else dU.contiguous()
@@ -190,9 +202,21 @@ class WYScalarDecay(torch.autograd.Function):
         if Nc:
             _wy_bwd_kernel[(Nc, HV)](k_hat, p, v, beta, gamma, T, dW, dU, dP_t, dd, dk, dp, dv, dbeta, dgam,
                                      H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=_precision(),
-                                     num_warps=warps)
+                                     num_warps=warps, num_stages=stages)
         G = HV // H
         return dk.view(Nc, H, G, C, K).sum(2), dp.view(Nc, H, G, C, K).sum(2), dv, dbeta, dgam
+
+
+def _backward_by_recompute(ctx, dW, dU, dP_t, dd):
+    """The stage's backward through PyTorch autograd of :func:`pdelta_cp.chunk.delta.wy_form`."""
+    k_hat, p, v, beta, gamma, _ = ctx.saved_tensors
+    G = v.shape[1] // k_hat.shape[1]
+    inputs = [t.detach().requires_grad_(True) for t in (k_hat, p, v, beta, gamma)]
+    with torch.enable_grad():
+        k_v, p_v = (t.repeat_interleave(G, dim=1) if G > 1 else t for t in inputs[:2])
+        W, U, P_t, d = wy_form(k_v, p_v, inputs[2], inputs[3], inputs[4][..., None])
+        outs, grads = zip(*[(o, g) for o, g in ((W, dW), (U, dU), (P_t, dP_t), (d[..., 0], dd)) if g is not None])
+        return torch.autograd.grad(outs, inputs, grads, allow_unused=True)
 
 
 def wy_scalar_decay(k_hat, p, v, beta, gamma):

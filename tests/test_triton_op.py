@@ -37,3 +37,16 @@ def test_auto_backend_on_cpu_is_torch_and_matches_triton():
     o_t, _, _ = precond_delta_rule(*args, backend="torch")
     o_k, _, _ = precond_delta_rule(*args, backend="triton")
     assert rel_rms(o_k, o_t) < (1e-5 if DEVICE == "cpu" else 5e-3)
+
+
+def test_wy_backward_kernel_equals_pytorch_recompute(monkeypatch):
+    """The two backward paths of the fused WY stage (kernel; PyTorch recompute used on CUDA for now) agree."""
+    import pdelta_cp.kernels.wy as wy
+
+    inp = make_inputs(T=150, H=2, HV=4, K=12, V=20, variant="pgdn", dtype=torch.float32, device=DEVICE)
+    monkeypatch.setattr(wy, "TRITON_WY_BACKWARD", True)
+    _, kernel = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    monkeypatch.setattr(wy, "TRITON_WY_BACKWARD", False)
+    _, recompute = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    for name in kernel:
+        assert rel_rms(kernel[name], recompute[name]) < (1e-5 if DEVICE == "cpu" else 5e-3), name

@@ -50,6 +50,18 @@ class DeltaChunks:
         return self.q_decayed @ S_start + self.qp @ delta
 
 
+def wy_form(k_hat: Tensor, p: Tensor, v: Tensor, beta: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(W, U, P̃, e^{Γ_C}) from k_hat, p [..., C, K]; v [..., C, V]; beta [..., C]; gamma [..., C, 1 or K]."""
+    C = k_hat.shape[-2]
+    eye = torch.eye(C, dtype=k_hat.dtype, device=k_hat.device)
+    system = eye + beta[..., None] * gram(k_hat, p, gamma, strict=True)
+    W = torch.linalg.solve_triangular(system, beta[..., None] * k_hat * torch.exp(gamma), upper=False,
+                                      unitriangular=True)
+    U = torch.linalg.solve_triangular(system, beta[..., None] * v, upper=False, unitriangular=True)
+    gamma_end = gamma[..., -1:, :]
+    return W, U, p * torch.exp(gamma_end - gamma), torch.exp(gamma_end[..., 0, :])
+
+
 def delta_chunks(q_hat: Tensor, k_hat: Tensor, p: Tensor, v: Tensor, beta: Tensor, g: Tensor | None) -> DeltaChunks:
     """q_hat, k_hat, p [Nc, HV, C, K]; v [Nc, HV, C, V]; beta [Nc, HV, C]; g None | [Nc, HV, C] | [Nc, HV, C, K]."""
     if g is None:
@@ -58,18 +70,6 @@ def delta_chunks(q_hat: Tensor, k_hat: Tensor, p: Tensor, v: Tensor, beta: Tenso
         gamma = g.cumsum(-1)[..., None]
     else:
         gamma = g.cumsum(-2)
-    C = q_hat.shape[-2]
-    eye = torch.eye(C, dtype=q_hat.dtype, device=q_hat.device)
-    system = eye + beta[..., None] * gram(k_hat, p, gamma, strict=True)
-    e_gamma = torch.exp(gamma)
-    W = torch.linalg.solve_triangular(system, beta[..., None] * k_hat * e_gamma, upper=False, unitriangular=True)
-    U = torch.linalg.solve_triangular(system, beta[..., None] * v, upper=False, unitriangular=True)
-    gamma_end = gamma[..., -1:, :]
-    return DeltaChunks(
-        q_decayed=q_hat * e_gamma,
-        qp=gram(q_hat, p, gamma, strict=False),
-        W=W,
-        U=U,
-        p_tilde=p * torch.exp(gamma_end - gamma),
-        decay=torch.exp(gamma_end[..., 0, :]),
-    )
+    W, U, p_tilde, decay = wy_form(k_hat, p, v, beta, gamma)
+    return DeltaChunks(q_decayed=q_hat * torch.exp(gamma), qp=gram(q_hat, p, gamma, strict=False), W=W, U=U,
+                       p_tilde=p_tilde, decay=decay)

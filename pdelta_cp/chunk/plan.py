@@ -57,28 +57,26 @@ class ChunkPlan:
 
 def make_chunk_plan(seg_bounds: list[tuple[int, int]], num_tokens: int, chunk_size: int, device) -> ChunkPlan:
     """Build the plan for segments ``seg_bounds`` (consecutive, covering ``[0, num_tokens)``)."""
-    rows, segs, poss, firsts, counts = [], [], [], [], []
-    for s, (start, end) in enumerate(seg_bounds):
-        n = -(-(end - start) // chunk_size)
-        firsts.append(len(rows))
-        counts.append(n)
-        for j in range(n):
-            lo = start + j * chunk_size
-            idx = list(range(lo, min(lo + chunk_size, end)))
-            rows.append(idx + [num_tokens] * (chunk_size - len(idx)))
-            segs.append(s)
-            poss.append(j)
-    token_index = torch.tensor(rows, dtype=torch.long, device=device).reshape(-1, chunk_size)
+    starts = torch.tensor([s for s, _ in seg_bounds], dtype=torch.long)
+    lengths = torch.tensor([e - s for s, e in seg_bounds], dtype=torch.long)
+    counts = (lengths + chunk_size - 1) // chunk_size
+    firsts = torch.cumsum(counts, 0) - counts
+    chunk_segment = torch.repeat_interleave(torch.arange(len(seg_bounds)), counts)
+    chunk_pos = torch.arange(int(counts.sum())) - firsts[chunk_segment]
+    chunk_start = starts[chunk_segment] + chunk_pos * chunk_size
+    chunk_end = starts[chunk_segment] + lengths[chunk_segment]
+    token_index = chunk_start[:, None] + torch.arange(chunk_size)[None, :]
+    token_index = torch.where(token_index < chunk_end[:, None], token_index, num_tokens)
     return ChunkPlan(
         num_tokens=num_tokens,
         chunk_size=chunk_size,
         seg_bounds=tuple(seg_bounds),
-        token_index=token_index,
-        valid=token_index < num_tokens,
-        chunk_segment=torch.tensor(segs, dtype=torch.long, device=device),
-        chunk_pos=torch.tensor(poss, dtype=torch.long, device=device),
-        seg_first_chunk=tuple(firsts),
-        seg_num_chunks=tuple(counts),
+        token_index=token_index.to(device),
+        valid=(token_index < num_tokens).to(device),
+        chunk_segment=chunk_segment.to(device),
+        chunk_pos=chunk_pos.to(device),
+        seg_first_chunk=tuple(firsts.tolist()),
+        seg_num_chunks=tuple(counts.tolist()),
     )
 
 
