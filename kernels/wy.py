@@ -77,11 +77,27 @@ def _wy_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
 
 
 @triton.jit
+def _load_rows(X, row0, rc, rk, mk, K: tl.constexpr):
+    """[C, BK] tile of rows row0.. of a [*, K] tensor."""
+    return tl.load(X + (row0 + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+
+
+@triton.jit
+def _load_cols(X, row0, rc, rk, mk, K: tl.constexpr):
+    """The same tile transposed, [BK, C], read straight from memory (no transpose of a register tile)."""
+    return tl.load(X + (row0 + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+
+
+@triton.jit
 def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
                    DK, DP, DV, DBETA, DGAM, H, HV, G,
                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    PRECISION: tl.constexpr):
-    """Writes per-value-head dK̂ (read side), dP, and dV, dβ, dΓ."""
+    """Writes per-value-head dK̂ (read side), dP, and dV, dβ, dΓ.
+
+    Every [C, K] tile is (re)loaded right before the product that uses it: short lifetimes keep the shared
+    memory that dot operands need within Hopper's limit.
+    """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -92,64 +108,65 @@ def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     beta = tl.load(BETA + vrow + rc)
     gam = tl.load(GAM + vrow + rc)
     eg = tl.exp(gam)
+    be = beta * eg
     g_end = tl.sum(tl.where(rc == C - 1, gam, 0.0), axis=0)
-    kk = tl.load(KH + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)  # [C, BK]
-    k_t = tl.load(KH + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)  # [BK, C]
-    pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
-    p_t = tl.load(P + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
-    T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
     T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
-    dw = tl.load(DW + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
-    dw_t = tl.load(DW + (vrow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
-    bk = kk * (beta * eg)[:, None]  # Bk [C, BK]
-    bk_t = k_t * (beta * eg)[None, :]  # Bkᵀ [BK, C]
-    # dT = dW Bkᵀ + dU Bvᵀ and its transpose dTᵀ = Bk dWᵀ + Bv dUᵀ
-    dT = tl.dot(dw, bk_t, input_precision=PRECISION)
-    dT_t = tl.dot(bk, dw_t, input_precision=PRECISION)
+    # value side: dBv = Tᵀ dU -> dV, dβ; dT = dU Bvᵀ (+ dW Bkᵀ below) and dTᵀ = Bv dUᵀ (+ Bk dWᵀ)
+    dT = tl.zeros([C, C], dtype=tl.float32)
+    dT_t = tl.zeros([C, C], dtype=tl.float32)
     d_beta = tl.zeros([C], dtype=tl.float32)
     for v0 in range(0, V, BV):
         cols = v0 + tl.arange(0, BV)
         mv = cols < V
-        vv = tl.load(VV + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        vv_t = tl.load(VV + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
         du = tl.load(DU + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        du_t = tl.load(DU + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+        vv_t = tl.load(VV + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
         dT += tl.dot(du, vv_t * beta[None, :], input_precision=PRECISION)
-        dT_t += tl.dot(vv * beta[:, None], du_t, input_precision=PRECISION)
-        d_bv = tl.dot(T_t, du, input_precision=PRECISION)  # Tᵀ dU  [C, BV]
+        d_bv = tl.dot(T_t, du, input_precision=PRECISION)
+        vv = tl.load(VV + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
         tl.store(DV + (vrow + rc[:, None]) * V + cols[None, :], d_bv * beta[:, None], mask=mv[None, :])
         d_beta += tl.sum(d_bv * vv, axis=1)
-    d_bk = tl.dot(T_t, dw, input_precision=PRECISION)  # Tᵀ dW  [C, BK]
+        du_t = tl.load(DU + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+        dT_t += tl.dot(vv * beta[:, None], du_t, input_precision=PRECISION)
+    dT += tl.dot(_load_rows(DW, vrow, rc, rk, mk, K), _load_cols(KH, krow, rc, rk, mk, K) * be[None, :],
+                 input_precision=PRECISION)
+    dT_t += tl.dot(_load_rows(KH, krow, rc, rk, mk, K) * be[:, None], _load_cols(DW, vrow, rc, rk, mk, K),
+                   input_precision=PRECISION)
+    # key side of W = T Bk: dBk = Tᵀ dW
+    d_bk = tl.dot(T_t, _load_rows(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
+    kk = _load_rows(KH, krow, rc, rk, mk, K)
     d_beta += tl.sum(d_bk * kk * eg[:, None], axis=1)
-    d_gam = tl.sum(d_bk * bk, axis=1)
-    d_k = d_bk * (beta * eg)[:, None]
-    # dL = −Tᵀ dT Tᵀ (strictly lower), dLᵀ = −T dTᵀ T (strictly upper)
+    d_gam = tl.sum(d_bk * kk, axis=1) * be
+    d_k = d_bk * be[:, None]
+    # dL = −Tᵀ dT Tᵀ (strictly lower) and dLᵀ = −T dTᵀ T (strictly upper)
     strict = rc[:, None] > rc[None, :]
     strict_t = rc[:, None] < rc[None, :]
     dL = tl.where(strict, -tl.dot(tl.dot(T_t, dT, input_precision=PRECISION), T_t, input_precision=PRECISION), 0.0)
+    T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
     dL_t = tl.where(strict_t, -tl.dot(tl.dot(T, dT_t, input_precision=PRECISION), T, input_precision=PRECISION),
                     0.0)
     decay = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0))
+    kp = tl.dot(_load_rows(KH, krow, rc, rk, mk, K), _load_cols(P, krow, rc, rk, mk, K),
+                input_precision=PRECISION) * decay  # (K̂Pᵀ ⊙ D), lower part used
+    gl = tl.where(strict, dL * kp, 0.0)
+    d_beta += tl.sum(gl, axis=1)
+    d_gam += tl.sum(gl, axis=1) * beta  # rowsum of dL ⊙ L
+    d_k += tl.dot(tl.where(strict, dL * beta[:, None] * decay, 0.0), _load_rows(P, krow, rc, rk, mk, K),
+                  input_precision=PRECISION)
+    tl.store(DK + (vrow + rc[:, None]) * K + rk[None, :], d_k, mask=mk[None, :])
     decay_t = tl.exp(tl.where(strict_t, gam[None, :] - gam[:, None], 0.0))
-    kp = tl.dot(kk, p_t, input_precision=PRECISION) * decay  # (K̂Pᵀ ⊙ D), lower part used
-    pk_t = tl.dot(pp, k_t, input_precision=PRECISION) * decay_t  # its transpose, upper part used
-    d_beta += tl.sum(tl.where(strict, dL * kp, 0.0), axis=1)
-    e = tl.where(strict, dL * beta[:, None] * decay, 0.0)
-    e_t = tl.where(strict_t, dL_t * beta[None, :] * decay_t, 0.0)
-    d_k += tl.dot(e, pp, input_precision=PRECISION)
-    d_p = tl.dot(e_t, kk, input_precision=PRECISION)
-    gl = tl.where(strict, dL * kp, 0.0) * beta[:, None]  # dL ⊙ L
-    gl_t = tl.where(strict_t, dL_t * pk_t, 0.0) * beta[None, :]  # (dL ⊙ L)ᵀ
-    d_gam += tl.sum(gl, axis=1) - tl.sum(gl_t, axis=1)
+    pk_t = tl.dot(_load_rows(P, krow, rc, rk, mk, K), _load_cols(KH, krow, rc, rk, mk, K),
+                  input_precision=PRECISION) * decay_t  # its transpose, upper part used
+    d_gam -= tl.sum(tl.where(strict_t, dL_t * pk_t, 0.0) * beta[None, :], axis=1)  # colsum of dL ⊙ L
+    d_p = tl.dot(tl.where(strict_t, dL_t * beta[None, :] * decay_t, 0.0), _load_rows(KH, krow, rc, rk, mk, K),
+                 input_precision=PRECISION)
     # P̃ = P ⊙ e^{Γ_C − Γ} and d = e^{Γ_C}
-    dpt = tl.load(DPT + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
     scale_end = tl.exp(g_end - gam)
+    dpt = _load_rows(DPT, vrow, rc, rk, mk, K)
     d_p += dpt * scale_end[:, None]
-    s = tl.sum(dpt * pp, axis=1) * scale_end
+    s = tl.sum(dpt * _load_rows(P, krow, rc, rk, mk, K), axis=1) * scale_end
     d_gam -= s
     d_end = tl.sum(s, axis=0) + tl.load(DDEC + i_c64 * HV + i_h) * tl.exp(g_end)
     d_gam += tl.where(rc == C - 1, d_end, 0.0)
-    tl.store(DK + (vrow + rc[:, None]) * K + rk[None, :], d_k, mask=mk[None, :])
     tl.store(DP + (vrow + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
     tl.store(DBETA + vrow + rc, d_beta)
     tl.store(DGAM + vrow + rc, d_gam)
