@@ -46,3 +46,19 @@ def patch_interpreter_bf16_dot() -> None:
 
     create_dot._pdelta_patched = True
     builder.create_dot = create_dot
+
+
+def chunk_tile_config(K: int, V: int) -> tuple[int, int, int, int]:
+    """(BK, BV, num_warps, num_stages) of the per-chunk kernels: the whole key dim per program, V in tiles.
+
+    One pipeline stage: the kernels hold several [64, K] fp32 tiles, and more stages overflow Hopper's
+    227 KB of shared memory at K = 128 (seen on H200, Triton 3.6.0).
+    """
+    BK = max(16, next_pow2(K))
+    BV = min(64 if BK <= 64 else 32, max(16, next_pow2(V)))
+    return BK, BV, 4 if BK <= 64 else 8, 1
+
+
+def dot_precision() -> str:
+    """TF32 products on the GPU (like fla); exact fp32 in the interpreter, where it costs nothing."""
+    return "ieee" if INTERPRET else "tf32"

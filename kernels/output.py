@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import INTERPRET, next_pow2
+from ._triton_utils import chunk_tile_config, dot_precision
 
 C = 64
 
@@ -136,17 +136,6 @@ def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, H, HV, G,
     tl.store(DGAM + vrow + rc, d_gam)
 
 
-def _config(K: int, V: int):
-    """(BK, BV, num_warps, num_stages): one stage for wide K keeps shared memory under Hopper's 227 KB."""
-    BK = max(16, next_pow2(K))
-    BV = min(64 if BK <= 64 else 32, max(16, next_pow2(V)))
-    return BK, BV, 4 if BK <= 64 else 8, 1
-
-
-def _precision() -> str:
-    return "ieee" if INTERPRET else "tf32"
-
-
 class OutputScalarDecay(torch.autograd.Function):
     """(Q̂, P [Nc,H,C,K]; Γ [Nc,HV,C]; W [Nc,HV,C,K]; U [Nc,HV,C,V]; S [Nc,HV,K,V]) -> O [Nc,HV,C,V]."""
 
@@ -154,11 +143,11 @@ class OutputScalarDecay(torch.autograd.Function):
     def forward(ctx, q_hat, p, gamma, W, U, S):
         Nc, H, _, K = q_hat.shape
         HV, V = U.shape[1], U.shape[-1]
-        BK, BV, warps, stages = _config(K, V)
+        BK, BV, warps, stages = chunk_tile_config(K, V)
         O = U.new_empty(Nc, HV, C, V)
         if Nc:
             _out_fwd_kernel[(triton.cdiv(V, BV), Nc, HV)](q_hat, p, gamma, W, U, S, O, H, HV, HV // H, K=K, V=V,
-                                                          C=C, BK=BK, BV=BV, PRECISION=_precision(),
+                                                          C=C, BK=BK, BV=BV, PRECISION=dot_precision(),
                                                           num_warps=warps, num_stages=stages)
         ctx.save_for_backward(q_hat, p, gamma, W, U, S)
         return O
@@ -168,13 +157,13 @@ class OutputScalarDecay(torch.autograd.Function):
         q_hat, p, gamma, W, U, S = ctx.saved_tensors
         Nc, H, _, K = q_hat.shape
         HV, V = U.shape[1], U.shape[-1]
-        BK, BV, warps, stages = _config(K, V)
+        BK, BV, warps, stages = chunk_tile_config(K, V)
         dO = dO.contiguous()
         NV = triton.cdiv(V, BV)
         dq, dp, dW = torch.empty_like(W), torch.empty_like(W), W.new_empty((NV,) + W.shape)
         dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
         if Nc:
-            common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=_precision(), num_warps=warps, num_stages=stages)
+            common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=warps, num_stages=stages)
             _out_bwd_state_kernel[(NV, Nc, HV)](q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H, Nc * HV,
                                                 **common)
             _out_bwd_qp_kernel[(Nc, HV)](q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H, **common)

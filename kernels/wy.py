@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..chunk.delta import wy_form
-from ._triton_utils import INTERPRET, next_pow2
+from ._triton_utils import INTERPRET, chunk_tile_config, dot_precision
 
 # The backward kernel below needs more shared memory than Hopper has at K >= 64 (seen on H200, Triton 3.6.0);
 # until a split version is proven on GPU, CUDA recomputes the stage in PyTorch for its backward.
@@ -172,17 +172,6 @@ def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     tl.store(DGAM + vrow + rc, d_gam)
 
 
-def _config(K: int, V: int):
-    """(BK, BV, num_warps, num_stages): one stage for wide K keeps shared memory under Hopper's 227 KB."""
-    BK = max(16, next_pow2(K))
-    BV = min(64 if BK <= 64 else 32, max(16, next_pow2(V)))
-    return BK, BV, 4 if BK <= 64 else 8, 1
-
-
-def _precision() -> str:
-    return "ieee" if INTERPRET else "tf32"
-
-
 class WYScalarDecay(torch.autograd.Function):
     """(K̂, P [Nc,H,C,K]; V [Nc,HV,C,V]; β, Γ [Nc,HV,C]) -> (W, U, P̃ [Nc,HV,C,*], d [Nc,HV]) in float32."""
 
@@ -190,13 +179,13 @@ class WYScalarDecay(torch.autograd.Function):
     def forward(ctx, k_hat, p, v, beta, gamma):
         Nc, H, _, K = k_hat.shape
         HV, V = v.shape[1], v.shape[-1]
-        BK, BV, warps, stages = _config(K, V)
+        BK, BV, warps, stages = chunk_tile_config(K, V)
         W, P_t = k_hat.new_empty(Nc, HV, C, K), k_hat.new_empty(Nc, HV, C, K)
         U, T = k_hat.new_empty(Nc, HV, C, V), k_hat.new_empty(Nc, HV, C, C)
         d = k_hat.new_empty(Nc, HV)
         if Nc:
             _wy_fwd_kernel[(Nc, HV)](k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C,
-                                     BK=BK, BV=BV, PRECISION=_precision(), num_warps=warps,
+                                     BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=warps,
                                      num_stages=stages)
         ctx.save_for_backward(k_hat, p, v, beta, gamma, T)
         return W, U, P_t, d
@@ -208,7 +197,7 @@ class WYScalarDecay(torch.autograd.Function):
         k_hat, p, v, beta, gamma, T = ctx.saved_tensors
         Nc, H, _, K = k_hat.shape
         HV, V = v.shape[1], v.shape[-1]
-        BK, BV, warps, stages = _config(K, V)
+        BK, BV, warps, stages = chunk_tile_config(K, V)
         z = torch.zeros
         dW = z(Nc, HV, C, K, device=v.device) if dW is None else dW.contiguous()
         dU = z(Nc, HV, C, V, device=v.device) if dU is None else dU.contiguous()
@@ -218,7 +207,7 @@ class WYScalarDecay(torch.autograd.Function):
         dv, dbeta, dgam = torch.empty_like(v), torch.empty_like(beta), torch.empty_like(gamma)
         if Nc:
             _wy_bwd_kernel[(Nc, HV)](k_hat, p, v, beta, gamma, T, dW, dU, dP_t, dd, dk, dp, dv, dbeta, dgam,
-                                     H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=_precision(),
+                                     H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(),
                                      num_warps=warps, num_stages=stages)
         G = HV // H
         return dk.view(Nc, H, G, C, K).sum(2), dp.view(Nc, H, G, C, K).sum(2), dv, dbeta, dgam

@@ -126,7 +126,10 @@ def short_conv(
     layout = stream_layout(B, T, cu, world, rank, cp_layout)
     L = B * T
     xs = x.reshape(L, D)
-    halo = _gather_halos(layout, xs, width, cp_group) if world > 1 else xs.new_zeros(len(layout.pieces) * (width - 1), D)
+    if world > 1:
+        halo = _gather_halos(layout, xs, width, cp_group)
+    else:  # one process: every piece starts a sequence, no halo
+        halo = xs.new_zeros(len(layout.pieces) * (width - 1), D)
     table = torch.cat([xs, halo, xs.new_zeros(1, D)])
     taps = table[_tap_index(layout, width, L, x.device)]  # [L, width, D]
     y = torch.einsum("lwd,dw->ld", taps, weight.to(x.dtype))

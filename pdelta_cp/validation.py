@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from .cp.layout import LAYOUTS, pieces_per_sample
@@ -36,7 +35,8 @@ def _check_tensor(name: str, t, shape: tuple[int, ...], device) -> None:
     _need(t.is_floating_point(), TypeError, f"{name} must be a floating tensor (float16/bfloat16/float32/float64), "
                                             f"got {t.dtype}")
     _need(tuple(t.shape) == shape, ValueError, f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-    _need(t.device == device, ValueError, f"{name} is on {t.device} but q is on {device}; move all inputs to one device")
+    _need(t.device == device, ValueError,
+          f"{name} is on {t.device} but q is on {device}; move all inputs to one device")
 
 
 def check_options(*, x: float, eps: float, scale, cp_layout: str, backend: str, log_atk_scale, H: int | None) -> None:

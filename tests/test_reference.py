@@ -21,7 +21,6 @@ def _closed_form(inp, x=1.5, eps=1e-6):
     q, k, v, beta = inp["q"][0], inp["k"][0], inp["v"][0], inp["beta"][0]
     g_atk, beta_atk, g, c = inp["g_atk"][0], inp["beta_atk"][0], inp.get("g"), inp["log_atk_scale"]
     T, H, K = q.shape
-    V = v.shape[-1]
     S = inp["initial_state"][0].clone()
     A = inp["initial_A_state"][0].clone()
     outs = []

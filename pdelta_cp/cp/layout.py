@@ -131,8 +131,8 @@ def stream_layout(
     if cu_seqlens is None:
         total = world * local_len
         seq_bounds = [(b * total, (b + 1) * total) for b in range(batch)]
-        pieces = [[(b * total + s, b * total + e) for b in range(batch) for s, e in split_stream(total, world, r, layout)]
-                  for r in range(world)]
+        pieces = [[(b * total + s, b * total + e) for b in range(batch)
+                   for s, e in split_stream(total, world, r, layout)] for r in range(world)]
     else:
         seq_bounds = list(zip(cu_seqlens[:-1], cu_seqlens[1:]))
         pieces = [split_stream(cu_seqlens[-1], world, r, layout) for r in range(world)]
