@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# One entry point for a fresh machine:  ./run.sh demo  |  ./run.sh test
+# One entry point for a fresh machine:  ./run.sh train  |  ./run.sh test   (also: ./run.sh demo)
 # Creates .venv on first use (CPU torch 2.13.0 from the local wheel: a looser pin pulls a multi-GB CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=.venv/bin/python
 
 setup() {
-    if [ -x "$PY" ] && "$PY" -c "import pdelta_cp, pytest, hypothesis, triton" 2>/dev/null; then return; fi
+    if [ -x "$PY" ] && "$PY" -c "import pdelta_cp, pytest, hypothesis, triton, matplotlib" 2>/dev/null; then return; fi
     python3 -m venv .venv
-    "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0 numpy triton "pytest>=8" "hypothesis>=6" 2>&1 | grep -v "is ignored" || true
+    "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0 numpy triton matplotlib "pytest>=8" "hypothesis>=6" 2>&1 | grep -v "is ignored" || true
     "$PY" -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "is ignored" || true
     "$PY" -c "import pdelta_cp, torch; print('pdelta-cp installed with torch', torch.__version__)"
 }
@@ -28,8 +28,9 @@ run_tests() {
 cmd="${1:-}"
 shift || true
 case "$cmd" in
+    train) setup; exec .venv/bin/pdelta-cp train --config tiny --out out/tiny "$@" ;;
     demo) setup; exec .venv/bin/pdelta-cp demo "$@" ;;
     test) setup; run_tests "$@" ;;
     setup) setup ;;
-    *) echo "usage: ./run.sh demo | test | setup" >&2; exit 2 ;;
+    *) echo "usage: ./run.sh train | test | demo | setup" >&2; exit 2 ;;
 esac

@@ -1,19 +1,42 @@
-"""Command line: ``pdelta-cp demo [--nproc N] [--dtype float32|float64]``."""
+"""Command line.
+
+    pdelta-cp train --config tiny --out DIR [--set section.field=value ...] [--resume]
+    pdelta-cp demo [--nproc N] [--dtype float32|float64]
+
+Without a launcher (torchrun, deepspeed, mpirun) the command starts ``parallel.nproc`` local processes itself
+(the tiny config asks for 2: CP=2 over gloo on CPU), through the same code path a launcher uses.
+"""
 from __future__ import annotations
 
 import argparse
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pdelta-cp", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pdelta-cp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a PDN/PGDN/PKDA (or GDN/KDA/DeltaNet) language model")
+    train.add_argument("--config", required=True, help="preset (tiny, 340m, 1b) or a .json file")
+    train.add_argument("--out", default="out", help="output folder: metrics.jsonl, loss.png, checkpoint.pt")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="override a config field, e.g. --set optim.lr=1e-3 --set model.variant=pkda")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    train.add_argument("--nproc", type=int, default=None, help="processes to start without a launcher")
     demo = sub.add_parser("demo", help="run PDN/PGDN/PKDA with context parallelism and compare with one process")
     demo.add_argument("--nproc", type=int, default=2, help="processes to start when not under a launcher")
     demo.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     args = parser.parse_args(argv)
-    if args.command == "demo":
+
+    from .distributed import run_distributed
+
+    if args.command == "train":
+        from .train.config import load_config
+        from .train.loop import train_worker
+
+        cfg = load_config(args.config, args.overrides)
+        run_distributed(train_worker, args.nproc or cfg.parallel.nproc, (cfg, args.out, args.resume))
+    elif args.command == "demo":
         from .demo import demo_worker
-        from .distributed import run_distributed
 
         run_distributed(demo_worker, args.nproc, (args.dtype,), backend="gloo")
 

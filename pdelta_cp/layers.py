@@ -1,0 +1,137 @@
+"""The paper's token mixer as a plain ``torch.nn.Module`` (no Megatron needed), with context parallelism.
+
+Per token x ∈ R^d (docs/algorithm.md, paper-spec §6):
+    q, k, v  = SiLU(ShortConv4(W_q x)), SiLU(ShortConv4(W_k x)), SiLU(ShortConv4(W_v x))
+    beta     = sigmoid(W_b x)                              [HV]
+    g        = -exp(A_log) * softplus(W_a x + dt_bias)     [HV]   (PGDN)   or per channel [HV, K] (PKDA:
+               W_a is a low-rank d -> V -> HV*K map, dt_bias [HV*K]);  PDN: no decay
+    beta_atk = sigmoid(W_b_atk x);  g_atk = -exp(A_log_atk) * softplus(W_a_atk x + dt_bias_atk)      [H]
+    o        = precond_delta_rule(q, k, v, beta, g_atk, beta_atk, g, x=squash_x, log_atk_scale=c)
+    o        = RMSNorm_per_head(o)   (PKDA: gated by sigmoid(W_g x), W_g low rank d -> V -> HV*V)
+    y        = W_o o
+Baselines for comparison: ``gdn`` / ``kda`` / ``deltanet`` are the same mixers with squash_x = 1 (no
+preconditioning; the op then is exactly GDN / KDA / DeltaNet).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .conv import short_conv
+from .ops import precond_delta_rule
+
+VARIANTS = ("pdn", "pgdn", "pkda", "deltanet", "gdn", "kda")
+_DECAY = {"pdn": None, "deltanet": None, "pgdn": "scalar", "gdn": "scalar", "pkda": "channel", "kda": "channel"}
+
+
+@dataclass
+class MixerConfig:
+    d_model: int
+    num_heads: int
+    head_dim: int
+    num_v_heads: int | None = None  # grouped value heads (default: num_heads)
+    variant: str = "pgdn"
+    conv_size: int = 4
+    squash_x: float = 1.5
+    squash_eps: float = 1e-6
+    log_atk_scale_init: float = -0.2
+    a_log_init_lower: float = 0.0
+    norm_eps: float = 1e-6
+
+
+def _inverse_softplus_dt(n: int, lo: float = 1e-3, hi: float = 0.1, floor: float = 1e-4) -> Tensor:
+    """dt ~ logU(lo, hi) clamped to >= floor, returned as softplus^-1(dt) (the paper's dt_bias init)."""
+    dt = torch.exp(torch.rand(n) * (math.log(hi) - math.log(lo)) + math.log(lo)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class PrecondDeltaMixer(nn.Module):
+    """x [B, T_local, d_model] -> [B, T_local, d_model]; CP arguments are passed through to the op and conv."""
+
+    def __init__(self, cfg: MixerConfig):
+        super().__init__()
+        if cfg.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {cfg.variant!r}")
+        self.cfg = cfg
+        H, K = cfg.num_heads, cfg.head_dim
+        HV = cfg.num_v_heads or H
+        self.H, self.HV, self.K = H, HV, K
+        d = cfg.d_model
+        self.decay = _DECAY[cfg.variant]
+        self.preconditioned = cfg.variant in ("pdn", "pgdn", "pkda")
+        self.q_proj = nn.Linear(d, H * K, bias=False)
+        self.k_proj = nn.Linear(d, H * K, bias=False)
+        self.v_proj = nn.Linear(d, HV * K, bias=False)
+        self.q_conv = nn.Parameter(torch.empty(H * K, cfg.conv_size))
+        self.k_conv = nn.Parameter(torch.empty(H * K, cfg.conv_size))
+        self.v_conv = nn.Parameter(torch.empty(HV * K, cfg.conv_size))
+        self.b_proj = nn.Linear(d, HV, bias=False)
+        if self.decay == "scalar":
+            self.a_proj = nn.Linear(d, HV, bias=False)
+            self.dt_bias = nn.Parameter(_inverse_softplus_dt(HV))
+            self.A_log = nn.Parameter(torch.log(torch.empty(HV).uniform_(max(cfg.a_log_init_lower, 1e-4), 16)))
+        elif self.decay == "channel":
+            self.a_proj = nn.Sequential(nn.Linear(d, K, bias=False), nn.Linear(K, HV * K, bias=False))
+            self.dt_bias = nn.Parameter(_inverse_softplus_dt(HV * K))
+            self.A_log = nn.Parameter(torch.log(torch.empty(HV).uniform_(max(cfg.a_log_init_lower, 1.0), 16)))
+        self.b_atk_proj = nn.Linear(d, H, bias=False)
+        self.a_atk_proj = nn.Linear(d, H, bias=False)
+        self.dt_bias_atk = nn.Parameter(_inverse_softplus_dt(H))
+        self.A_log_atk = nn.Parameter(torch.log(torch.empty(H).uniform_(max(cfg.a_log_init_lower, 1e-4), 16)))
+        self.log_atk_scale = nn.Parameter(torch.full((H,), cfg.log_atk_scale_init))
+        self.o_norm = RMSNorm(K, cfg.norm_eps)
+        if self.decay == "channel":  # KDA-style output gate
+            self.g_proj = nn.Sequential(nn.Linear(d, K, bias=False), nn.Linear(K, HV * K, bias=True))
+        self.o_proj = nn.Linear(HV * K, d, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for w in (self.q_conv, self.k_conv, self.v_conv):
+            nn.init.normal_(w, std=0.02)
+
+    def forward(self, x: Tensor, *, cu_seqlens: Tensor | None = None, cp_group=None,
+                cp_layout: str = "contiguous", backend: str = "auto") -> Tensor:
+        B, T, _ = x.shape
+        H, HV, K = self.H, self.HV, self.K
+        cp = dict(cu_seqlens=cu_seqlens, cp_group=cp_group, cp_layout=cp_layout)
+        q = short_conv(self.q_proj(x), self.q_conv, activation="silu", **cp).view(B, T, H, K)
+        k = short_conv(self.k_proj(x), self.k_conv, activation="silu", **cp).view(B, T, H, K)
+        v = short_conv(self.v_proj(x), self.v_conv, activation="silu", **cp).view(B, T, HV, K)
+        beta = torch.sigmoid(self.b_proj(x).float())
+        g = None
+        if self.decay == "scalar":
+            g = -torch.exp(self.A_log) * F.softplus(self.a_proj(x).float() + self.dt_bias)
+        elif self.decay == "channel":
+            g = -torch.exp(self.A_log).repeat_interleave(K) * F.softplus(self.a_proj(x).float() + self.dt_bias)
+            g = g.view(B, T, HV, K)
+        beta_atk = torch.sigmoid(self.b_atk_proj(x).float())
+        g_atk = -torch.exp(self.A_log_atk) * F.softplus(self.a_atk_proj(x).float() + self.dt_bias_atk)
+        o, _, _ = precond_delta_rule(
+            q, k, v, beta.to(q.dtype), g_atk, beta_atk.to(q.dtype), g,
+            x=self.cfg.squash_x if self.preconditioned else 1.0, eps=self.cfg.squash_eps,
+            log_atk_scale=self.log_atk_scale, backend=backend, **cp)
+        o = self.o_norm(o)
+        if self.decay == "channel":
+            o = o * torch.sigmoid(self.g_proj(x)).view(B, T, HV, K)
+        return self.o_proj(o.reshape(B, T, HV * K))

@@ -1,0 +1,204 @@
+"""The training loop: DP x CP process groups, exact global-mean gradients, logging, atomic checkpoints.
+
+Ranks are laid out CP-fastest: rank = dp_rank * cp + cp_rank. Every rank holds its CP share of the samples
+of its data-parallel group. Each rank backpropagates (its summed token losses) / (tokens in the global
+batch) and the gradients are summed over all ranks in one all-reduce: the result is exactly the gradient of
+the global mean loss, whatever the CP and DP degrees (the CP gradient convention of the op is a sum).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..cp.layout import shard
+from ..model import LanguageModel
+from .config import TrainConfig
+from .data import IGNORE, mqar_batch
+
+
+class ProcessGroups:
+    def __init__(self, cp: int):
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        if self.world % cp:
+            raise ValueError(f"parallel.cp = {cp} does not divide the number of processes {self.world}")
+        self.cp, self.dp = cp, self.world // cp
+        self.cp_rank, self.dp_rank = self.rank % cp, self.rank // cp
+        self.cp_group = None
+        for d in range(self.dp):  # every rank creates every group, in the same order
+            ranks = list(range(d * cp, (d + 1) * cp))
+            group = dist.new_group(ranks) if cp < self.world else dist.group.WORLD
+            if self.rank in ranks and cp > 1:
+                self.cp_group = group
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "conv" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_lambda(cfg: TrainConfig):
+    warm, total, floor = cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def _all_reduce_grads(model: torch.nn.Module, world: int) -> None:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def save_checkpoint(path: str, model, optimizer, scheduler, step: int, cfg: TrainConfig) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path + ".tmp"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "config": cfg.to_json()}, tmp)
+    os.replace(tmp, path)
+
+
+class ProgressBar:
+    """One live line on a terminal; one line per update otherwise (logs stay readable)."""
+
+    def __init__(self, total: int):
+        self.total, self.start, self.tty = total, time.time(), sys.stdout.isatty()
+
+    def update(self, step: int, text: str) -> None:
+        done = step / self.total
+        bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
+        eta = (time.time() - self.start) / max(done, 1e-9) * (1 - done)
+        line = f"step {step:>5}/{self.total} [{bar}] {text} | eta {eta:5.0f}s"
+        sys.stdout.write(("\r" + line) if self.tty else (line + "\n"))
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stdout.write("\n")
+
+
+def plot_losses(metrics_path: str, png_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(metrics_path)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if rows and "accuracy" in rows[0]:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in rows], [r["accuracy"] for r in rows], color="tab:orange", label="recall acc")
+        ax2.set_ylabel("recall accuracy")
+        ax2.set_ylim(0, 1)
+    ax.set_title("pdelta-cp training")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
+    groups = ProcessGroups(cfg.parallel.cp)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    is_main = groups.rank == 0
+    os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = LanguageModel(cfg.model).to(device)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    start = 0
+    if resume and os.path.exists(ckpt_path):
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+    if is_main:
+        if not resume:
+            open(metrics_path, "w").close()
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            f.write(cfg.to_json())
+        print(f"pdelta-cp train: config {cfg.name}, {cfg.model.variant.upper()}, "
+              f"{model.num_parameters() / 1e6:.2f}M parameters, {groups.world} process(es) = DP {groups.dp} x CP "
+              f"{groups.cp} ({cfg.parallel.layout}), {device.type}, from step {start}", flush=True)
+    cp_kwargs = dict(cp_group=groups.cp_group, cp_layout=cfg.parallel.layout, backend=cfg.parallel.backend)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    bar = ProgressBar(cfg.steps) if is_main else None
+    tokens_per_step = groups.dp * cfg.data.batch_size * cfg.data.seq_len
+    window = time.time()
+    last = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+    for step in range(start, last):
+        tokens, labels = mqar_batch(vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len,
+                                    batch_size=cfg.data.batch_size, num_kv_pairs=cfg.data.num_kv_pairs,
+                                    seed=cfg.data.seed, step=step, dp_rank=groups.dp_rank)
+        tokens = shard(tokens, groups.cp, groups.cp_rank, cfg.parallel.layout).to(device)
+        labels = shard(labels, groups.cp, groups.cp_rank, cfg.parallel.layout).to(device)
+        with autocast:
+            logits = model(tokens, **cp_kwargs)
+        logits = logits.float().reshape(-1, logits.shape[-1])
+        flat_labels = labels.reshape(-1)
+        loss_sum = F.cross_entropy(logits, flat_labels, ignore_index=IGNORE, reduction="sum")
+        mask = flat_labels != IGNORE
+        stats = torch.stack([loss_sum.detach(), mask.sum().float(),
+                             (logits.argmax(-1)[mask] == flat_labels[mask]).sum().float()])
+        if groups.world > 1:
+            dist.all_reduce(stats)
+        (loss_sum / stats[1].clamp(min=1)).backward()
+        _all_reduce_grads(model, groups.world)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            now = time.time()
+            steps_in_window = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
+            row = {"step": done, "loss": stats[0].item() / max(stats[1].item(), 1),
+                   "accuracy": stats[2].item() / max(stats[1].item(), 1),
+                   "tokens_per_s": tokens_per_step * steps_in_window / max(now - window, 1e-9),
+                   "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "mem_gb": _memory_gb(device)}
+            window = now
+            if is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.update(done, f"loss {row['loss']:.3f} acc {row['accuracy']:.2f} | "
+                                 f"{row['tokens_per_s'] / 1e3:.1f}k tok/s | mem {row['mem_gb']:.2f} GB")
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < last and is_main:
+            save_checkpoint(ckpt_path, model, optimizer, scheduler, done, cfg)
+    if is_main:
+        bar.close()
+        save_checkpoint(ckpt_path, model, optimizer, scheduler, last, cfg)
+        plot_losses(metrics_path, os.path.join(out_dir, "loss.png"))
+        print(f"wrote {metrics_path}, {os.path.join(out_dir, 'loss.png')} and {ckpt_path}", flush=True)
+    if groups.world > 1:
+        dist.barrier()
