@@ -50,6 +50,7 @@ def _run_here(worker: Callable, args: tuple, backend: str | None) -> None:
     init_from_env(backend)
     try:
         worker(*args)
+        dist.barrier()  # let every rank finish its last collective before the group is torn down
     finally:
         dist.destroy_process_group()
 

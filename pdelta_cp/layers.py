@@ -44,6 +44,11 @@ class MixerConfig:
     norm_eps: float = 1e-6
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Gates and norms run in float32 for 16-bit activations, and stay float64 for float64 ones."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _inverse_softplus_dt(n: int, lo: float = 1e-3, hi: float = 0.1, floor: float = 1e-4) -> Tensor:
     """dt ~ logU(lo, hi) clamped to >= floor, returned as softplus^-1(dt) (the paper's dt_bias init)."""
     dt = torch.exp(torch.rand(n) * (math.log(hi) - math.log(lo)) + math.log(lo)).clamp(min=floor)
@@ -57,7 +62,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
+        x32 = _at_least_fp32(x)
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
@@ -115,18 +120,21 @@ class PrecondDeltaMixer(nn.Module):
         B, T, _ = x.shape
         H, HV, K = self.H, self.HV, self.K
         cp = dict(cu_seqlens=cu_seqlens, cp_group=cp_group, cp_layout=cp_layout)
-        q = short_conv(self.q_proj(x), self.q_conv, activation="silu", **cp).view(B, T, H, K)
-        k = short_conv(self.k_proj(x), self.k_conv, activation="silu", **cp).view(B, T, H, K)
-        v = short_conv(self.v_proj(x), self.v_conv, activation="silu", **cp).view(B, T, HV, K)
-        beta = torch.sigmoid(self.b_proj(x).float())
+        # one conv call for q, k and v: one halo exchange per layer, and a single chain of collectives so
+        # that every rank meets the backward collectives in the same order
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        conv_weight = torch.cat([self.q_conv, self.k_conv, self.v_conv])
+        q, k, v = short_conv(qkv, conv_weight, activation="silu", **cp).split([H * K, H * K, HV * K], dim=-1)
+        q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, HV, K)
+        beta = torch.sigmoid(_at_least_fp32(self.b_proj(x)))
         g = None
         if self.decay == "scalar":
-            g = -torch.exp(self.A_log) * F.softplus(self.a_proj(x).float() + self.dt_bias)
+            g = -torch.exp(self.A_log) * F.softplus(_at_least_fp32(self.a_proj(x)) + self.dt_bias)
         elif self.decay == "channel":
-            g = -torch.exp(self.A_log).repeat_interleave(K) * F.softplus(self.a_proj(x).float() + self.dt_bias)
+            g = -torch.exp(self.A_log).repeat_interleave(K) * F.softplus(_at_least_fp32(self.a_proj(x)) + self.dt_bias)
             g = g.view(B, T, HV, K)
-        beta_atk = torch.sigmoid(self.b_atk_proj(x).float())
-        g_atk = -torch.exp(self.A_log_atk) * F.softplus(self.a_atk_proj(x).float() + self.dt_bias_atk)
+        beta_atk = torch.sigmoid(_at_least_fp32(self.b_atk_proj(x)))
+        g_atk = -torch.exp(self.A_log_atk) * F.softplus(_at_least_fp32(self.a_atk_proj(x)) + self.dt_bias_atk)
         o, _, _ = precond_delta_rule(
             q, k, v, beta.to(q.dtype), g_atk, beta_atk.to(q.dtype), g,
             x=self.cfg.squash_x if self.preconditioned else 1.0, eps=self.cfg.squash_eps,
