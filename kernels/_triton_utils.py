@@ -62,3 +62,26 @@ def chunk_tile_config(K: int, V: int) -> tuple[int, int, int, int]:
 def dot_precision() -> str:
     """TF32 products on the GPU (like fla); exact fp32 in the interpreter, where it costs nothing."""
     return "ieee" if INTERPRET else "tf32"
+
+
+_warned: set[str] = set()
+
+
+def launch_or_fallback(name: str, launch) -> bool:
+    """Run ``launch()``; on a Triton OutOfResources (a config too big for this GPU) warn once and return False.
+
+    The caller then computes the stage with its PyTorch form: slower, never wrong.
+    """
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        launch()
+        return True
+    except OutOfResources as exc:
+        if name not in _warned:
+            _warned.add(name)
+            import warnings
+
+            warnings.warn(f"pdelta_cp: Triton kernel {name} does not fit this GPU ({exc}); using the PyTorch form "
+                          f"of that stage instead (correct, slower)", RuntimeWarning, stacklevel=3)
+        return False

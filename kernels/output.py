@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import chunk_tile_config, dot_precision
+from ..chunk.gram import gram
+from ._triton_utils import chunk_tile_config, dot_precision, launch_or_fallback
 
 C = 64
 
@@ -145,10 +146,12 @@ class OutputScalarDecay(torch.autograd.Function):
         HV, V = U.shape[1], U.shape[-1]
         BK, BV, warps, stages = chunk_tile_config(K, V)
         O = U.new_empty(Nc, HV, C, V)
-        if Nc:
-            _out_fwd_kernel[(triton.cdiv(V, BV), Nc, HV)](q_hat, p, gamma, W, U, S, O, H, HV, HV // H, K=K, V=V,
-                                                          C=C, BK=BK, BV=BV, PRECISION=dot_precision(),
-                                                          num_warps=warps, num_stages=stages)
+        grid = (triton.cdiv(V, BV), Nc, HV)
+        ctx.fallback = Nc > 0 and not launch_or_fallback("out_fwd", lambda: _out_fwd_kernel[grid](
+            q_hat, p, gamma, W, U, S, O, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(),
+            num_warps=warps, num_stages=stages))
+        if ctx.fallback:
+            O = _output_torch(q_hat, p, gamma, W, U, S)
         ctx.save_for_backward(q_hat, p, gamma, W, U, S)
         return O
 
@@ -162,13 +165,25 @@ class OutputScalarDecay(torch.autograd.Function):
         NV = triton.cdiv(V, BV)
         dq, dp, dW = torch.empty_like(W), torch.empty_like(W), W.new_empty((NV,) + W.shape)
         dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
-        if Nc:
-            common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=warps, num_stages=stages)
-            _out_bwd_state_kernel[(NV, Nc, HV)](q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H, Nc * HV,
-                                                **common)
-            _out_bwd_qp_kernel[(Nc, HV)](q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H, **common)
+        common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=warps, num_stages=stages)
+        if Nc and (ctx.fallback or not (
+                launch_or_fallback("out_bwd_state", lambda: _out_bwd_state_kernel[(NV, Nc, HV)](
+                    q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H, Nc * HV, **common))
+                and launch_or_fallback("out_bwd_qp", lambda: _out_bwd_qp_kernel[(Nc, HV)](
+                    q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H, **common)))):
+            inputs = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
+            with torch.enable_grad():
+                return torch.autograd.grad(_output_torch(*inputs), inputs, dO)
         G = HV // H
         return dq.view(Nc, H, G, C, K).sum(2), dp.view(Nc, H, G, C, K).sum(2), dgam, dW.sum(0), dU, dS
+
+
+def _output_torch(q_hat, p, gamma, W, U, S):
+    """The stage in PyTorch: O = (Q̂ ⊙ e^Γ) S + gram(Q̂, P, Γ) (U − W S)."""
+    G = U.shape[1] // q_hat.shape[1]
+    q, pv = (t.repeat_interleave(G, dim=1) if G > 1 else t for t in (q_hat, p))
+    g = gamma[..., None]
+    return (q * torch.exp(g)) @ S + gram(q, pv, g, strict=False) @ (U - W @ S)
 
 
 def output_scalar_decay(q_hat, p, gamma, W, U, S):
