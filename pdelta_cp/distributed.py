@@ -17,7 +17,32 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def _adopt_mpi_environment() -> None:
+    """Under mpirun (Open MPI or MPICH), export the RANK/WORLD_SIZE/... variables torch's env:// init reads.
+
+    The master address defaults to loopback (single node) unless MASTER_ADDR is set; rank 0 picks a free
+    port and broadcasts it through mpi4py when MASTER_PORT is not set.
+    """
+    env = os.environ
+    rank = env.get("OMPI_COMM_WORLD_RANK") or env.get("PMI_RANK")
+    size = env.get("OMPI_COMM_WORLD_SIZE") or env.get("PMI_SIZE")
+    if rank is None or size is None or "RANK" in env:
+        return
+    local = env.get("OMPI_COMM_WORLD_LOCAL_RANK") or env.get("MPI_LOCALRANKID") or "0"
+    local_size = env.get("OMPI_COMM_WORLD_LOCAL_SIZE") or env.get("MPI_LOCALNRANKS") or size
+    env.update(RANK=rank, WORLD_SIZE=size, LOCAL_RANK=local, LOCAL_WORLD_SIZE=local_size)
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:
+            raise RuntimeError("under mpirun, set MASTER_PORT (or install mpi4py so rank 0 can choose one)") from exc
+        env["MASTER_PORT"] = str(MPI.COMM_WORLD.bcast(free_port() if int(rank) == 0 else None, root=0))
+
+
 def launched() -> bool:
+    """True under torchrun, the DeepSpeed launcher or mpirun (whose variables are adopted here)."""
+    _adopt_mpi_environment()
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
