@@ -1,0 +1,185 @@
+"""Decay-weighted Gram matrices with a per-channel decay inside a 64-token chunk, and their backward.
+
+    X_ij = Σ_d a_id b_jd e^{Γ_id − Γ_jd}      for i > j (strict) or i ≥ j, else 0
+
+Γ (cumulative log-decay, [C, K]) is non-increasing in the row index, so every exponential below is of a
+non-positive number: off-diagonal 16-row blocks split e^{Γ_i − Γ_j} at the last row before the block (two
+factors ≤ 1, one tensor-core product per block), and the diagonal 16×16 blocks are built exactly, one column
+per block at a time. Nothing overflows, whatever the decay (pdelta_cp.chunk.gram is the PyTorch twin).
+All operands are read from memory with row offsets (a, b: key-head rows; Γ: value-head rows).
+"""
+from __future__ import annotations
+
+import triton  # noqa: F401  (triton.jit)
+import triton.language as tl
+
+@triton.jit
+def _rows(X, row0, rows, rk, mk, K: tl.constexpr):
+    return tl.load(X + (row0 + rows[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+
+
+@triton.jit
+def _rows_t(X, row0, rows, rk, mk, K: tl.constexpr):
+    return tl.load(X + (row0 + rows[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+
+
+@triton.jit
+def gram_lower(A, a_row, B, b_row, G, g_row, rc, rk, mk, K: tl.constexpr, C: tl.constexpr,
+               STRICT: tl.constexpr, PRECISION: tl.constexpr):
+    """X [C, C] (lower part) from rows of A and B and their shared cumulative decay G."""
+    a = _rows(A, a_row, rc, rk, mk, K)
+    ga = _rows(G, g_row, rc, rk, mk, K)
+    out = tl.zeros([C, C], dtype=tl.float32)
+    for blk in tl.static_range(1, C // 16):
+        r0 = blk * 16
+        ref = tl.load(G + (g_row + r0 - 1) * K + rk, mask=mk, other=0.0)
+        in_blk = (rc >= r0) & (rc < r0 + 16)
+        left = a * tl.exp(tl.where(in_blk[:, None], ga - ref[None, :], 0.0))
+        before = rc < r0
+        right_t = _rows_t(B, b_row, rc, rk, mk, K) * tl.exp(
+            tl.where(before[None, :], ref[:, None] - _rows_t(G, g_row, rc, rk, mk, K), 0.0))
+        out += tl.where(in_blk[:, None] & before[None, :], tl.dot(left, right_t, input_precision=PRECISION), 0.0)
+    for jj in range(16):
+        jrow = (rc // 16) * 16 + jj
+        if STRICT:
+            ok = rc > jrow
+        else:
+            ok = rc >= jrow
+        bj = _rows(B, b_row, jrow, rk, mk, K)
+        gj = _rows(G, g_row, jrow, rk, mk, K)
+        val = tl.sum(a * bj * tl.exp(tl.where(ok[:, None], ga - gj, 0.0)), axis=1)
+        out = tl.where((rc[None, :] == jrow[:, None]) & ok[:, None], val[:, None], out)
+    return out
+
+
+@triton.jit
+def gram_upper(A, a_row, B, b_row, G, g_row, rc, rk, mk, K: tl.constexpr, C: tl.constexpr,
+               STRICT: tl.constexpr, PRECISION: tl.constexpr):
+    """Xᵀ [C, C] (upper part) of X = gram_lower(A, B): Xᵀ_ji = Σ_d b_jd a_id e^{Γ_id − Γ_jd} for i ≥ j (or >)."""
+    b = _rows(B, b_row, rc, rk, mk, K)
+    gb = _rows(G, g_row, rc, rk, mk, K)
+    out = tl.zeros([C, C], dtype=tl.float32)
+    for blk in tl.static_range(0, C // 16 - 1):
+        r1 = blk * 16 + 16
+        ref = tl.load(G + (g_row + r1 - 1) * K + rk, mask=mk, other=0.0)
+        in_blk = (rc >= r1 - 16) & (rc < r1)
+        left = b * tl.exp(tl.where(in_blk[:, None], ref[None, :] - gb, 0.0))
+        after = rc >= r1
+        right_t = _rows_t(A, a_row, rc, rk, mk, K) * tl.exp(
+            tl.where(after[None, :], _rows_t(G, g_row, rc, rk, mk, K) - ref[:, None], 0.0))
+        out += tl.where(in_blk[:, None] & after[None, :], tl.dot(left, right_t, input_precision=PRECISION), 0.0)
+    for ii in range(16):
+        irow = (rc // 16) * 16 + ii
+        if STRICT:
+            ok = irow > rc
+        else:
+            ok = irow >= rc
+        ai = _rows(A, a_row, irow, rk, mk, K)
+        gi = _rows(G, g_row, irow, rk, mk, K)
+        val = tl.sum(b * ai * tl.exp(tl.where(ok[:, None], gi - gb, 0.0)), axis=1)
+        out = tl.where((rc[None, :] == irow[:, None]) & ok[:, None], val[:, None], out)
+    return out
+
+
+@triton.jit
+def gram_apply_lower(dX, B, b_row, G, g_row, rc, rk, mk, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                     STRICT: tl.constexpr, PRECISION: tl.constexpr):
+    """dA [C, BK]: dA_id = Σ_j dX_ij b_jd e^{Γ_id − Γ_jd} over the lower region (dX already masked)."""
+    ga = _rows(G, g_row, rc, rk, mk, K)
+    out = tl.zeros([C, BK], dtype=tl.float32)
+    for blk in tl.static_range(1, C // 16):
+        r0 = blk * 16
+        ref = tl.load(G + (g_row + r0 - 1) * K + rk, mask=mk, other=0.0)
+        in_blk = (rc >= r0) & (rc < r0 + 16)
+        before = rc < r0
+        right = _rows(B, b_row, rc, rk, mk, K) * tl.exp(
+            tl.where(before[:, None], ref[None, :] - _rows(G, g_row, rc, rk, mk, K), 0.0))
+        part = tl.dot(tl.where(in_blk[:, None] & before[None, :], dX, 0.0), right, input_precision=PRECISION)
+        out += part * tl.exp(tl.where(in_blk[:, None], ga - ref[None, :], 0.0))
+    for jj in range(16):
+        jrow = (rc // 16) * 16 + jj
+        if STRICT:
+            ok = rc > jrow
+        else:
+            ok = rc >= jrow
+        dxv = tl.sum(tl.where((rc[None, :] == jrow[:, None]) & ok[:, None], dX, 0.0), axis=1)
+        bj = _rows(B, b_row, jrow, rk, mk, K)
+        gj = _rows(G, g_row, jrow, rk, mk, K)
+        out += dxv[:, None] * bj * tl.exp(tl.where(ok[:, None], ga - gj, 0.0))
+    return out
+
+
+@triton.jit
+def gram_apply_upper(dXt, A, a_row, G, g_row, rc, rk, mk, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                     STRICT: tl.constexpr, PRECISION: tl.constexpr):
+    """dB [C, BK]: dB_jd = Σ_i dX_ij a_id e^{Γ_id − Γ_jd}, from dXᵀ (upper region, already masked)."""
+    gb = _rows(G, g_row, rc, rk, mk, K)
+    out = tl.zeros([C, BK], dtype=tl.float32)
+    for blk in tl.static_range(0, C // 16 - 1):
+        r1 = blk * 16 + 16
+        ref = tl.load(G + (g_row + r1 - 1) * K + rk, mask=mk, other=0.0)
+        in_blk = (rc >= r1 - 16) & (rc < r1)
+        after = rc >= r1
+        right = _rows(A, a_row, rc, rk, mk, K) * tl.exp(
+            tl.where(after[:, None], _rows(G, g_row, rc, rk, mk, K) - ref[None, :], 0.0))
+        part = tl.dot(tl.where(in_blk[:, None] & after[None, :], dXt, 0.0), right, input_precision=PRECISION)
+        out += part * tl.exp(tl.where(in_blk[:, None], ref[None, :] - gb, 0.0))
+    for ii in range(16):
+        irow = (rc // 16) * 16 + ii
+        if STRICT:
+            ok = irow > rc
+        else:
+            ok = irow >= rc
+        dxv = tl.sum(tl.where((rc[None, :] == irow[:, None]) & ok[:, None], dXt, 0.0), axis=1)
+        ai = _rows(A, a_row, irow, rk, mk, K)
+        gi = _rows(G, g_row, irow, rk, mk, K)
+        out += dxv[:, None] * ai * tl.exp(tl.where(ok[:, None], gi - gb, 0.0))
+    return out
+
+
+@triton.jit
+def _gram_test_kernel(A, B, G, X, XT, DX, DA, DB, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                      STRICT: tl.constexpr, PRECISION: tl.constexpr):
+    """Test harness: one chunk per program; exposes the four helpers to the unit test."""
+    i = tl.program_id(0).to(tl.int64)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    row = i * C
+    x = gram_lower(A, row, B, row, G, row, rc, rk, mk, K, C, STRICT, PRECISION)
+    tl.store(X + (row + rc[:, None]) * C + rc[None, :], x)
+    xt = gram_upper(A, row, B, row, G, row, rc, rk, mk, K, C, STRICT, PRECISION)
+    tl.store(XT + (row + rc[:, None]) * C + rc[None, :], xt)
+    dx = tl.load(DX + (row + rc[:, None]) * C + rc[None, :])
+    if STRICT:
+        low = rc[:, None] > rc[None, :]
+    else:
+        low = rc[:, None] >= rc[None, :]
+    dx = tl.where(low, dx, 0.0)
+    dxt = tl.load(DX + (row + rc[None, :]) * C + rc[:, None])
+    if STRICT:
+        up = rc[:, None] < rc[None, :]
+    else:
+        up = rc[:, None] <= rc[None, :]
+    dxt = tl.where(up, dxt, 0.0)
+    da = gram_apply_lower(dx, B, row, G, row, rc, rk, mk, K, C, BK, STRICT, PRECISION)
+    tl.store(DA + (row + rc[:, None]) * K + rk[None, :], da, mask=mk[None, :])
+    db = gram_apply_upper(dxt, A, row, G, row, rc, rk, mk, K, C, BK, STRICT, PRECISION)
+    tl.store(DB + (row + rc[:, None]) * K + rk[None, :], db, mask=mk[None, :])
+
+
+def run_gram_test(a, b, gamma, dX, strict: bool):
+    """a, b, gamma [N, C, K]; dX [N, C, C] -> (X, Xᵀ, dA, dB) computed by the helpers (float32)."""
+    import torch
+
+    from ._triton_utils import dot_precision, next_pow2
+
+    N, C, K = a.shape
+    X, XT = a.new_empty(N, C, C), a.new_empty(N, C, C)
+    dA, dB = torch.empty_like(a), torch.empty_like(b)
+    _gram_test_kernel[(N,)](a, b, gamma, X, XT, dX, dA, dB, K=K, C=C, BK=max(16, next_pow2(K)), STRICT=strict,
+                            PRECISION=dot_precision(), num_warps=4, num_stages=1)
+    return X, XT, dA, dB
+
+
+__all__ = ["gram_lower", "gram_upper", "gram_apply_lower", "gram_apply_upper", "run_gram_test"]
