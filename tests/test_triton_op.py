@@ -52,19 +52,21 @@ def test_wy_backward_kernel_equals_pytorch_recompute(monkeypatch):
         assert rel_rms(kernel[name], recompute[name]) < (1e-5 if DEVICE == "cpu" else 5e-3), name
 
 
-def test_kernels_that_do_not_fit_fall_back_to_pytorch(monkeypatch):
+@pytest.mark.parametrize("variant", ["pgdn", "pkda"])
+def test_kernels_that_do_not_fit_fall_back_to_pytorch(monkeypatch, variant):
     """A Triton OutOfResources (config too big for the GPU) is caught: same results from the PyTorch form."""
     import pdelta_cp.kernels._triton_utils as utils
     from triton.runtime.errors import OutOfResources
 
-    inp = make_inputs(T=100, H=2, HV=4, K=12, V=20, variant="pgdn", dtype=torch.float32, device=DEVICE)
+    utils._warned.clear()
+    inp = make_inputs(T=100, H=2, HV=4, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE)
     out_k, grads_k = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
 
     def too_big(name, launch):
         return utils.__dict__["_real_launch"](name, lambda: (_ for _ in ()).throw(OutOfResources(1, 0, "shared")))
 
     monkeypatch.setitem(utils.__dict__, "_real_launch", utils.launch_or_fallback)
-    for mod in ("pdelta_cp.kernels.wy", "pdelta_cp.kernels.output"):
+    for mod in ("pdelta_cp.kernels.wy", "pdelta_cp.kernels.output", "pdelta_cp.kernels.channel"):
         monkeypatch.setattr(f"{mod}.launch_or_fallback", too_big)
     with pytest.warns(RuntimeWarning, match="does not fit"):
         out_f, grads_f = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")

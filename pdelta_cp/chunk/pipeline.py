@@ -99,22 +99,28 @@ def _entering_states(
 class _DeltaStage:
     """Steps 3-4 for one backend: chunk quantities (with their affine maps for CP) and the state pass + outputs.
 
-    torch: the PyTorch chunk form and a chunk-by-chunk loop. triton: Triton WY, state-pass and output kernels
-    (scalar decay: PDN/PGDN); per-channel decay (PKDA) uses the PyTorch chunk form with the Triton state pass.
+    torch: the PyTorch chunk form and a chunk-by-chunk loop. triton: Triton WY/UT, state-pass and output
+    kernels (scalar decay for PDN/PGDN, per-channel decay for PKDA).
     Inputs are chunk tensors: q_hat, k_hat, p [Nc,H,C,K]; v [Nc,HV,C,V]; beta [Nc,HV,C]; g None|[Nc,HV,C]|[..,K].
     """
 
     def __init__(self, plan: ChunkPlan, q_hat, k_hat, p, v, beta, g, backend: str):
         self.plan, self.backend = plan, backend
         HV, H = v.shape[1], k_hat.shape[1]
-        self.fused = backend == "triton" and (g is None or g.dim() == 3)
-        if self.fused:
-            from ..kernels.wy import wy_scalar_decay
-
-            self.gamma = torch.zeros_like(beta) if g is None else g.cumsum(-1)
-            W, U, p_tilde, d = wy_scalar_decay(k_hat, p, v, beta, self.gamma)
+        if backend == "triton":
+            self.per_channel = g is not None and g.dim() == 4
+            if self.per_channel:
+                from ..kernels.channel import wy_channel_decay as wy
+            else:
+                from ..kernels.wy import wy_scalar_decay as wy
+            if g is None:
+                self.gamma = torch.zeros_like(beta)
+            else:
+                self.gamma = g.cumsum(-2) if self.per_channel else g.cumsum(-1)
+            W, U, p_tilde, d = wy(k_hat, p, v, beta, self.gamma)
             self.q_hat, self.p = q_hat, p
-            self.chunks = DeltaChunks(q_decayed=None, qp=None, W=W, U=U, p_tilde=p_tilde, decay=d[..., None])
+            decay = d if self.per_channel else d[..., None]
+            self.chunks = DeltaChunks(q_decayed=None, qp=None, W=W, U=U, p_tilde=p_tilde, decay=decay)
         else:
             def per_value_head(t: Tensor) -> Tensor:
                 return t.repeat_interleave(HV // H, dim=1) if HV > H else t
@@ -135,11 +141,11 @@ class _DeltaStage:
         K = ch.W.shape[-1]
         S_start, S_final = state_pass(ch.W, ch.U, ch.p_tilde, ch.decay.expand(*ch.decay.shape[:-1], K), S_enter,
                                       plan.seg_first_chunk, plan.seg_num_chunks)
-        if self.fused:
-            from ..kernels.output import output_scalar_decay
-
-            return output_scalar_decay(self.q_hat, self.p, self.gamma, ch.W, ch.U, S_start), S_final
-        return ch.output(S_start), S_final
+        if self.per_channel:
+            from ..kernels.channel import output_channel_decay as output
+        else:
+            from ..kernels.output import output_scalar_decay as output
+        return output(self.q_hat, self.p, self.gamma, ch.W, ch.U, S_start), S_final
 
 
 def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, backend: str = "torch") -> StreamOutputs:

@@ -1,0 +1,324 @@
+"""WY/UT and output stages for a per-channel decay (PKDA): forward and backward, as Triton kernels.
+
+Same algebra as :mod:`.wy` and :mod:`.output` with Γ of shape [C, K] (the decay scales the key channels):
+    L = diag(β) X,  X = gram_strict(K̂, P, Γ);  T = (I + L)^-1;  W = T (β K̂ ⊙ e^Γ);  U = T (β V)
+    P̃ = P ⊙ e^{Γ_C − Γ};  d = e^{Γ_C} ∈ R^K;   O = (Q̂ ⊙ e^Γ) S + gram(Q̂, P, Γ) (U − W S)
+The Gram matrices and their backward come from :mod:`.gram_channel`; for a gram with rows a and columns b
+the decay gradient is dΓ = a ⊙ da − b ⊙ db.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..chunk.delta import wy_form
+from ..chunk.gram import gram
+from ._triton_utils import chunk_tile_config, dot_precision, launch_or_fallback
+from .gram_channel import _rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_upper
+from .wy import _invert_unit_lower
+
+C = 64
+
+
+@triton.jit
+def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
+                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    beta = tl.load(BETA + vrow + rc)
+    L = beta[:, None] * gram_lower(KH, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, True, PRECISION)
+    T = _invert_unit_lower(L, rc, C)
+    tl.store(TINV + (vrow + rc[:, None]) * C + rc[None, :], T)
+    ga = _rows(GAM, vrow, rc, rk, mk, K)
+    w = tl.dot(T, _rows(KH, krow, rc, rk, mk, K) * tl.exp(ga) * beta[:, None], input_precision=PRECISION)
+    tl.store(W + (vrow + rc[:, None]) * K + rk[None, :], w, mask=mk[None, :])
+    g_end = tl.load(GAM + (vrow + C - 1) * K + rk, mask=mk, other=0.0)
+    p_t = _rows(P, krow, rc, rk, mk, K) * tl.exp(g_end[None, :] - ga)
+    tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], p_t, mask=mk[None, :])
+    tl.store(DEC + (i_c64 * HV + i_h) * K + rk, tl.exp(g_end), mask=mk)
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        mv = cols < V
+        vv = tl.load(VV + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        u = tl.dot(T, vv * beta[:, None], input_precision=PRECISION)
+        tl.store(U + (vrow + rc[:, None]) * V + cols[None, :], u, mask=mv[None, :])
+
+
+@triton.jit
+def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
+                      DK, DP, DV, DBETA, DGAM, H, HV, G,
+                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    beta = tl.load(BETA + vrow + rc)
+    T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
+    dT = tl.zeros([C, C], dtype=tl.float32)
+    dT_t = tl.zeros([C, C], dtype=tl.float32)
+    d_beta = tl.zeros([C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        mv = cols < V
+        du = tl.load(DU + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        vv_t = tl.load(VV + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+        dT += tl.dot(du, vv_t * beta[None, :], input_precision=PRECISION)
+        d_bv = tl.dot(T_t, du, input_precision=PRECISION)
+        vv = tl.load(VV + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        tl.store(DV + (vrow + rc[:, None]) * V + cols[None, :], d_bv * beta[:, None], mask=mv[None, :])
+        d_beta += tl.sum(d_bv * vv, axis=1)
+        du_t = tl.load(DU + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+        dT_t += tl.dot(vv * beta[:, None], du_t, input_precision=PRECISION)
+    # Bk = β K̂ ⊙ e^Γ and its transpose, from transposed loads
+    ga = _rows(GAM, vrow, rc, rk, mk, K)
+    bk_t = _rows_t(KH, krow, rc, rk, mk, K) * tl.exp(_rows_t(GAM, vrow, rc, rk, mk, K)) * beta[None, :]
+    dT += tl.dot(_rows(DW, vrow, rc, rk, mk, K), bk_t, input_precision=PRECISION)
+    kk = _rows(KH, krow, rc, rk, mk, K)
+    dT_t += tl.dot(kk * tl.exp(ga) * beta[:, None], _rows_t(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
+    d_bk = tl.dot(T_t, _rows(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
+    d_beta += tl.sum(d_bk * kk * tl.exp(ga), axis=1)
+    d_gam = d_bk * kk * tl.exp(ga) * beta[:, None]
+    d_k = d_bk * tl.exp(ga) * beta[:, None]
+    strict = rc[:, None] > rc[None, :]
+    strict_t = rc[:, None] < rc[None, :]
+    dL = tl.where(strict, -tl.dot(tl.dot(T_t, dT, input_precision=PRECISION), T_t, input_precision=PRECISION), 0.0)
+    T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
+    dL_t = tl.where(strict_t, -tl.dot(tl.dot(T, dT_t, input_precision=PRECISION), T, input_precision=PRECISION),
+                    0.0)
+    X = gram_lower(KH, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, True, PRECISION)
+    d_beta += tl.sum(tl.where(strict, dL * X, 0.0), axis=1)
+    d_k_gram = gram_apply_lower(dL * beta[:, None], P, krow, GAM, vrow, rc, rk, mk, K, C, BK, True, PRECISION)
+    d_k += d_k_gram
+    d_gam += kk * d_k_gram
+    tl.store(DK + (vrow + rc[:, None]) * K + rk[None, :], d_k, mask=mk[None, :])
+    d_p = gram_apply_upper(dL_t * beta[None, :], KH, krow, GAM, vrow, rc, rk, mk, K, C, BK, True, PRECISION)
+    pp = _rows(P, krow, rc, rk, mk, K)
+    d_gam -= pp * d_p
+    # P̃ = P ⊙ e^{Γ_C − Γ}, d = e^{Γ_C}
+    g_end = tl.load(GAM + (vrow + C - 1) * K + rk, mask=mk, other=0.0)
+    scale_end = tl.exp(g_end[None, :] - ga)
+    dpt = _rows(DPT, vrow, rc, rk, mk, K)
+    d_p += dpt * scale_end
+    t = dpt * pp * scale_end
+    d_gam -= t
+    d_end = tl.sum(t, axis=0) + tl.load(DDEC + (i_c64 * HV + i_h) * K + rk, mask=mk, other=0.0) * tl.exp(g_end)
+    d_gam += tl.where(rc[:, None] == C - 1, d_end[None, :], 0.0)
+    tl.store(DP + (vrow + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
+    tl.store(DBETA + vrow + rc, d_beta)
+    tl.store(DGAM + (vrow + rc[:, None]) * K + rk[None, :], d_gam, mask=mk[None, :])
+
+
+@triton.jit
+def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
+                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    srow = (i_c64 * HV + i_h) * K
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    cols = i_v * BV + tl.arange(0, BV)
+    mv = cols < V
+    A = gram_lower(Q, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, False, PRECISION)
+    s = tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+    u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+    delta = u - tl.dot(_rows(W, vrow, rc, rk, mk, K), s, input_precision=PRECISION)
+    qd = _rows(Q, krow, rc, rk, mk, K) * tl.exp(_rows(GAM, vrow, rc, rk, mk, K))
+    o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
+    tl.store(O + (vrow + rc[:, None]) * V + cols[None, :], o, mask=mv[None, :])
+
+
+@triton.jit
+def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, NCH,
+                             K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                             BV: tl.constexpr, PRECISION: tl.constexpr):
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    srow = (i_c64 * HV + i_h) * K
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    cols = i_v * BV + tl.arange(0, BV)
+    mv = cols < V
+    A_t = gram_upper(Q, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, False, PRECISION)
+    do = tl.load(DO + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+    d_delta = tl.dot(A_t, do, input_precision=PRECISION)
+    tl.store(DU + (vrow + rc[:, None]) * V + cols[None, :], d_delta, mask=mv[None, :])
+    qd_t = _rows_t(Q, krow, rc, rk, mk, K) * tl.exp(_rows_t(GAM, vrow, rc, rk, mk, K))
+    d_s = tl.dot(qd_t, do, input_precision=PRECISION) - tl.dot(_rows_t(W, vrow, rc, rk, mk, K), d_delta,
+                                                               input_precision=PRECISION)
+    tl.store(DS + (srow + rk[:, None]) * V + cols[None, :], d_s, mask=mk[:, None] & mv[None, :])
+    s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
+    d_w = -tl.dot(d_delta, s_t, input_precision=PRECISION)
+    tl.store(DW + i_v.to(tl.int64) * NCH * C * K + (vrow + rc[:, None]) * K + rk[None, :], d_w, mask=mk[None, :])
+
+
+@triton.jit
+def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, H, HV, G,
+                          K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    srow = (i_c64 * HV + i_h) * K
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    d_q = tl.zeros([C, BK], dtype=tl.float32)
+    dA = tl.zeros([C, C], dtype=tl.float32)
+    dA_t = tl.zeros([C, C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        mv = cols < V
+        s = tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
+        u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        u_t = tl.load(U + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+        do = tl.load(DO + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        do_t = tl.load(DO + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+        delta = u - tl.dot(_rows(W, vrow, rc, rk, mk, K), s, input_precision=PRECISION)
+        delta_t = u_t - tl.dot(s_t, _rows_t(W, vrow, rc, rk, mk, K), input_precision=PRECISION)
+        d_q += tl.dot(do, s_t, input_precision=PRECISION)
+        dA += tl.dot(do, delta_t, input_precision=PRECISION)
+        dA_t += tl.dot(delta, do_t, input_precision=PRECISION)
+    eg = tl.exp(_rows(GAM, vrow, rc, rk, mk, K))
+    q = _rows(Q, krow, rc, rk, mk, K)
+    d_gam = d_q * q * eg
+    d_q = d_q * eg
+    dA = tl.where(rc[:, None] >= rc[None, :], dA, 0.0)
+    dA_t = tl.where(rc[:, None] <= rc[None, :], dA_t, 0.0)
+    d_q_gram = gram_apply_lower(dA, P, krow, GAM, vrow, rc, rk, mk, K, C, BK, False, PRECISION)
+    d_q += d_q_gram
+    d_gam += q * d_q_gram
+    tl.store(DQ + (vrow + rc[:, None]) * K + rk[None, :], d_q, mask=mk[None, :])
+    d_p = gram_apply_upper(dA_t, Q, krow, GAM, vrow, rc, rk, mk, K, C, BK, False, PRECISION)
+    d_gam -= _rows(P, krow, rc, rk, mk, K) * d_p
+    tl.store(DP + (vrow + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
+    tl.store(DGAM + (vrow + rc[:, None]) * K + rk[None, :], d_gam, mask=mk[None, :])
+
+
+def _per_value_head(t, G):
+    return t.repeat_interleave(G, dim=1) if G > 1 else t
+
+
+def _wy_torch(k_hat, p, v, beta, gamma):
+    G = v.shape[1] // k_hat.shape[1]
+    return wy_form(_per_value_head(k_hat, G), _per_value_head(p, G), v, beta, gamma)
+
+
+def _output_torch(q_hat, p, gamma, W, U, S):
+    G = U.shape[1] // q_hat.shape[1]
+    q, pv = _per_value_head(q_hat, G), _per_value_head(p, G)
+    return (q * torch.exp(gamma)) @ S + gram(q, pv, gamma, strict=False) @ (U - W @ S)
+
+
+def _recompute_grads(fn, saved, grads):
+    inputs = [t.detach().requires_grad_(True) for t in saved]
+    with torch.enable_grad():
+        outs = fn(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        return torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+
+
+class WYChannelDecay(torch.autograd.Function):
+    """(K̂, P [Nc,H,C,K]; V [Nc,HV,C,V]; β [Nc,HV,C]; Γ [Nc,HV,C,K]) -> (W, U, P̃ [Nc,HV,C,*], d [Nc,HV,K])."""
+
+    @staticmethod
+    def forward(ctx, k_hat, p, v, beta, gamma):
+        Nc, H, _, K = k_hat.shape
+        HV, V = v.shape[1], v.shape[-1]
+        BK, BV, warps, stages = chunk_tile_config(K, V)
+        W, P_t = k_hat.new_empty(Nc, HV, C, K), k_hat.new_empty(Nc, HV, C, K)
+        U, T, d = k_hat.new_empty(Nc, HV, C, V), k_hat.new_empty(Nc, HV, C, C), k_hat.new_empty(Nc, HV, K)
+        ctx.fallback = Nc > 0 and not launch_or_fallback("wy_channel_fwd", lambda: _wy_ch_fwd_kernel[(Nc, HV)](
+            k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
+            PRECISION=dot_precision(), num_warps=warps, num_stages=stages))
+        if ctx.fallback:
+            W, U, P_t, d = (t.contiguous() for t in _wy_torch(k_hat, p, v, beta, gamma))
+        ctx.save_for_backward(k_hat, p, v, beta, gamma, T)
+        return W, U, P_t, d
+
+    @staticmethod
+    def backward(ctx, dW, dU, dP_t, dd):
+        k_hat, p, v, beta, gamma, T = ctx.saved_tensors
+        Nc, H, _, K = k_hat.shape
+        HV, V = v.shape[1], v.shape[-1]
+        BK, BV, warps, stages = chunk_tile_config(K, V)
+        grads = (dW, dU, dP_t, dd)
+        if Nc and not ctx.fallback:
+            z = [torch.zeros_like(t) if g is None else g.contiguous()
+                 for g, t in zip(grads, (k_hat.new_empty(Nc, HV, C, K), v, k_hat.new_empty(Nc, HV, C, K),
+                                         k_hat.new_empty(Nc, HV, K)))]
+            dk, dp = torch.empty_like(z[0]), torch.empty_like(z[0])
+            dv, dbeta, dgam = torch.empty_like(v), torch.empty_like(beta), torch.empty_like(gamma)
+            if launch_or_fallback("wy_channel_bwd", lambda: _wy_ch_bwd_kernel[(Nc, HV)](
+                    k_hat, p, v, beta, gamma, T, *z, dk, dp, dv, dbeta, dgam, H, HV, HV // H, K=K, V=V, C=C,
+                    BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=warps, num_stages=stages)):
+                G = HV // H
+                return dk.view(Nc, H, G, C, K).sum(2), dp.view(Nc, H, G, C, K).sum(2), dv, dbeta, dgam
+        return _recompute_grads(_wy_torch, (k_hat, p, v, beta, gamma), grads)
+
+
+class OutputChannelDecay(torch.autograd.Function):
+    """(Q̂, P [Nc,H,C,K]; Γ [Nc,HV,C,K]; W [Nc,HV,C,K]; U [Nc,HV,C,V]; S [Nc,HV,K,V]) -> O [Nc,HV,C,V]."""
+
+    @staticmethod
+    def forward(ctx, q_hat, p, gamma, W, U, S):
+        Nc, H, _, K = q_hat.shape
+        HV, V = U.shape[1], U.shape[-1]
+        BK, BV, warps, stages = chunk_tile_config(K, V)
+        O = U.new_empty(Nc, HV, C, V)
+        grid = (triton.cdiv(V, BV), Nc, HV)
+        ctx.fallback = Nc > 0 and not launch_or_fallback("out_channel_fwd", lambda: _out_ch_fwd_kernel[grid](
+            q_hat, p, gamma, W, U, S, O, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(),
+            num_warps=warps, num_stages=stages))
+        if ctx.fallback:
+            O = _output_torch(q_hat, p, gamma, W, U, S)
+        ctx.save_for_backward(q_hat, p, gamma, W, U, S)
+        return O
+
+    @staticmethod
+    def backward(ctx, dO):
+        q_hat, p, gamma, W, U, S = ctx.saved_tensors
+        Nc, H, _, K = q_hat.shape
+        HV, V = U.shape[1], U.shape[-1]
+        BK, BV, warps, stages = chunk_tile_config(K, V)
+        dO = dO.contiguous()
+        NV = triton.cdiv(V, BV)
+        dq, dp, dW = torch.empty_like(W), torch.empty_like(W), W.new_empty((NV,) + W.shape)
+        dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
+        common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=warps, num_stages=stages)
+        if Nc and not ctx.fallback and launch_or_fallback(
+                "out_channel_bwd_state", lambda: _out_ch_bwd_state_kernel[(NV, Nc, HV)](
+                    q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H, Nc * HV, **common)) and launch_or_fallback(
+                "out_channel_bwd_qp", lambda: _out_ch_bwd_qp_kernel[(Nc, HV)](
+                    q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H, **common)):
+            G = HV // H
+            return dq.view(Nc, H, G, C, K).sum(2), dp.view(Nc, H, G, C, K).sum(2), dgam, dW.sum(0), dU, dS
+        return _recompute_grads(_output_torch, ctx.saved_tensors, (dO,))
+
+
+def wy_channel_decay(k_hat, p, v, beta, gamma):
+    return WYChannelDecay.apply(*[t.contiguous().float() for t in (k_hat, p, v, beta, gamma)])
+
+
+def output_channel_decay(q_hat, p, gamma, W, U, S):
+    return OutputChannelDecay.apply(*[t.contiguous().float() for t in (q_hat, p, gamma, W, U, S)])
