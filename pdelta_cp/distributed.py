@@ -60,7 +60,19 @@ def init_from_env(backend: str | None = None, timeout_s: float = 300) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    # Under torchrun the store can outlive a failed attempt: keep each attempt's keys apart, or a restarted
+    # rank may read a dead peer's address from the previous attempt and fail to connect.
+    from torch.distributed.rendezvous import _create_c10d_store
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world, timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"pdelta/attempt_{attempt}", store), rank=rank,
+                            world_size=world, timeout=timeout)
 
 
 def _child(local_rank: int, worker: Callable, nprocs: int, port: int, args: tuple, backend: str | None) -> None:

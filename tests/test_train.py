@@ -32,7 +32,7 @@ def test_cp2_training_equals_single_process_and_writes_outputs(tmp_path):
         assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1.0, abs(b["loss"])), (a, b)
     assert {"step", "loss", "tokens_per_s"} <= set(cp2[0])
     assert (tmp_path / "cp2" / "loss.png").stat().st_size > 1000
-    assert (tmp_path / "cp2" / "checkpoint.pt").exists()
+    assert (tmp_path / "cp2" / "checkpoint.json").exists() and (tmp_path / "cp2" / "checkpoint-6.pt").exists()
 
 
 def test_resume_gives_the_same_losses(tmp_path):

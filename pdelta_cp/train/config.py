@@ -49,6 +49,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
     stop_at: int = 0  # stop (with a checkpoint) after this step, as a preempted job would; 0: run to the end
+    skip_nonfinite: bool = True  # skip (and report) a step whose loss or gradients are NaN/Inf; False: raise
     seed: int = 42
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
 

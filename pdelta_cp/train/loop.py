@@ -18,8 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..cp.comm import all_gather
 from ..cp.layout import shard
 from ..model import LanguageModel
+from . import checkpoint
 from .config import TrainConfig
 from .data import IGNORE, mqar_batch
 
@@ -75,14 +77,6 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def save_checkpoint(path: str, model, optimizer, scheduler, step: int, cfg: TrainConfig) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path + ".tmp"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "config": cfg.to_json()}, tmp)
-    os.replace(tmp, path)
-
-
 class ProgressBar:
     """One live line on a terminal; one line per update otherwise (logs stay readable)."""
 
@@ -124,6 +118,42 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     plt.close(fig)
 
 
+def _fault_injection(step: int, rank: int) -> str | None:
+    """Test hooks (environment): PDELTA_FAULT_STEP/PDELTA_FAULT_RANK kill that rank at that step on the first
+    attempt (a rank failure); PDELTA_NAN_STEP/PDELTA_FAULT_RANK poison that rank's loss with NaN."""
+    env = os.environ
+    if str(rank) != env.get("PDELTA_FAULT_RANK", "-1"):
+        return None
+    if env.get("PDELTA_FAULT_STEP") == str(step) and env.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        return "kill"
+    if env.get("PDELTA_NAN_STEP") == str(step):
+        return "nan"
+    return None
+
+
+def _first_nonfinite(model: torch.nn.Module) -> str | None:
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return name
+    return None
+
+
+def _resume(out_dir: str, model, optimizer, scheduler, device, metrics_path: str, is_main: bool) -> int:
+    """Load the newest good checkpoint (if any) and cut metrics.jsonl back to its step; returns that step."""
+    state = checkpoint.load_latest(out_dir, map_location=device)
+    if state is None:
+        return 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    step = state["step"]
+    if is_main and os.path.exists(metrics_path):
+        rows = [line for line in open(metrics_path) if json.loads(line)["step"] <= step]
+        with open(metrics_path, "w") as f:
+            f.writelines(rows)
+    return step
+
+
 def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
     groups = ProcessGroups(cfg.parallel.cp)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -134,15 +164,10 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=cfg.optim.betas, eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    start = 0
-    if resume and os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["step"]
+    start = _resume(out_dir, model, optimizer, scheduler, device, metrics_path, is_main) if resume else 0
+    if groups.world > 1:
+        dist.barrier()  # rank 0 has trimmed the metrics before anyone logs
     if is_main:
         if not resume:
             open(metrics_path, "w").close()
@@ -157,7 +182,16 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
     tokens_per_step = groups.dp * cfg.data.batch_size * cfg.data.seq_len
     window = time.time()
     last = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+
+    def state(step: int) -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "config": cfg.to_json()}
+
     for step in range(start, last):
+        fault = _fault_injection(step, groups.rank)
+        if fault == "kill":
+            print(f"rank {groups.rank}: injected failure at step {step}", flush=True)
+            os._exit(13)
         tokens, labels = mqar_batch(vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len,
                                     batch_size=cfg.data.batch_size, num_kv_pairs=cfg.data.num_kv_pairs,
                                     seed=cfg.data.seed, step=step, dp_rank=groups.dp_rank)
@@ -168,18 +202,39 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
         logits = logits.float().reshape(-1, logits.shape[-1])
         flat_labels = labels.reshape(-1)
         loss_sum = F.cross_entropy(logits, flat_labels, ignore_index=IGNORE, reduction="sum")
+        if fault == "nan":
+            loss_sum = loss_sum * float("nan")
         mask = flat_labels != IGNORE
         stats = torch.stack([loss_sum.detach(), mask.sum().float(),
                              (logits.argmax(-1)[mask] == flat_labels[mask]).sum().float()])
         if groups.world > 1:
             dist.all_reduce(stats)
         (loss_sum / stats[1].clamp(min=1)).backward()
+        # which ranks produced a non-finite loss (the origin) or hold non-finite gradients (CP spreads them)
+        loss_ok = bool(torch.isfinite(loss_sum))
+        bad_param = _first_nonfinite(model)
+        code = torch.tensor([(0.0 if loss_ok else 2.0) + (0.0 if bad_param is None else 1.0)], device=device)
+        codes = all_gather(code, dist.group.WORLD if groups.world > 1 else None).flatten().tolist()
+        done = step + 1
+        if any(codes):
+            if code.item():
+                print(f"rank {groups.rank}: non-finite {'loss' if not loss_ok else 'gradient'} at step {done}"
+                      + (f", first parameter affected: {bad_param}" if bad_param else ""), flush=True)
+            origin = [r for r, c in enumerate(codes) if c >= 2]
+            spread = [r for r, c in enumerate(codes) if c % 2 == 1]
+            report = f"non-finite loss on rank(s) {origin}; non-finite gradients on rank(s) {spread}"
+            if not cfg.skip_nonfinite:
+                raise FloatingPointError(f"step {done}: {report}")
+            if is_main:
+                print(f"step {done} skipped: {report}", flush=True)
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            continue
         _all_reduce_grads(model, groups.world)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             now = time.time()
             steps_in_window = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
@@ -194,11 +249,11 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
                 bar.update(done, f"loss {row['loss']:.3f} acc {row['accuracy']:.2f} | "
                                  f"{row['tokens_per_s'] / 1e3:.1f}k tok/s | mem {row['mem_gb']:.2f} GB")
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < last and is_main:
-            save_checkpoint(ckpt_path, model, optimizer, scheduler, done, cfg)
+            checkpoint.save(out_dir, state(done), done)
     if is_main:
         bar.close()
-        save_checkpoint(ckpt_path, model, optimizer, scheduler, last, cfg)
+        path = checkpoint.save(out_dir, state(last), last)
         plot_losses(metrics_path, os.path.join(out_dir, "loss.png"))
-        print(f"wrote {metrics_path}, {os.path.join(out_dir, 'loss.png')} and {ckpt_path}", flush=True)
+        print(f"wrote {metrics_path}, {os.path.join(out_dir, 'loss.png')} and {path}", flush=True)
     if groups.world > 1:
         dist.barrier()
