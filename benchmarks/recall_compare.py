@@ -47,7 +47,8 @@ def main():
             with open(args.out, "w") as f:
                 json.dump({"command": " ".join(sys.argv), "settings": args.overrides, "steps": args.steps,
                            "results": results}, f, indent=1)
-    table = ["| variant | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean |", "|---" * (len(args.seeds) + 2) + "|"]
+    table = ["| variant | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean |",
+             "|---" * (len(args.seeds) + 2) + "|"]
     for v in VARIANTS:
         accs = [r["accuracy"] for r in results if r["variant"] == v]
         table.append(f"| {v} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {sum(accs) / len(accs):.3f} |")

@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a PDN/PGDN/PKDA (or GDN/KDA/DeltaNet) language model")
     train.add_argument("--config", required=True, help="preset (tiny, 340m, 1b) or a .json file")
-    train.add_argument("--out", default="out", help="output folder: metrics.jsonl, loss.png, checkpoint-<step>.pt + checkpoint.json")
+    train.add_argument("--out", default="out",
+                       help="output folder: metrics.jsonl, loss.png, checkpoint-<step>.pt + checkpoint.json")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override a config field, e.g. --set optim.lr=1e-3 --set model.variant=pkda")
     train.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in OUT, if any")
