@@ -96,3 +96,19 @@ def test_cp_single_token_per_piece(cp_groups, cp, layout):
 def test_cp_outputs_only_and_equal_heads(cp_groups, cp):
     """No final states requested (the usual training call), HV = H."""
     check_cp(cp_groups, cp, "pgdn", "zigzag", CASES["many_short"], torch.float64, 1e-10, final_states=False, HV=2)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_cp_is_bitwise_deterministic(cp_groups, cp):
+    """Same inputs and CP degree: identical bits run to run (no atomics, fixed reduction orders)."""
+    if cp not in cp_groups:
+        pytest.skip(f"world size does not hold CP={cp}")
+    group, rank = cp_groups[cp]
+    inp = make_inputs(B=1, T=256, H=2, HV=4, K=16, V=16, variant="pkda", dtype=torch.float32)
+    local = {n: (shard(t, cp, rank, "zigzag") if n in SEQUENCE_ARGS else t) for n, t in inp.items()}
+    runs = []
+    for _ in range(2):
+        out = call(precond_delta_rule, local, output_final_state=True, cp_group=group, cp_layout="zigzag")
+        grads = torch.autograd.grad(weighted_loss(out, output_weights(*out)), list(inp.values()))
+        runs.append([t.detach() for t in out] + list(grads))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
