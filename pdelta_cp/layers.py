@@ -118,28 +118,64 @@ class PrecondDeltaMixer(nn.Module):
     def forward(self, x: Tensor, *, cu_seqlens: Tensor | None = None, cp_group=None,
                 cp_layout: str = "contiguous", backend: str = "auto") -> Tensor:
         B, T, _ = x.shape
-        H, HV, K = self.H, self.HV, self.K
-        cp = dict(cu_seqlens=cu_seqlens, cp_group=cp_group, cp_layout=cp_layout)
-        # one conv call for q, k and v: one halo exchange per layer, and a single chain of collectives so
-        # that every rank meets the backward collectives in the same order
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        conv_weight = torch.cat([self.q_conv, self.k_conv, self.v_conv])
-        q, k, v = short_conv(qkv, conv_weight, activation="silu", **cp).split([H * K, H * K, HV * K], dim=-1)
-        q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, HV, K)
-        beta = torch.sigmoid(_at_least_fp32(self.b_proj(x)))
-        g = None
-        if self.decay == "scalar":
-            g = -torch.exp(self.A_log) * F.softplus(_at_least_fp32(self.a_proj(x)) + self.dt_bias)
-        elif self.decay == "channel":
-            g = -torch.exp(self.A_log).repeat_interleave(K) * F.softplus(_at_least_fp32(self.a_proj(x)) + self.dt_bias)
-            g = g.view(B, T, HV, K)
-        beta_atk = torch.sigmoid(_at_least_fp32(self.b_atk_proj(x)))
-        g_atk = -torch.exp(self.A_log_atk) * F.softplus(_at_least_fp32(self.a_atk_proj(x)) + self.dt_bias_atk)
-        o, _, _ = precond_delta_rule(
-            q, k, v, beta.to(q.dtype), g_atk, beta_atk.to(q.dtype), g,
-            x=self.cfg.squash_x if self.preconditioned else 1.0, eps=self.cfg.squash_eps,
-            log_atk_scale=self.log_atk_scale, backend=backend, **cp)
-        o = self.o_norm(o)
-        if self.decay == "channel":
-            o = o * torch.sigmoid(self.g_proj(x)).view(B, T, HV, K)
-        return self.o_proj(o.reshape(B, T, HV * K))
+        projections = MixerProjections(
+            q=self.q_proj(x), k=self.k_proj(x), v=self.v_proj(x), beta=self.b_proj(x), g_atk=self.a_atk_proj(x),
+            decay=self.a_proj(x) if self.decay else None, beta_atk=self.b_atk_proj(x),
+            out_gate=self.g_proj(x) if self.decay == "channel" else None)
+        o = mixer_core(self, projections, cu_seqlens=cu_seqlens, cp_group=cp_group, cp_layout=cp_layout,
+                       backend=backend)
+        return self.o_proj(o.reshape(B, T, -1))
+
+
+@dataclass
+class MixerProjections:
+    """Per-token projections of x [B, T, *] for :func:`mixer_core` (local heads under tensor parallelism).
+
+    q, k [.., H*K]; v [.., HV*K]; beta, decay [.., HV] (decay [.., HV*K] per channel; None for PDN);
+    g_atk, beta_atk [.., H] (preconditioner decay and gain logits); out_gate [.., HV*K] (PKDA) or None.
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    beta: Tensor
+    decay: Tensor | None
+    g_atk: Tensor
+    beta_atk: Tensor
+    out_gate: Tensor | None
+
+
+def mixer_core(m, p: MixerProjections, *, cu_seqlens=None, cp_group=None, cp_layout="contiguous",
+               backend="auto") -> Tensor:
+    """Conv (with the CP halo), gates, the recurrence and the output norm/gate: o [B, T, HV, K].
+
+    ``m`` holds the per-head parameters (local heads): q_conv/k_conv/v_conv, A_log, dt_bias, A_log_atk,
+    dt_bias_atk, log_atk_scale, o_norm, and H, HV, K, decay, preconditioned, cfg. Shared by the plain
+    module above and the Megatron mixer, so both compute exactly the same function.
+    """
+    B, T, _ = p.q.shape
+    H, HV, K = m.H, m.HV, m.K
+    cp = dict(cu_seqlens=cu_seqlens, cp_group=cp_group, cp_layout=cp_layout)
+    # one conv call for q, k and v: one halo exchange per layer, and a single chain of collectives so
+    # that every rank meets the backward collectives in the same order
+    conv_weight = torch.cat([m.q_conv, m.k_conv, m.v_conv])
+    qkv = short_conv(torch.cat([p.q, p.k, p.v], dim=-1), conv_weight, activation="silu", **cp)
+    q, k, v = qkv.split([H * K, H * K, HV * K], dim=-1)
+    q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, HV, K)
+    beta = torch.sigmoid(_at_least_fp32(p.beta))
+    g = None
+    if m.decay == "scalar":
+        g = -torch.exp(m.A_log) * F.softplus(_at_least_fp32(p.decay) + m.dt_bias)
+    elif m.decay == "channel":
+        g = -torch.exp(m.A_log).repeat_interleave(K) * F.softplus(_at_least_fp32(p.decay) + m.dt_bias)
+        g = g.view(B, T, HV, K)
+    beta_atk = torch.sigmoid(_at_least_fp32(p.beta_atk))
+    g_atk = -torch.exp(m.A_log_atk) * F.softplus(_at_least_fp32(p.g_atk) + m.dt_bias_atk)
+    o, _, _ = precond_delta_rule(
+        q, k, v, beta.to(q.dtype), g_atk, beta_atk.to(q.dtype), g,
+        x=m.cfg.squash_x if m.preconditioned else 1.0, eps=m.cfg.squash_eps,
+        log_atk_scale=m.log_atk_scale, backend=backend, **cp)
+    o = m.o_norm(o)
+    if p.out_gate is not None:
+        o = o * torch.sigmoid(p.out_gate).view(B, T, HV, K)
+    return o
