@@ -55,3 +55,20 @@ def test_config_errors_are_clear():
         load_config("huge")
     with pytest.raises(ValueError, match="must look like"):
         load_config("tiny", ["optim.lr"])
+
+
+def test_preprocess_and_train_on_a_corpus(tmp_path):
+    text = tmp_path / "doc.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    subprocess.run([sys.executable, "-m", "pdelta_cp.cli", "preprocess", str(text), "--out", str(tmp_path / "data")],
+                   check=True, capture_output=True)
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert meta["num_tokens"] == 45 * 200 + 1 and meta["vocab_size"] == 257
+    rows = _train(tmp_path / "run", "--set", "data.task=tokens", "--set", f"data.path={tmp_path / 'data'}",
+                  "--set", "model.vocab_size=257", "--set", "steps=12")
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5  # a repetitive text is learnt quickly
+
+
+def test_corpus_config_errors():
+    with pytest.raises(ValueError, match="needs data.path"):
+        load_config("tiny", ["data.task=tokens"])

@@ -20,7 +20,8 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "mqar"  # synthetic multi-query associative recall (embedded default)
+    task: str = "mqar"  # "mqar": synthetic multi-query associative recall (embedded default); "tokens": a corpus
+    path: str = ""  # folder written by `pdelta-cp preprocess` (task "tokens")
     seq_len: int = 256  # tokens per sample (global, split over CP ranks)
     batch_size: int = 8  # samples per data-parallel rank per step
     num_kv_pairs: int = 8
@@ -65,6 +66,10 @@ class TrainConfig:
         if self.data.seq_len % pieces:
             problems.append(f"data.seq_len = {self.data.seq_len} must be a multiple of {pieces} "
                             f"(cp = {self.parallel.cp}, layout {self.parallel.layout})")
+        if self.data.task not in ("mqar", "tokens"):
+            problems.append(f"data.task must be mqar or tokens, got {self.data.task!r}")
+        if self.data.task == "tokens" and not self.data.path:
+            problems.append("data.task=tokens needs data.path (a folder written by `pdelta-cp preprocess`)")
         if self.data.task == "mqar" and 4 * self.data.num_kv_pairs > self.data.seq_len:
             problems.append(f"data.seq_len = {self.data.seq_len} is too short for {self.data.num_kv_pairs} "
                             f"key-value pairs and their queries (needs >= {4 * self.data.num_kv_pairs})")

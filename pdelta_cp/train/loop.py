@@ -23,7 +23,7 @@ from ..cp.layout import shard
 from ..model import LanguageModel
 from . import checkpoint
 from .config import TrainConfig
-from .data import IGNORE, mqar_batch
+from .data import IGNORE, TokenFile, mqar_batch
 
 
 class ProcessGroups:
@@ -156,6 +156,12 @@ def _resume(out_dir: str, model, optimizer, scheduler, device, metrics_path: str
 
 def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
     groups = ProcessGroups(cfg.parallel.cp)
+    corpus = None
+    if cfg.data.task == "tokens":
+        corpus = TokenFile(cfg.data.path)
+        if corpus.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"the corpus uses {corpus.vocab_size} token ids but model.vocab_size is "
+                             f"{cfg.model.vocab_size}; set --set model.vocab_size={corpus.vocab_size}")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     is_main = groups.rank == 0
     os.makedirs(out_dir, exist_ok=True)
@@ -192,9 +198,13 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
         if fault == "kill":
             print(f"rank {groups.rank}: injected failure at step {step}", flush=True)
             os._exit(13)
-        tokens, labels = mqar_batch(vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len,
-                                    batch_size=cfg.data.batch_size, num_kv_pairs=cfg.data.num_kv_pairs,
-                                    seed=cfg.data.seed, step=step, dp_rank=groups.dp_rank)
+        if corpus is not None:
+            tokens, labels = corpus.batch(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                                          seed=cfg.data.seed, step=step, dp_rank=groups.dp_rank)
+        else:
+            tokens, labels = mqar_batch(vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len,
+                                        batch_size=cfg.data.batch_size, num_kv_pairs=cfg.data.num_kv_pairs,
+                                        seed=cfg.data.seed, step=step, dp_rank=groups.dp_rank)
         tokens = shard(tokens, groups.cp, groups.cp_rank, cfg.parallel.layout).to(device)
         labels = shard(labels, groups.cp, groups.cp_rank, cfg.parallel.layout).to(device)
         with autocast:
