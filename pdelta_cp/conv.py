@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cp.comm import agree, all_gather, signature, tie, world_and_rank
-from .cp.layout import LAYOUTS, StreamLayout, stream_layout
+from .cp.layout import LAYOUTS, StreamLayout, pieces_per_sample, rank_pieces, stream_layout
 from .ops import _group_device
 
 __all__ = ["short_conv"]
@@ -113,8 +113,10 @@ def short_conv(
     error, sizes = None, None
     try:
         sizes = _check(x, weight, bias, activation, cu_seqlens, world, cp_layout)
-        if sizes[1] * world % (world * (2 if cp_layout == "zigzag" else 1)):
+        if sizes[1] % pieces_per_sample(cp_layout):
             raise ValueError(f"cp_layout={cp_layout!r} needs an even local length, got T={sizes[1]}")
+        if cp_layout == "zigzag_per_sequence" and sizes[3] is not None:
+            rank_pieces(world, 0, cp_layout, sizes[3][-1], sizes[3])  # every sequence a multiple of 2W
     except (ValueError, TypeError) as exc:
         error = exc
     sig = 0 if sizes is None else signature(sizes, tuple(weight.shape), bias is not None, activation, cp_layout,

@@ -102,6 +102,11 @@ def check_inputs(q, k, v, beta, g_atk, beta_atk, g, *, initial_state, initial_A_
               f"cu_seqlens[-1] = {cu[-1]} must equal the total number of tokens"
               + (f" of the whole stream: {world} CP ranks x T = {T} local tokens = {total}; with CP, cu_seqlens "
                  f"describes the global stream" if world > 1 else f" T = {T}"))
+    if cp_layout == "zigzag_per_sequence" and cu is not None:
+        bad = [n for n, (a, b) in enumerate(zip(cu, cu[1:])) if (b - a) % (2 * world)]
+        _need(not bad, ValueError, f"cp_layout='zigzag_per_sequence' cuts every sequence into {2 * world} equal "
+                                   f"pieces; sequences {bad[:5]} are not multiples of {2 * world} tokens: pad "
+                                   f"each sequence (as Megatron does for THD batches)")
     parts = world * pieces_per_sample(cp_layout)
     _need((T * world) % parts == 0, ValueError,
           f"cp_layout={cp_layout!r} with {world} ranks cuts each stream into {parts} equal pieces, so the local "

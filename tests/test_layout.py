@@ -45,3 +45,13 @@ def test_pieces_and_segments_partition_the_stream(world, layout, cuts, local):
             assert seg.starts_sequence == (g0 == lo) and seg.ends_sequence == (g1 == hi)
         assert [gp.start for gp in lay.order] == sorted(gp.start for gp in lay.order)
     assert sorted(covered) == list(range(total))
+
+
+def test_zigzag_per_sequence_is_megatron_thd_split():
+    from pdelta_cp.cp.layout import rank_pieces
+
+    # THD: every sequence cut into 2W pieces; rank r keeps pieces r and 2W-1-r of each, sequence by sequence
+    assert rank_pieces(2, 0, "zigzag_per_sequence", 12, [0, 4, 12]) == [(0, 1), (3, 4), (4, 6), (10, 12)]
+    assert rank_pieces(2, 1, "zigzag_per_sequence", 12, [0, 4, 12]) == [(1, 2), (2, 3), (6, 8), (8, 10)]
+    with pytest.raises(ValueError, match="pad each sequence to a multiple of 4"):
+        rank_pieces(2, 0, "zigzag_per_sequence", 10, [0, 6, 10])

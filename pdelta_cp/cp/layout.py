@@ -6,7 +6,8 @@ The *global stream* is the whole packed input: with ``cu_seqlens`` the one packe
 without it the B samples of length T_global laid end to end (sample b = sequence b). A *piece* is a run of
 consecutive global tokens held by one rank; a rank holds one piece per sample (``contiguous``) or two
 (``zigzag``: pieces r and 2W-1-r of 2W equal pieces, Megatron's load-balanced split), and passes them to
-the op concatenated in that order. A *segment* is the part of one sequence inside one piece: the unit that
+the op concatenated in that order; ``zigzag_per_sequence`` (Megatron's THD format) applies the zigzag
+to every packed sequence on its own. A *segment* is the part of one sequence inside one piece: the unit that
 the chunk algorithm runs on with one initial state.
 """
 from __future__ import annotations
@@ -14,11 +15,35 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-LAYOUTS = ("contiguous", "zigzag")
+LAYOUTS = ("contiguous", "zigzag", "zigzag_per_sequence")
 
 
 def pieces_per_sample(layout: str) -> int:
-    return 2 if layout == "zigzag" else 1
+    return 1 if layout == "contiguous" else 2
+
+
+def split_sequences(cu_seqlens: list[int], world: int, rank: int) -> list[tuple[int, int]]:
+    """Megatron's THD split: every sequence is cut into 2W equal pieces and ``rank`` holds pieces r and
+    2W-1-r of each, in sequence order (each sequence's length must be a multiple of 2W)."""
+    pieces = []
+    for n, (s, e) in enumerate(zip(cu_seqlens[:-1], cu_seqlens[1:])):
+        if (e - s) % (2 * world):
+            raise ValueError(
+                f"cp_layout='zigzag_per_sequence' cuts every sequence into {2 * world} equal pieces, but sequence "
+                f"{n} has {e - s} tokens; pad each sequence to a multiple of {2 * world} (Megatron pads THD "
+                f"sequences the same way)")
+        m = (e - s) // (2 * world)
+        back = 2 * world - 1 - rank
+        pieces += [(s + rank * m, s + (rank + 1) * m), (s + back * m, s + (back + 1) * m)]
+    return pieces
+
+
+def rank_pieces(world: int, rank: int, layout: str, total: int, cu_seqlens: list[int] | None = None
+                ) -> list[tuple[int, int]]:
+    """The pieces (global [start, end), local order) that ``rank`` holds of a stream of ``total`` tokens."""
+    if layout == "zigzag_per_sequence":
+        return split_sequences(cu_seqlens if cu_seqlens else [0, total], world, rank)
+    return split_stream(total, world, rank, layout)
 
 
 def split_stream(total: int, world: int, rank: int, layout: str) -> list[tuple[int, int]]:
@@ -124,29 +149,32 @@ def stream_layout(
     Without ``cu_seqlens`` every row is its own sequence of ``world * local_len`` tokens, split by ``layout``.
     With ``cu_seqlens`` (global boundaries, batch 1) the packed stream of ``cu_seqlens[-1]`` tokens is split.
     """
-    if world == 1:  # a zigzag of one rank holds pieces 0 and 1 in order: the contiguous stream
-        if layout == "zigzag":
-            split_stream(cu_seqlens[-1] if cu_seqlens else local_len, 1, 0, layout)  # same divisibility rule
+    if world == 1:  # a zigzag of one rank holds its pieces in order: the contiguous stream
+        if layout != "contiguous":  # same divisibility rules as with more ranks
+            rank_pieces(1, 0, layout, cu_seqlens[-1] if cu_seqlens else local_len, cu_seqlens)
         layout = "contiguous"
     if cu_seqlens is None:
         total = world * local_len
         seq_bounds = [(b * total, (b + 1) * total) for b in range(batch)]
         pieces = [[(b * total + s, b * total + e) for b in range(batch)
-                   for s, e in split_stream(total, world, r, layout)] for r in range(world)]
+                   for s, e in rank_pieces(world, r, layout, total)] for r in range(world)]
     else:
         seq_bounds = list(zip(cu_seqlens[:-1], cu_seqlens[1:]))
-        pieces = [split_stream(cu_seqlens[-1], world, r, layout) for r in range(world)]
+        pieces = [rank_pieces(world, r, layout, cu_seqlens[-1], cu_seqlens) for r in range(world)]
     return build_layout(seq_bounds, pieces, rank)
 
 
-def local_token_index(total: int, world: int, rank: int, layout: str) -> list[int]:
-    """Positions (along T of a [B, T_global, ...] or packed [1, T_global, ...] tensor) that ``rank`` holds."""
-    return [t for s, e in split_stream(total, world, rank, layout) for t in range(s, e)]
+def local_token_index(total: int, world: int, rank: int, layout: str, cu_seqlens: list[int] | None = None
+                      ) -> list[int]:
+    """Positions (along T of a [B, T_global, ...] or packed [1, T_global, ...] tensor) that ``rank`` holds.
+    ``cu_seqlens`` (global) is needed for ``zigzag_per_sequence``."""
+    return [t for s, e in rank_pieces(world, rank, layout, total, cu_seqlens) for t in range(s, e)]
 
 
-def shard(x, world: int, rank: int, layout: str = "contiguous", dim: int = 1):
+def shard(x, world: int, rank: int, layout: str = "contiguous", dim: int = 1, cu_seqlens=None):
     """This rank's share of a full-sequence tensor along ``dim`` (tokens): what to pass to the op under CP."""
     import torch
 
-    idx = torch.tensor(local_token_index(x.shape[dim], world, rank, layout), device=x.device)
+    cu = None if cu_seqlens is None else [int(c) for c in cu_seqlens]
+    idx = torch.tensor(local_token_index(x.shape[dim], world, rank, layout, cu), device=x.device)
     return x.index_select(dim, idx)

@@ -47,14 +47,14 @@ def check_cp(cp_groups, cp, variant, layout, case, dtype, tol, final_states=True
     names = list(inp)
     ref_grads = torch.autograd.grad(weighted_loss(ref_out, weights), [inp[n] for n in names])
 
-    local = {n: (shard(t, cp, rank, layout) if n in SEQUENCE_ARGS else t) for n, t in inp.items()}
+    local = {n: (shard(t, cp, rank, layout, cu_seqlens=cu) if n in SEQUENCE_ARGS else t) for n, t in inp.items()}
     out = call(precond_delta_rule, local, cu_seqlens=cu_t, output_final_state=final_states, cp_group=group,
                cp_layout=layout)
-    local_weights = [shard(weights[0], cp, rank, layout)] + weights[1:]
+    local_weights = [shard(weights[0], cp, rank, layout, cu_seqlens=cu)] + weights[1:]
     grads = torch.autograd.grad(weighted_loss(out, local_weights), [inp[n] for n in names])
 
     o_full = torch.zeros_like(ref_out[0])
-    idx = shard(torch.arange(T)[None], cp, rank, layout)[0]
+    idx = shard(torch.arange(T)[None], cp, rank, layout, cu_seqlens=cu)[0]
     o_full[:, idx] = out[0].detach()
     dist.all_reduce(o_full, group=group)
     errors = {"o": rel_rms(o_full, ref_out[0])}
@@ -90,6 +90,21 @@ def test_cp_float32(cp_groups, cp, variant, layout):
 def test_cp_single_token_per_piece(cp_groups, cp, layout):
     T = cp * (2 if layout == "zigzag" else 1)
     check_cp(cp_groups, cp, "pkda", layout, (1, T, [0, 1, T] if T > 2 else [0, T]), torch.float64, 1e-10)
+
+
+THD_CASES = {  # sequence lengths are multiples of 8 = 2 x 4 ranks, as Megatron pads THD batches
+    "thd_mixed": (1, 256, [0, 24, 120, 128, 256]),
+    "thd_one": (1, 64, [0, 64]),
+    "thd_fixed_B2": (2, 64, None),
+}
+
+
+@pytest.mark.parametrize("case", list(THD_CASES))
+@pytest.mark.parametrize("variant", ["pgdn", "pkda"])
+@pytest.mark.parametrize("cp", [2, 4])
+def test_cp_zigzag_per_sequence(cp_groups, cp, variant, case):
+    """Megatron's THD layout: each packed sequence zigzag-split over the ranks on its own."""
+    check_cp(cp_groups, cp, variant, "zigzag_per_sequence", THD_CASES[case], torch.float64, 1e-10)
 
 
 @pytest.mark.parametrize("cp", [2, 4])
