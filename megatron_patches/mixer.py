@@ -134,9 +134,14 @@ class MegatronPrecondDeltaMixer(MegatronModule):
         def proj(layer, x):
             return layer(x)[0].transpose(0, 1)  # [s, b, n] -> [b, s, n]
 
-        cu_seqlens = None
-        if packed_seq_params is not None:
-            raise NotImplementedError("packed (THD) batches are not supported by this mixer yet; use sbhd")
+        cu_seqlens, layout = None, self.cp_layout
+        if packed_seq_params is not None:  # THD: [t, 1, h], sequences padded to a multiple of 2*cp
+            if getattr(packed_seq_params, "qkv_format", "thd") != "thd":
+                raise ValueError(f"packed_seq_params.qkv_format must be 'thd', got {packed_seq_params.qkv_format!r}")
+            cu_seqlens = getattr(packed_seq_params, "cu_seqlens_q_padded", None)
+            if cu_seqlens is None:
+                cu_seqlens = packed_seq_params.cu_seqlens_q
+            layout = "zigzag_per_sequence"  # what get_thd_batch_on_this_cp_rank hands each rank
         decay = out_gate = None
         if self.decay == "scalar":
             decay = proj(self.a_proj, hidden_states)
@@ -148,7 +153,7 @@ class MegatronPrecondDeltaMixer(MegatronModule):
                              decay=decay, g_atk=proj(self.a_atk_proj, hidden_states),
                              beta_atk=proj(self.b_atk_proj, hidden_states), out_gate=out_gate)
         o = mixer_core(self, p, cu_seqlens=cu_seqlens, cp_group=_group_or_none(self.cp_group),
-                       cp_layout=self.cp_layout, backend=self.backend)
+                       cp_layout=layout, backend=self.backend)
         B, T = o.shape[:2]
         out, bias = self.o_proj(o.reshape(B, T, -1).transpose(0, 1).contiguous())
         return out, bias

@@ -31,8 +31,25 @@ def _block(variant, tp, cp):
     return TransformerBlock(config, spec=pdelta_block_spec(2, variant), post_process=False)
 
 
-def _run(block, x, w):
-    out = block(x, attention_mask=None)
+def _compare(block, out, grads, ref_out_local, ref_grads):
+    """Errors of the local output and of every (CP-summed, TP-sliced) parameter gradient."""
+    cp_group = parallel_state.get_context_parallel_group()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    errors = {"out": rel_rms(out, ref_out_local)}
+    for name, p in block.named_parameters():
+        g = grads[name].clone()
+        dist.all_reduce(g, group=cp_group)  # each CP rank holds its own contribution
+        ref = ref_grads[name]
+        if getattr(p, "tensor_model_parallel", False):
+            n = p.shape[p.partition_dim]
+            ref = ref.narrow(p.partition_dim, tp_rank * n, n)
+        errors[name] = rel_rms(g, ref)
+    parallel_state.destroy_model_parallel()
+    return {k: e for k, e in errors.items() if not e < 1e-5}
+
+
+def _run(block, x, w, packed=None):
+    out = block(x, attention_mask=None, packed_seq_params=packed)
     grads = torch.autograd.grad((out * w).sum(), [p for _, p in block.named_parameters()])
     return out.detach(), dict(zip([n for n, _ in block.named_parameters()], grads))
 
@@ -47,18 +64,33 @@ def test_megatron_block_tp_cp_matches_single(world, variant, tp, cp):
     w = torch.randn(S, B, D, generator=gen)
     ref_out, ref_grads = _run(_block(variant, 1, 1), x, w)
     block = _block(variant, tp, cp)
-    cp_group, cp_rank = parallel_state.get_context_parallel_group(), parallel_state.get_context_parallel_rank()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    cp_rank = parallel_state.get_context_parallel_rank()
     out, grads = _run(block, shard(x, cp, cp_rank, "zigzag", dim=0), shard(w, cp, cp_rank, "zigzag", dim=0))
-    errors = {"out": rel_rms(out, shard(ref_out, cp, cp_rank, "zigzag", dim=0))}
-    for name, p in block.named_parameters():
-        g = grads[name].clone()
-        dist.all_reduce(g, group=cp_group)  # each CP rank holds its own contribution
-        ref = ref_grads[name]
-        if getattr(p, "tensor_model_parallel", False):
-            n = p.shape[p.partition_dim]
-            ref = ref.narrow(p.partition_dim, tp_rank * n, n)
-        errors[name] = rel_rms(g, ref)
-    parallel_state.destroy_model_parallel()
-    bad = {k: e for k, e in errors.items() if not e < 1e-5}
+    bad = _compare(block, out, grads, shard(ref_out, cp, cp_rank, "zigzag", dim=0), ref_grads)
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("tp,cp", [(1, 2), (2, 2)])
+def test_megatron_thd_packed_matches_single(world, tp, cp):
+    """Packed THD batch (sequences padded to 2*cp, each zigzag-split on its own) through the block."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    if world != tp * cp:
+        pytest.skip(f"needs {tp * cp} processes")
+    cu = [0, 8, 40, 64]
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t, cu_seqlens_q_padded=cu_t,
+                             cu_seqlens_kv_padded=cu_t, max_seqlen_q=32, max_seqlen_kv=32)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(64, 1, D, generator=gen)
+    w = torch.randn(64, 1, D, generator=gen)
+    ref_out, ref_grads = _run(_block("pgdn", 1, 1), x, w, packed)
+    block = _block("pgdn", tp, cp)
+    cp_rank = parallel_state.get_context_parallel_rank()
+
+    def local(t):
+        return shard(t, cp, cp_rank, "zigzag_per_sequence", dim=0, cu_seqlens=cu)
+
+    out, grads = _run(block, local(x), local(w), packed)
+    bad = _compare(block, out, grads, local(ref_out), ref_grads)
     assert not bad, bad
