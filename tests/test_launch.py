@@ -63,3 +63,23 @@ def test_mpirun(tmp_path, reference):
     _run([[mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PATH", sys.executable, "-m",
            "pdelta_cp.cli", *ARGS, "--out", str(tmp_path)]])
     assert _losses(tmp_path) == reference
+
+
+@pytest.mark.skipif(shutil.which("deepspeed", path=BIN) is None, reason="deepspeed not installed")
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_launcher_and_engine(tmp_path, reference, stage):
+    """DeepSpeed launcher + engine (ZeRO over DP x CP, CP=2 inside): same losses; resume from its checkpoint."""
+    env = dict(_env(), DS_ACCELERATOR="cpu", LOCAL_SIZE="2")
+
+    def launch(*extra):
+        cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+               "pdelta_cp.cli", *ARGS, "--out", str(tmp_path), "--set", "parallel.engine=deepspeed",
+               "--set", f"parallel.zero_stage={stage}", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+    launch("--set", "stop_at=2", "--set", "checkpoint_every=2")
+    launch("--resume")
+    losses = _losses(tmp_path)
+    assert len(losses) == len(reference)
+    assert all(abs(a - b) < 1e-5 * max(1.0, abs(b)) for a, b in zip(losses, reference)), (losses, reference)

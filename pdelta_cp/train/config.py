@@ -16,6 +16,8 @@ class ParallelConfig:
     layout: str = "contiguous"  # or "zigzag"
     backend: str = "auto"  # recurrence backend: auto | torch | triton
     nproc: int = 1  # processes to start when not under a launcher
+    engine: str = "torch"  # "torch" (AdamW + one gradient all-reduce) or "deepspeed" (its engine, ZeRO over DP x CP)
+    zero_stage: int = 1  # DeepSpeed ZeRO stage (0, 1 or 2)
 
 
 @dataclass
@@ -60,6 +62,10 @@ class TrainConfig:
             problems.append(f"model.variant must be one of {VARIANTS}, got {self.model.variant!r}")
         if self.parallel.layout not in LAYOUTS:
             problems.append(f"parallel.layout must be one of {LAYOUTS}, got {self.parallel.layout!r}")
+        if self.parallel.engine not in ("torch", "deepspeed"):
+            problems.append(f"parallel.engine must be torch or deepspeed, got {self.parallel.engine!r}")
+        if self.parallel.zero_stage not in (0, 1, 2):
+            problems.append(f"parallel.zero_stage must be 0, 1 or 2, got {self.parallel.zero_stage}")
         if self.parallel.cp < 1:
             problems.append(f"parallel.cp must be >= 1, got {self.parallel.cp}")
         pieces = self.parallel.cp * (2 if self.parallel.layout == "zigzag" else 1)

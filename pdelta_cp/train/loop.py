@@ -154,6 +154,19 @@ def _resume(out_dir: str, model, optimizer, scheduler, device, metrics_path: str
     return step
 
 
+def _resume_deepspeed(engine, out_dir: str, metrics_path: str, is_main: bool) -> int:
+    folder = os.path.join(out_dir, "deepspeed")
+    if not os.path.exists(os.path.join(folder, "latest")):
+        return 0
+    _, client = engine.load_checkpoint(folder)
+    step = int(client["step"])
+    if is_main and os.path.exists(metrics_path):
+        rows = [line for line in open(metrics_path) if json.loads(line)["step"] <= step]
+        with open(metrics_path, "w") as f:
+            f.writelines(rows)
+    return step
+
+
 def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
     groups = ProcessGroups(cfg.parallel.cp)
     corpus = None
@@ -171,7 +184,14 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
                                   betas=cfg.optim.betas, eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    start = _resume(out_dir, model, optimizer, scheduler, device, metrics_path, is_main) if resume else 0
+    engine = None
+    if cfg.parallel.engine == "deepspeed":
+        from .deepspeed_engine import initialize
+
+        engine = initialize(model, optimizer, scheduler, cfg)
+        start = _resume_deepspeed(engine, out_dir, metrics_path, is_main) if resume else 0
+    else:
+        start = _resume(out_dir, model, optimizer, scheduler, device, metrics_path, is_main) if resume else 0
     if groups.world > 1:
         dist.barrier()  # rank 0 has trimmed the metrics before anyone logs
     if is_main:
@@ -208,7 +228,7 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
         tokens = shard(tokens, groups.cp, groups.cp_rank, cfg.parallel.layout).to(device)
         labels = shard(labels, groups.cp, groups.cp_rank, cfg.parallel.layout).to(device)
         with autocast:
-            logits = model(tokens, **cp_kwargs)
+            logits = (engine or model)(tokens, **cp_kwargs)
         logits = logits.float().reshape(-1, logits.shape[-1])
         flat_labels = labels.reshape(-1)
         loss_sum = F.cross_entropy(logits, flat_labels, ignore_index=IGNORE, reduction="sum")
@@ -219,10 +239,14 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
                              (logits.argmax(-1)[mask] == flat_labels[mask]).sum().float()])
         if groups.world > 1:
             dist.all_reduce(stats)
-        (loss_sum / stats[1].clamp(min=1)).backward()
+        loss = loss_sum / stats[1].clamp(min=1)
+        if engine is not None:  # DeepSpeed averages over all ranks: scale so that the average is the sum
+            engine.backward(loss * groups.world)
+        else:
+            loss.backward()
         # which ranks produced a non-finite loss (the origin) or hold non-finite gradients (CP spreads them)
         loss_ok = bool(torch.isfinite(loss_sum))
-        bad_param = _first_nonfinite(model)
+        bad_param = None if engine is not None else _first_nonfinite(model)
         code = torch.tensor([(0.0 if loss_ok else 2.0) + (0.0 if bad_param is None else 1.0)], device=device)
         codes = all_gather(code, dist.group.WORLD if groups.world > 1 else None).flatten().tolist()
         done = step + 1
@@ -237,14 +261,20 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
                 raise FloatingPointError(f"step {done}: {report}")
             if is_main:
                 print(f"step {done} skipped: {report}", flush=True)
+            if engine is not None:
+                raise FloatingPointError(f"step {done}: {report} (the DeepSpeed engine cannot skip a step)")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             continue
-        _all_reduce_grads(model, groups.world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        if engine is not None:
+            engine.step()  # clipping, optimizer, scheduler, zero_grad
+            grad_norm = engine.get_global_grad_norm() or 0.0
+        else:
+            _all_reduce_grads(model, groups.world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         if done % cfg.log_every == 0 or done == cfg.steps:
             now = time.time()
             steps_in_window = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
@@ -258,11 +288,18 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
                     f.write(json.dumps(row) + "\n")
                 bar.update(done, f"loss {row['loss']:.3f} acc {row['accuracy']:.2f} | "
                                  f"{row['tokens_per_s'] / 1e3:.1f}k tok/s | mem {row['mem_gb']:.2f} GB")
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < last and is_main:
-            checkpoint.save(out_dir, state(done), done)
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < last:
+            if engine is not None:  # every rank writes its ZeRO partition
+                engine.save_checkpoint(os.path.join(out_dir, "deepspeed"), tag=f"step{done}",
+                                       client_state={"step": done})
+            elif is_main:
+                checkpoint.save(out_dir, state(done), done)
+    if engine is not None:
+        engine.save_checkpoint(os.path.join(out_dir, "deepspeed"), tag=f"step{last}", client_state={"step": last})
     if is_main:
         bar.close()
-        path = checkpoint.save(out_dir, state(last), last)
+        path = (os.path.join(out_dir, "deepspeed") if engine is not None
+                else checkpoint.save(out_dir, state(last), last))
         plot_losses(metrics_path, os.path.join(out_dir, "loss.png"))
         print(f"wrote {metrics_path}, {os.path.join(out_dir, 'loss.png')} and {path}", flush=True)
     if groups.world > 1:
