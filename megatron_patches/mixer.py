@@ -66,6 +66,7 @@ class MegatronPrecondDeltaMixer(MegatronModule):
         self.layer_number = layer_number
         tp_group = getattr(pg_collection, "tp", None) or parallel_state.get_tensor_model_parallel_group()
         self.cp_group = getattr(pg_collection, "cp", None) or parallel_state.get_context_parallel_group()
+        self.tp_group = tp_group
         tp, tp_rank = torch.distributed.get_world_size(tp_group), torch.distributed.get_rank(tp_group)
         H = num_heads or config.num_attention_heads
         K = head_dim or config.kv_channels or config.hidden_size // H
@@ -128,6 +129,26 @@ class MegatronPrecondDeltaMixer(MegatronModule):
                 getattr(self, name).tensor_model_parallel = True
                 getattr(self, name).partition_dim = 0
                 getattr(self, name).partition_stride = 1
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """Distributed-checkpoint view: own per-head parameters TP-sharded along dim 0, linears by Megatron,
+        everything else replicated — so a checkpoint saved at one TP/CP layout loads at another."""
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+            sharded_state_dict_default,
+        )
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        own: dict = {}
+        self._save_to_state_dict(own, "", keep_vars=True)
+        axis = {name: 0 for name in own if getattr(getattr(self, name, None), "tensor_model_parallel", False)}
+        result = make_sharded_tensors_for_checkpoint(own, prefix, axis, sharded_offsets, tp_group=self.tp_group,
+                                                     dp_cp_group=metadata["dp_cp_group"])
+        for name, module in self.named_children():
+            result.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                     tp_group=self.tp_group))
+        return result
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **unused):
         """hidden_states [s, b, h] -> (output [s, b, h], bias None)."""
