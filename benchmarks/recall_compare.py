@@ -34,13 +34,14 @@ def main():
     ap.add_argument("--out", default="recall.json")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--set", dest="overrides", action="append",
                     default=["model.vocab_size=128", "data.seq_len=128", "data.num_kv_pairs=8"])
     args = ap.parse_args()
     extra = [x for o in args.overrides for x in ("--set", o)]
     results = []
     for seed in args.seeds:
-        for variant in VARIANTS:
+        for variant in args.variants:
             r = run(variant, seed, args.steps, extra)
             results.append(r)
             print(f"{variant:9} seed {seed}: accuracy {r['accuracy']:.3f} loss {r['loss']:.3f}", flush=True)
@@ -49,7 +50,7 @@ def main():
                            "results": results}, f, indent=1)
     table = ["| variant | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean |",
              "|---" * (len(args.seeds) + 2) + "|"]
-    for v in VARIANTS:
+    for v in args.variants:
         accs = [r["accuracy"] for r in results if r["variant"] == v]
         table.append(f"| {v} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {sum(accs) / len(accs):.3f} |")
     print("\n".join(table))
