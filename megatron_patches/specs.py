@@ -5,6 +5,7 @@ they run wherever megatron-core imports (apex and TE optional). Tested with mega
 """
 from __future__ import annotations
 
+import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_mlp_module_spec_for_backend
@@ -15,13 +16,29 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from .mixer import MegatronPrecondDeltaMixer
 
 
+class RMSNorm(torch.nn.Module):
+    """RMSNorm for Megatron layer specs that also works with sequence parallelism without apex or Transformer
+    Engine (Megatron's torch fallback refuses it): its weight is marked ``sequence_parallel`` so the gradient
+    reduction sums its per-TP-rank partial gradients."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, **unused):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        self.weight.sequence_parallel = config.sequence_parallel
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
 def pdelta_layer_spec(variant: str = "pgdn", *, num_heads: int | None = None, head_dim: int | None = None,
                       num_v_heads: int | None = None, squash_x: float = 1.5, cp_layout: str = "zigzag",
                       backend: str = "auto") -> ModuleSpec:
     """A ``TransformerLayer`` whose ``self_attention`` is the preconditioned delta-rule mixer (pre-norm RMSNorm,
     bias-dropout-add, Megatron's MLP). Mixer arguments default to the config's heads and kv_channels."""
     local = LocalSpecProvider()
-    norm = local.layer_norm(rms_norm=True, for_qk=False)
+    norm = RMSNorm
     mixer = ModuleSpec(module=MegatronPrecondDeltaMixer,
                        params=dict(variant=variant, num_heads=num_heads, head_dim=head_dim, num_v_heads=num_v_heads,
                                    squash_x=squash_x, cp_layout=cp_layout, backend=backend))
@@ -38,4 +55,20 @@ def pdelta_block_spec(num_layers: int, variant: str = "pgdn", *, attention_every
     mixer = pdelta_layer_spec(variant, **mixer_kwargs)
     attention = get_gpt_layer_local_spec(normalization="RMSNorm")
     specs = [attention if attention_every and (i + 1) % attention_every == 0 else mixer for i in range(num_layers)]
-    return TransformerBlockSubmodules(layer_specs=specs)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)
+
+
+def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, variant: str = "pgdn",
+                    attention_every: int = 0, pg_collection=None, **mixer_kwargs):
+    """A Megatron ``GPTModel`` (embeddings, tied output layer, vocab-parallel loss) over our block spec.
+
+    No position embeddings unless there are softmax-attention layers (``attention_every``), which get RoPE.
+    Call it with this CP rank's tokens in Megatron's layout: ``model(input_ids, position_ids=None,
+    attention_mask=None, labels=labels)`` returns the per-token loss [b, s_local].
+    """
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    spec = pdelta_block_spec(config.num_layers, variant, attention_every=attention_every, **mixer_kwargs)
+    return GPTModel(config, spec, vocab_size, max_sequence_length,
+                    position_embedding_type="rope" if attention_every else "none",
+                    share_embeddings_and_output_weights=True, pg_collection=pg_collection)

@@ -135,3 +135,42 @@ def test_checkpoint_saved_at_tp2_cp2_loads_at_tp1_cp1(world, tmp_path_factory):
     parallel_state.destroy_model_parallel()
     bad = {k: e for k, e in errors.items() if e > 0}
     assert not bad, bad
+
+
+@pytest.mark.parametrize("tp,cp,sp", [(1, 2, False), (2, 2, False), (2, 2, True)])
+def test_gpt_model_builder_cp_matches_single(world, tp, cp, sp):
+    """The model builder's per-token losses and gradients under TP x CP (and sequence parallelism) equal TP=1."""
+    from pdelta_cp.megatron_patches.specs import build_gpt_model
+
+    if world != tp * cp:
+        pytest.skip(f"needs {tp * cp} processes")
+
+    def model(tp_, cp_, sp_=False):
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_, context_parallel_size=cp_)
+        enable_cpu()
+        torch.manual_seed(0)
+        config = TransformerConfig(num_layers=2, hidden_size=D, num_attention_heads=4, use_cpu_initialization=True,
+                                   params_dtype=torch.float32, tensor_model_parallel_size=tp_,
+                                   context_parallel_size=cp_, hidden_dropout=0.0, attention_dropout=0.0,
+                                   normalization="RMSNorm", bias_dropout_fusion=False, add_bias_linear=False,
+                                   gradient_accumulation_fusion=False, sequence_parallel=sp_)
+        return build_gpt_model(config, vocab_size=64, max_sequence_length=S, variant="pgdn")
+
+    gen = torch.Generator().manual_seed(9)
+    tokens = torch.randint(0, 64, (B, S), generator=gen)
+    labels = torch.randint(0, 64, (B, S), generator=gen)
+    ref_model = model(1, 1)
+    ref_loss = ref_model(tokens, None, None, labels=labels)
+    ref_grads = dict(zip([n for n, _ in ref_model.named_parameters()],
+                         torch.autograd.grad(ref_loss.sum(), list(ref_model.parameters()))))
+    m = model(tp, cp, sp)
+    cp_rank = parallel_state.get_context_parallel_rank()
+    loss = m(shard(tokens, cp, cp_rank, "zigzag"), None, None, labels=shard(labels, cp, cp_rank, "zigzag"))
+    grads = dict(zip([n for n, _ in m.named_parameters()], torch.autograd.grad(loss.sum(), list(m.parameters()))))
+    if sp:  # replicated parameters see only their s/tp tokens: their gradients are summed over TP (as
+        for name, p in m.named_parameters():  # Megatron's finalize_model_grads does for sequence_parallel ones)
+            if getattr(p, "sequence_parallel", False):
+                dist.all_reduce(grads[name], group=parallel_state.get_tensor_model_parallel_group())
+    bad = _compare(m, loss.detach(), grads, shard(ref_loss.detach(), cp, cp_rank, "zigzag"), ref_grads)
+    assert not bad, bad
