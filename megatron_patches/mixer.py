@@ -19,6 +19,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from .layout import check_layout
 from ..layers import _DECAY, VARIANTS, MixerConfig, MixerProjections, RMSNorm, _inverse_softplus_dt, mixer_core
 
 
@@ -173,8 +174,9 @@ class MegatronPrecondDeltaMixer(MegatronModule):
                              v=proj(self.v_proj, hidden_states), beta=proj(self.b_proj, hidden_states),
                              decay=decay, g_atk=proj(self.a_atk_proj, hidden_states),
                              beta_atk=proj(self.b_atk_proj, hidden_states), out_gate=out_gate)
-        o = mixer_core(self, p, cu_seqlens=cu_seqlens, cp_group=_group_or_none(self.cp_group),
-                       cp_layout=layout, backend=self.backend)
+        cp_group = _group_or_none(self.cp_group)
+        check_layout(layout, 1 if cp_group is None else torch.distributed.get_world_size(cp_group))
+        o = mixer_core(self, p, cu_seqlens=cu_seqlens, cp_group=cp_group, cp_layout=layout, backend=self.backend)
         B, T = o.shape[:2]
         out, bias = self.o_proj(o.reshape(B, T, -1).transpose(0, 1).contiguous())
         return out, bias

@@ -174,3 +174,26 @@ def test_gpt_model_builder_cp_matches_single(world, tp, cp, sp):
                 dist.all_reduce(grads[name], group=parallel_state.get_tensor_model_parallel_group())
     bad = _compare(m, loss.detach(), grads, shard(ref_loss.detach(), cp, cp_rank, "zigzag"), ref_grads)
     assert not bad, bad
+
+
+def test_layout_mismatch_fails_loudly(world):
+    """A batch split contiguously fed to a mixer expecting Megatron's zigzag raises on every rank."""
+    import megatron.core.utils as mutils
+
+    from pdelta_cp.megatron_patches.layout import apply_patches, declare_batch_layout
+
+    if world != 2:
+        pytest.skip("needs 2 processes")
+    apply_patches()
+    assert apply_patches() == []  # idempotent
+    block = _block("pgdn", 1, 2)
+    cp_rank = parallel_state.get_context_parallel_rank()
+    x = torch.randn(S, B, D, generator=torch.Generator().manual_seed(1))
+    batch = mutils.get_batch_on_this_cp_rank({"tokens": x.transpose(0, 1)})  # records "zigzag"
+    assert torch.equal(batch["tokens"].transpose(0, 1), shard(x, 2, cp_rank, "zigzag", dim=0))
+    block(batch["tokens"].transpose(0, 1).contiguous(), attention_mask=None)  # matching layouts: fine
+    declare_batch_layout("contiguous")  # a custom loader that split contiguously
+    with pytest.raises(ValueError, match="would be scrambled"):
+        block(shard(x, 2, cp_rank, "contiguous", dim=0), attention_mask=None)
+    declare_batch_layout(None)
+    parallel_state.destroy_model_parallel()
