@@ -24,6 +24,14 @@ run_tests() {
         timeout 1200 .venv/bin/torchrun --nproc-per-node "$n" --local-ranks-filter 0 \
             -m pytest -q -p no:cacheprovider tests/distributed "$@"
     done
+    # the oldest supported megatron-core (0.15), imported ahead of the installed 0.16 without a second venv
+    [ -d .megatron-0.15 ] || "$PY" -m pip install -q --disable-pip-version-check --no-deps --target .megatron-0.15 \
+        megatron-core==0.15.3 2>&1 | { grep -v "is ignored" || true; }
+    for n in 2 4; do
+        echo "== Megatron tests with megatron-core 0.15.3 on $n processes"
+        PYTHONPATH="$PWD/.megatron-0.15" timeout 600 .venv/bin/torchrun --nproc-per-node "$n" --local-ranks-filter 0 \
+            -m pytest -q -p no:cacheprovider tests/distributed/test_megatron.py "$@"
+    done
 }
 
 cmd="${1:-}"

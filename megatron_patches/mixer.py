@@ -134,21 +134,23 @@ class MegatronPrecondDeltaMixer(MegatronModule):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """Distributed-checkpoint view: own per-head parameters TP-sharded along dim 0, linears by Megatron,
         everything else replicated — so a checkpoint saved at one TP/CP layout loads at another."""
-        from megatron.core.transformer.utils import (
-            ensure_metadata_has_dp_cp_group,
-            make_sharded_tensors_for_checkpoint,
-            sharded_state_dict_default,
-        )
+        import inspect
 
-        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        from megatron.core.transformer import utils as mutils
+
         own: dict = {}
         self._save_to_state_dict(own, "", keep_vars=True)
         axis = {name: 0 for name in own if getattr(getattr(self, name, None), "tensor_model_parallel", False)}
-        result = make_sharded_tensors_for_checkpoint(own, prefix, axis, sharded_offsets, tp_group=self.tp_group,
-                                                     dp_cp_group=metadata["dp_cp_group"])
+        # megatron-core 0.16 added explicit process groups to these helpers; 0.15 reads parallel_state
+        groups = {}
+        if "tp_group" in inspect.signature(mutils.make_sharded_tensors_for_checkpoint).parameters:
+            metadata = mutils.ensure_metadata_has_dp_cp_group(metadata)
+            groups = {"tp_group": self.tp_group, "dp_cp_group": metadata["dp_cp_group"]}
+        result = mutils.make_sharded_tensors_for_checkpoint(own, prefix, axis, sharded_offsets, **groups)
+        child_groups = {"tp_group": self.tp_group} if groups else {}
         for name, module in self.named_children():
-            result.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
-                                                     tp_group=self.tp_group))
+            result.update(mutils.sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                            **child_groups))
         return result
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, packed_seq_params=None, **unused):
