@@ -189,7 +189,11 @@ def test_layout_mismatch_fails_loudly(world):
     block = _block("pgdn", 1, 2)
     cp_rank = parallel_state.get_context_parallel_rank()
     x = torch.randn(S, B, D, generator=torch.Generator().manual_seed(1))
-    batch = mutils.get_batch_on_this_cp_rank({"tokens": x.transpose(0, 1)})  # records "zigzag"
+    import inspect
+
+    extra = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(mutils.get_batch_on_this_cp_rank).parameters \
+        else {}  # megatron-core 0.19 added a required argument
+    batch = mutils.get_batch_on_this_cp_rank({"tokens": x.transpose(0, 1)}, **extra)  # records "zigzag"
     assert torch.equal(batch["tokens"].transpose(0, 1), shard(x, 2, cp_rank, "zigzag", dim=0))
     block(batch["tokens"].transpose(0, 1).contiguous(), attention_mask=None)  # matching layouts: fine
     declare_batch_layout("contiguous")  # a custom loader that split contiguously
