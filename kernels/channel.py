@@ -9,12 +9,12 @@ the decay gradient is dΓ = a ⊙ da − b ⊙ db.
 from __future__ import annotations
 
 import torch
-import triton
+import triton  # noqa: F401  (triton.jit)
 import triton.language as tl
 
 from ..chunk.delta import wy_form
 from ..chunk.gram import gram
-from ._triton_utils import chunk_tile_config, dot_precision, launch_or_fallback
+from .stages import make_output_stage, make_wy_stage
 from .gram_channel import _rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_upper
 from .wy import _invert_unit_lower
 
@@ -229,96 +229,7 @@ def _output_torch(q_hat, p, gamma, W, U, S):
     return (q * torch.exp(gamma)) @ S + gram(q, pv, gamma, strict=False) @ (U - W @ S)
 
 
-def _recompute_grads(fn, saved, grads):
-    inputs = [t.detach().requires_grad_(True) for t in saved]
-    with torch.enable_grad():
-        outs = fn(*inputs)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
-        return torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
-
-
-class WYChannelDecay(torch.autograd.Function):
-    """(K̂, P [Nc,H,C,K]; V [Nc,HV,C,V]; β [Nc,HV,C]; Γ [Nc,HV,C,K]) -> (W, U, P̃ [Nc,HV,C,*], d [Nc,HV,K])."""
-
-    @staticmethod
-    def forward(ctx, k_hat, p, v, beta, gamma):
-        Nc, H, _, K = k_hat.shape
-        HV, V = v.shape[1], v.shape[-1]
-        BK, BV, warps, stages = chunk_tile_config(K, V)
-        W, P_t = k_hat.new_empty(Nc, HV, C, K), k_hat.new_empty(Nc, HV, C, K)
-        U, T, d = k_hat.new_empty(Nc, HV, C, V), k_hat.new_empty(Nc, HV, C, C), k_hat.new_empty(Nc, HV, K)
-        ctx.fallback = Nc > 0 and not launch_or_fallback("wy_channel_fwd", lambda: _wy_ch_fwd_kernel[(Nc, HV)](
-            k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
-            PRECISION=dot_precision(), num_warps=warps, num_stages=stages))
-        if ctx.fallback:
-            W, U, P_t, d = (t.contiguous() for t in _wy_torch(k_hat, p, v, beta, gamma))
-        ctx.save_for_backward(k_hat, p, v, beta, gamma, T)
-        return W, U, P_t, d
-
-    @staticmethod
-    def backward(ctx, dW, dU, dP_t, dd):
-        k_hat, p, v, beta, gamma, T = ctx.saved_tensors
-        Nc, H, _, K = k_hat.shape
-        HV, V = v.shape[1], v.shape[-1]
-        BK, BV, warps, stages = chunk_tile_config(K, V)
-        grads = (dW, dU, dP_t, dd)
-        if Nc and not ctx.fallback:
-            z = [torch.zeros_like(t) if g is None else g.contiguous()
-                 for g, t in zip(grads, (k_hat.new_empty(Nc, HV, C, K), v, k_hat.new_empty(Nc, HV, C, K),
-                                         k_hat.new_empty(Nc, HV, K)))]
-            dk, dp = torch.empty_like(z[0]), torch.empty_like(z[0])
-            dv, dbeta, dgam = torch.empty_like(v), torch.empty_like(beta), torch.empty_like(gamma)
-            if launch_or_fallback("wy_channel_bwd", lambda: _wy_ch_bwd_kernel[(Nc, HV)](
-                    k_hat, p, v, beta, gamma, T, *z, dk, dp, dv, dbeta, dgam, H, HV, HV // H, K=K, V=V, C=C,
-                    BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=warps, num_stages=stages)):
-                G = HV // H
-                return dk.view(Nc, H, G, C, K).sum(2), dp.view(Nc, H, G, C, K).sum(2), dv, dbeta, dgam
-        return _recompute_grads(_wy_torch, (k_hat, p, v, beta, gamma), grads)
-
-
-class OutputChannelDecay(torch.autograd.Function):
-    """(Q̂, P [Nc,H,C,K]; Γ [Nc,HV,C,K]; W [Nc,HV,C,K]; U [Nc,HV,C,V]; S [Nc,HV,K,V]) -> O [Nc,HV,C,V]."""
-
-    @staticmethod
-    def forward(ctx, q_hat, p, gamma, W, U, S):
-        Nc, H, _, K = q_hat.shape
-        HV, V = U.shape[1], U.shape[-1]
-        BK, BV, warps, stages = chunk_tile_config(K, V)
-        O = U.new_empty(Nc, HV, C, V)
-        grid = (triton.cdiv(V, BV), Nc, HV)
-        ctx.fallback = Nc > 0 and not launch_or_fallback("out_channel_fwd", lambda: _out_ch_fwd_kernel[grid](
-            q_hat, p, gamma, W, U, S, O, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(),
-            num_warps=warps, num_stages=stages))
-        if ctx.fallback:
-            O = _output_torch(q_hat, p, gamma, W, U, S)
-        ctx.save_for_backward(q_hat, p, gamma, W, U, S)
-        return O
-
-    @staticmethod
-    def backward(ctx, dO):
-        q_hat, p, gamma, W, U, S = ctx.saved_tensors
-        Nc, H, _, K = q_hat.shape
-        HV, V = U.shape[1], U.shape[-1]
-        BK, BV, warps, stages = chunk_tile_config(K, V)
-        dO = dO.contiguous()
-        NV = triton.cdiv(V, BV)
-        dq, dp, dW = torch.empty_like(W), torch.empty_like(W), W.new_empty((NV,) + W.shape)
-        dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
-        common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=warps, num_stages=stages)
-        if Nc and not ctx.fallback and launch_or_fallback(
-                "out_channel_bwd_state", lambda: _out_ch_bwd_state_kernel[(NV, Nc, HV)](
-                    q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H, Nc * HV, **common)) and launch_or_fallback(
-                "out_channel_bwd_qp", lambda: _out_ch_bwd_qp_kernel[(Nc, HV)](
-                    q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H, **common)):
-            G = HV // H
-            return dq.view(Nc, H, G, C, K).sum(2), dp.view(Nc, H, G, C, K).sum(2), dgam, dW.sum(0), dU, dS
-        return _recompute_grads(_output_torch, ctx.saved_tensors, (dO,))
-
-
-def wy_channel_decay(k_hat, p, v, beta, gamma):
-    return WYChannelDecay.apply(*[t.contiguous().float() for t in (k_hat, p, v, beta, gamma)])
-
-
-def output_channel_decay(q_hat, p, gamma, W, U, S):
-    return OutputChannelDecay.apply(*[t.contiguous().float() for t in (q_hat, p, gamma, W, U, S)])
+wy_channel_decay = make_wy_stage("wy_channel", _wy_ch_fwd_kernel, _wy_ch_bwd_kernel, _wy_torch,
+                                 decay_shape=lambda Nc, HV, K: (Nc, HV, K))
+output_channel_decay = make_output_stage("output_channel", _out_ch_fwd_kernel, _out_ch_bwd_state_kernel,
+                                         _out_ch_bwd_qp_kernel, _output_torch)

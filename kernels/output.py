@@ -11,11 +11,11 @@ dQ̂ = (dO Sᵀ) ⊙ e^Γ + (dA ⊙ D) P;  dP = (dA ⊙ D)ᵀ Q̂ with dA = dO �
 from __future__ import annotations
 
 import torch
-import triton
+import triton  # noqa: F401  (triton.jit)
 import triton.language as tl
 
 from ..chunk.gram import gram
-from ._triton_utils import chunk_tile_config, dot_precision, launch_or_fallback
+from .stages import make_output_stage
 
 C = 64
 
@@ -137,47 +137,6 @@ def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, H, HV, G,
     tl.store(DGAM + vrow + rc, d_gam)
 
 
-class OutputScalarDecay(torch.autograd.Function):
-    """(Q̂, P [Nc,H,C,K]; Γ [Nc,HV,C]; W [Nc,HV,C,K]; U [Nc,HV,C,V]; S [Nc,HV,K,V]) -> O [Nc,HV,C,V]."""
-
-    @staticmethod
-    def forward(ctx, q_hat, p, gamma, W, U, S):
-        Nc, H, _, K = q_hat.shape
-        HV, V = U.shape[1], U.shape[-1]
-        BK, BV, warps, stages = chunk_tile_config(K, V)
-        O = U.new_empty(Nc, HV, C, V)
-        grid = (triton.cdiv(V, BV), Nc, HV)
-        ctx.fallback = Nc > 0 and not launch_or_fallback("out_fwd", lambda: _out_fwd_kernel[grid](
-            q_hat, p, gamma, W, U, S, O, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(),
-            num_warps=warps, num_stages=stages))
-        if ctx.fallback:
-            O = _output_torch(q_hat, p, gamma, W, U, S)
-        ctx.save_for_backward(q_hat, p, gamma, W, U, S)
-        return O
-
-    @staticmethod
-    def backward(ctx, dO):
-        q_hat, p, gamma, W, U, S = ctx.saved_tensors
-        Nc, H, _, K = q_hat.shape
-        HV, V = U.shape[1], U.shape[-1]
-        BK, BV, warps, stages = chunk_tile_config(K, V)
-        dO = dO.contiguous()
-        NV = triton.cdiv(V, BV)
-        dq, dp, dW = torch.empty_like(W), torch.empty_like(W), W.new_empty((NV,) + W.shape)
-        dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
-        common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=warps, num_stages=stages)
-        if Nc and (ctx.fallback or not (
-                launch_or_fallback("out_bwd_state", lambda: _out_bwd_state_kernel[(NV, Nc, HV)](
-                    q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H, Nc * HV, **common))
-                and launch_or_fallback("out_bwd_qp", lambda: _out_bwd_qp_kernel[(Nc, HV)](
-                    q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H, **common)))):
-            inputs = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
-            with torch.enable_grad():
-                return torch.autograd.grad(_output_torch(*inputs), inputs, dO)
-        G = HV // H
-        return dq.view(Nc, H, G, C, K).sum(2), dp.view(Nc, H, G, C, K).sum(2), dgam, dW.sum(0), dU, dS
-
-
 def _output_torch(q_hat, p, gamma, W, U, S):
     """The stage in PyTorch: O = (Q̂ ⊙ e^Γ) S + gram(Q̂, P, Γ) (U − W S)."""
     G = U.shape[1] // q_hat.shape[1]
@@ -186,6 +145,5 @@ def _output_torch(q_hat, p, gamma, W, U, S):
     return (q * torch.exp(g)) @ S + gram(q, pv, g, strict=False) @ (U - W @ S)
 
 
-def output_scalar_decay(q_hat, p, gamma, W, U, S):
-    args = [t.contiguous().float() for t in (q_hat, p, gamma, W, U, S)]
-    return OutputScalarDecay.apply(*args)
+output_scalar_decay = make_output_stage("output", _out_fwd_kernel, _out_bwd_state_kernel, _out_bwd_qp_kernel,
+                                        _output_torch)

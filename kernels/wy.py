@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 import triton.language as tl
 
 from ..chunk.delta import wy_form
-from ._triton_utils import INTERPRET, chunk_tile_config, dot_precision, launch_or_fallback
+from ._triton_utils import INTERPRET
+from .stages import make_wy_stage
 
 # The backward kernel below needs more shared memory than Hopper has at K >= 64 (seen on H200, Triton 3.6.0);
 # until a split version is proven on GPU, CUDA recomputes the stage in PyTorch for its backward.
@@ -172,48 +172,6 @@ def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     tl.store(DGAM + vrow + rc, d_gam)
 
 
-class WYScalarDecay(torch.autograd.Function):
-    """(K̂, P [Nc,H,C,K]; V [Nc,HV,C,V]; β, Γ [Nc,HV,C]) -> (W, U, P̃ [Nc,HV,C,*], d [Nc,HV]) in float32."""
-
-    @staticmethod
-    def forward(ctx, k_hat, p, v, beta, gamma):
-        Nc, H, _, K = k_hat.shape
-        HV, V = v.shape[1], v.shape[-1]
-        BK, BV, warps, stages = chunk_tile_config(K, V)
-        W, P_t = k_hat.new_empty(Nc, HV, C, K), k_hat.new_empty(Nc, HV, C, K)
-        U, T = k_hat.new_empty(Nc, HV, C, V), k_hat.new_empty(Nc, HV, C, C)
-        d = k_hat.new_empty(Nc, HV)
-        ctx.fallback = Nc > 0 and not launch_or_fallback("wy_fwd", lambda: _wy_fwd_kernel[(Nc, HV)](
-            k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
-            PRECISION=dot_precision(), num_warps=warps, num_stages=stages))
-        if ctx.fallback:
-            W, U, P_t, d = (t.contiguous() for t in _wy_torch(k_hat, p, v, beta, gamma))
-        ctx.save_for_backward(k_hat, p, v, beta, gamma, T)
-        return W, U, P_t, d
-
-    @staticmethod
-    def backward(ctx, dW, dU, dP_t, dd):
-        if not TRITON_WY_BACKWARD or ctx.fallback:
-            return _backward_by_recompute(ctx, dW, dU, dP_t, dd)
-        k_hat, p, v, beta, gamma, T = ctx.saved_tensors
-        Nc, H, _, K = k_hat.shape
-        HV, V = v.shape[1], v.shape[-1]
-        BK, BV, warps, stages = chunk_tile_config(K, V)
-        z = torch.zeros
-        dW = z(Nc, HV, C, K, device=v.device) if dW is None else dW.contiguous()
-        dU = z(Nc, HV, C, V, device=v.device) if dU is None else dU.contiguous()
-        dP_t = z(Nc, HV, C, K, device=v.device) if dP_t is None else dP_t.contiguous()
-        dd = z(Nc, HV, device=v.device) if dd is None else dd.contiguous()
-        dk, dp = torch.empty_like(dW), torch.empty_like(dW)
-        dv, dbeta, dgam = torch.empty_like(v), torch.empty_like(beta), torch.empty_like(gamma)
-        if Nc and not launch_or_fallback("wy_bwd", lambda: _wy_bwd_kernel[(Nc, HV)](
-                k_hat, p, v, beta, gamma, T, dW, dU, dP_t, dd, dk, dp, dv, dbeta, dgam, H, HV, HV // H, K=K, V=V,
-                C=C, BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=warps, num_stages=stages)):
-            return _backward_by_recompute(ctx, dW, dU, dP_t, dd)
-        G = HV // H
-        return dk.view(Nc, H, G, C, K).sum(2), dp.view(Nc, H, G, C, K).sum(2), dv, dbeta, dgam
-
-
 def _wy_torch(k_hat, p, v, beta, gamma):
     """The stage in PyTorch (value-head layout), with d as [Nc, HV]."""
     G = v.shape[1] // k_hat.shape[1]
@@ -222,16 +180,6 @@ def _wy_torch(k_hat, p, v, beta, gamma):
     return W, U, P_t, d[..., 0]
 
 
-def _backward_by_recompute(ctx, dW, dU, dP_t, dd):
-    """The stage's backward through PyTorch autograd of :func:`pdelta_cp.chunk.delta.wy_form`."""
-    k_hat, p, v, beta, gamma, _ = ctx.saved_tensors
-    inputs = [t.detach().requires_grad_(True) for t in (k_hat, p, v, beta, gamma)]
-    with torch.enable_grad():
-        W, U, P_t, d = _wy_torch(*inputs)
-        outs, grads = zip(*[(o, g) for o, g in ((W, dW), (U, dU), (P_t, dP_t), (d, dd)) if g is not None])
-        return torch.autograd.grad(outs, inputs, grads, allow_unused=True)
-
-
-def wy_scalar_decay(k_hat, p, v, beta, gamma):
-    args = [t.contiguous().float() for t in (k_hat, p, v, beta, gamma)]
-    return WYScalarDecay.apply(*args)
+wy_scalar_decay = make_wy_stage("wy", _wy_fwd_kernel, _wy_bwd_kernel, _wy_torch,
+                                decay_shape=lambda Nc, HV, K: (Nc, HV),
+                                kernel_backward=lambda: TRITON_WY_BACKWARD)

@@ -18,17 +18,21 @@ pytestmark = pytest.mark.distributed
 S, B, D = 32, 2, 32  # tokens per sample, samples, hidden size
 
 
-def _block(variant, tp, cp):
+def _config(tp, cp, sp=False):
+    """(Re)initialise Megatron's parallel state and return a small float32 CPU config (same seed every time)."""
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
     enable_cpu()
     torch.manual_seed(0)
-    config = TransformerConfig(num_layers=2, hidden_size=D, num_attention_heads=4, use_cpu_initialization=True,
-                               params_dtype=torch.float32, tensor_model_parallel_size=tp,
-                               context_parallel_size=cp, hidden_dropout=0.0, attention_dropout=0.0,
-                               normalization="RMSNorm", bias_dropout_fusion=False, add_bias_linear=False,
-                               gradient_accumulation_fusion=False)
-    return TransformerBlock(config, spec=pdelta_block_spec(2, variant), post_process=False)
+    return TransformerConfig(num_layers=2, hidden_size=D, num_attention_heads=4, use_cpu_initialization=True,
+                             params_dtype=torch.float32, tensor_model_parallel_size=tp, context_parallel_size=cp,
+                             hidden_dropout=0.0, attention_dropout=0.0, normalization="RMSNorm",
+                             bias_dropout_fusion=False, add_bias_linear=False, gradient_accumulation_fusion=False,
+                             sequence_parallel=sp)
+
+
+def _block(variant, tp, cp):
+    return TransformerBlock(_config(tp, cp), spec=pdelta_block_spec(2, variant), post_process=False)
 
 
 def _compare(block, out, grads, ref_out_local, ref_grads):
@@ -146,16 +150,7 @@ def test_gpt_model_builder_cp_matches_single(world, tp, cp, sp):
         pytest.skip(f"needs {tp * cp} processes")
 
     def model(tp_, cp_, sp_=False):
-        parallel_state.destroy_model_parallel()
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_, context_parallel_size=cp_)
-        enable_cpu()
-        torch.manual_seed(0)
-        config = TransformerConfig(num_layers=2, hidden_size=D, num_attention_heads=4, use_cpu_initialization=True,
-                                   params_dtype=torch.float32, tensor_model_parallel_size=tp_,
-                                   context_parallel_size=cp_, hidden_dropout=0.0, attention_dropout=0.0,
-                                   normalization="RMSNorm", bias_dropout_fusion=False, add_bias_linear=False,
-                                   gradient_accumulation_fusion=False, sequence_parallel=sp_)
-        return build_gpt_model(config, vocab_size=64, max_sequence_length=S, variant="pgdn")
+        return build_gpt_model(_config(tp_, cp_, sp_), vocab_size=64, max_sequence_length=S, variant="pgdn")
 
     gen = torch.Generator().manual_seed(9)
     tokens = torch.randint(0, 64, (B, S), generator=gen)
@@ -191,8 +186,8 @@ def test_layout_mismatch_fails_loudly(world):
     x = torch.randn(S, B, D, generator=torch.Generator().manual_seed(1))
     import inspect
 
-    extra = {"is_hybrid_cp": False} if "is_hybrid_cp" in inspect.signature(mutils.get_batch_on_this_cp_rank).parameters \
-        else {}  # megatron-core 0.19 added a required argument
+    needs_flag = "is_hybrid_cp" in inspect.signature(mutils.get_batch_on_this_cp_rank).parameters
+    extra = {"is_hybrid_cp": False} if needs_flag else {}  # megatron-core 0.19 added a required argument
     batch = mutils.get_batch_on_this_cp_rank({"tokens": x.transpose(0, 1)}, **extra)  # records "zigzag"
     assert torch.equal(batch["tokens"].transpose(0, 1), shard(x, 2, cp_rank, "zigzag", dim=0))
     block(batch["tokens"].transpose(0, 1).contiguous(), attention_mask=None)  # matching layouts: fine

@@ -1,0 +1,131 @@
+"""The autograd wrappers shared by the chunk-stage kernels (scalar and per-channel decay).
+
+Each stage is a forward kernel plus backward kernel(s) and its PyTorch form. The wrapper launches the
+kernels, falls back to the PyTorch form (forward, or its autograd for the backward) when a kernel does not
+fit the GPU, and folds grouped value heads back onto their key heads.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import triton
+
+from ._triton_utils import chunk_tile_config, dot_precision, launch_or_fallback
+
+C = 64
+
+
+def _recompute_grads(torch_form: Callable, saved, grads):
+    """Backward through PyTorch autograd of the stage's PyTorch form."""
+    inputs = [t.detach().requires_grad_(True) for t in saved]
+    with torch.enable_grad():
+        outs = torch_form(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        return torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+
+
+def _fold_groups(t: torch.Tensor, H: int) -> torch.Tensor:
+    """[Nc, HV, C, K] per value head -> [Nc, H, C, K] summed over each key head's group."""
+    Nc, HV = t.shape[:2]
+    return t.view(Nc, H, HV // H, *t.shape[2:]).sum(2)
+
+
+def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay_shape: Callable,
+                  kernel_backward: Callable[[], bool] = lambda: True):
+    """(K̂, P [Nc,H,C,K]; V [Nc,HV,C,V]; β [Nc,HV,C]; Γ) -> (W, U, P̃, d) as float32 tensors.
+
+    decay_shape(Nc, HV, K) gives d's shape; kernel_backward() says whether to use ``bwd_kernel``.
+    """
+
+    class Stage(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, k_hat, p, v, beta, gamma):
+            Nc, H, _, K = k_hat.shape
+            HV, V = v.shape[1], v.shape[-1]
+            BK, BV, warps, stages = chunk_tile_config(K, V)
+            W, P_t = k_hat.new_empty(Nc, HV, C, K), k_hat.new_empty(Nc, HV, C, K)
+            U, T, d = k_hat.new_empty(Nc, HV, C, V), k_hat.new_empty(Nc, HV, C, C), k_hat.new_empty(
+                decay_shape(Nc, HV, K))
+            ctx.fallback = Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: fwd_kernel[(Nc, HV)](
+                k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
+                PRECISION=dot_precision(), num_warps=warps, num_stages=stages))
+            if ctx.fallback:
+                W, U, P_t, d = (t.contiguous() for t in torch_form(k_hat, p, v, beta, gamma))
+            ctx.save_for_backward(k_hat, p, v, beta, gamma, T)
+            return W, U, P_t, d
+
+        @staticmethod
+        def backward(ctx, dW, dU, dP_t, dd):
+            k_hat, p, v, beta, gamma, T = ctx.saved_tensors
+            Nc, H, _, K = k_hat.shape
+            HV, V = v.shape[1], v.shape[-1]
+            grads = (dW, dU, dP_t, dd)
+            if Nc and not ctx.fallback and kernel_backward():
+                BK, BV, warps, stages = chunk_tile_config(K, V)
+                shapes = ((Nc, HV, C, K), v.shape, (Nc, HV, C, K), decay_shape(Nc, HV, K))
+                z = [v.new_zeros(s) if g is None else g.contiguous() for g, s in zip(grads, shapes)]
+                dk, dp = torch.empty_like(z[0]), torch.empty_like(z[0])
+                dv, dbeta, dgam = torch.empty_like(v), torch.empty_like(beta), torch.empty_like(gamma)
+                if launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
+                        k_hat, p, v, beta, gamma, T, *z, dk, dp, dv, dbeta, dgam, H, HV, HV // H, K=K, V=V, C=C,
+                        BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=warps, num_stages=stages)):
+                    return _fold_groups(dk, H), _fold_groups(dp, H), dv, dbeta, dgam
+            return _recompute_grads(torch_form, (k_hat, p, v, beta, gamma), grads)
+
+    Stage.__name__ = f"{name}_stage"
+
+    def apply(k_hat, p, v, beta, gamma):
+        return Stage.apply(*[t.contiguous().float() for t in (k_hat, p, v, beta, gamma)])
+
+    return apply
+
+
+def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, torch_form: Callable):
+    """(Q̂, P [Nc,H,C,K]; Γ; W [Nc,HV,C,K]; U [Nc,HV,C,V]; S [Nc,HV,K,V]) -> O [Nc,HV,C,V] (float32)."""
+
+    class Stage(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q_hat, p, gamma, W, U, S):
+            Nc, H, _, K = q_hat.shape
+            HV, V = U.shape[1], U.shape[-1]
+            BK, BV, warps, stages = chunk_tile_config(K, V)
+            O = U.new_empty(Nc, HV, C, V)
+            grid = (triton.cdiv(V, BV), Nc, HV)
+            ctx.fallback = Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: fwd_kernel[grid](
+                q_hat, p, gamma, W, U, S, O, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
+                PRECISION=dot_precision(), num_warps=warps, num_stages=stages))
+            if ctx.fallback:
+                O = torch_form(q_hat, p, gamma, W, U, S)
+            ctx.save_for_backward(q_hat, p, gamma, W, U, S)
+            return O
+
+        @staticmethod
+        def backward(ctx, dO):
+            q_hat, p, gamma, W, U, S = ctx.saved_tensors
+            Nc, H, _, K = q_hat.shape
+            HV, V = U.shape[1], U.shape[-1]
+            BK, BV, warps, stages = chunk_tile_config(K, V)
+            dO = dO.contiguous()
+            NV = triton.cdiv(V, BV)
+            dq, dp, dW = torch.empty_like(W), torch.empty_like(W), W.new_empty((NV,) + W.shape)
+            dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
+            common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=warps,
+                          num_stages=stages)
+            if Nc and not ctx.fallback and launch_or_fallback(
+                    f"{name}_bwd_state", lambda: bwd_state_kernel[(NV, Nc, HV)](
+                        q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H, Nc * HV, **common)) \
+                    and launch_or_fallback(f"{name}_bwd_qp", lambda: bwd_qp_kernel[(Nc, HV)](
+                        q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H, **common)):
+                return _fold_groups(dq, H), _fold_groups(dp, H), dgam, dW.sum(0), dU, dS
+            if not Nc:
+                return torch.zeros_like(q_hat), torch.zeros_like(p), dgam, W.new_zeros(W.shape), dU, dS
+            return _recompute_grads(torch_form, ctx.saved_tensors, (dO,))
+
+    Stage.__name__ = f"{name}_stage"
+
+    def apply(q_hat, p, gamma, W, U, S):
+        return Stage.apply(*[t.contiguous().float() for t in (q_hat, p, gamma, W, U, S)])
+
+    return apply
