@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .attention import CausalSelfAttention
 from .layers import MixerConfig, PrecondDeltaMixer, RMSNorm
 
 
@@ -27,6 +28,7 @@ class ModelConfig:
     hidden_ratio: float = 4.0
     norm_eps: float = 1e-6
     recompute: bool = False  # activation recomputation per block
+    attention_every: int = 0  # hybrid: softmax attention as every k-th layer (layers k, 2k, ...); 0: none
 
     def mixer(self) -> MixerConfig:
         return MixerConfig(d_model=self.d_model, num_heads=self.num_heads, head_dim=self.head_dim,
@@ -51,10 +53,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attention: bool = False):
         super().__init__()
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = PrecondDeltaMixer(cfg.mixer())
+        self.mixer = CausalSelfAttention(cfg.d_model, cfg.num_heads) if attention else PrecondDeltaMixer(cfg.mixer())
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.intermediate_size)
 
@@ -70,7 +72,9 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        every = cfg.attention_every
+        self.blocks = nn.ModuleList(Block(cfg, attention=bool(every) and (i + 1) % every == 0)
+                                    for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         nn.init.normal_(self.embed.weight, std=0.02)
         for block in self.blocks:

@@ -62,6 +62,8 @@ class TrainConfig:
             problems.append(f"model.variant must be one of {VARIANTS}, got {self.model.variant!r}")
         if self.parallel.layout not in LAYOUTS:
             problems.append(f"parallel.layout must be one of {LAYOUTS}, got {self.parallel.layout!r}")
+        if self.model.attention_every < 0:
+            problems.append(f"model.attention_every must be >= 0, got {self.model.attention_every}")
         if self.parallel.engine not in ("torch", "deepspeed"):
             problems.append(f"parallel.engine must be torch or deepspeed, got {self.parallel.engine!r}")
         if self.parallel.zero_stage not in (0, 1, 2):

@@ -10,16 +10,17 @@ from pdelta_cp.testing import rel_rms
 pytestmark = pytest.mark.distributed
 
 
-@pytest.mark.parametrize("variant", ["pgdn", "pkda", "pdn"])
+@pytest.mark.parametrize("variant,attention_every", [("pgdn", 0), ("pkda", 0), ("pdn", 0), ("pgdn", 2)])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("cp", [2, 4])
-def test_model_cp_matches_single_process(cp_groups, cp, layout, variant):
+def test_model_cp_matches_single_process(cp_groups, cp, layout, variant, attention_every):
+    """attention_every=2: a hybrid with softmax attention as the second layer (CP by key/value all-gather)."""
     if cp not in cp_groups:
         pytest.skip(f"world size does not hold CP={cp}")
     group, rank = cp_groups[cp]
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=2, head_dim=16, num_v_heads=4,
-                      variant=variant)
+                      variant=variant, attention_every=attention_every)
     model = LanguageModel(cfg).double()
     tokens = torch.randint(0, 50, (2, 48), generator=torch.Generator().manual_seed(1))
     weights = torch.randn(2, 48, 50, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
