@@ -72,3 +72,9 @@ def test_preprocess_and_train_on_a_corpus(tmp_path):
 def test_corpus_config_errors():
     with pytest.raises(ValueError, match="needs data.path"):
         load_config("tiny", ["data.task=tokens"])
+
+
+def test_tensorboard_logging(tmp_path):
+    pytest.importorskip("tensorboard")
+    _train(tmp_path, "--set", "tensorboard=true", "--set", "parallel.cp=1", nproc=1)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))

@@ -53,6 +53,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     stop_at: int = 0  # stop (with a checkpoint) after this step, as a preempted job would; 0: run to the end
     skip_nonfinite: bool = True  # skip (and report) a step whose loss or gradients are NaN/Inf; False: raise
+    tensorboard: bool = False  # also log to OUT/tensorboard (needs the tensorboard package)
+    wandb_project: str = ""  # also log to this Weights & Biases project (needs wandb)
     seed: int = 42
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
 

@@ -118,6 +118,42 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     plt.close(fig)
 
 
+class MetricSinks:
+    """metrics.jsonl always; TensorBoard and Weights & Biases when asked for (rank 0 only)."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: str, active: bool):
+        self.tb = self.wandb = None
+        if not active:
+            return
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ValueError("tensorboard=true needs the tensorboard package (pip install tensorboard)") from exc
+            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        if cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise ValueError("wandb_project needs the wandb package (pip install wandb)") from exc
+            self.wandb = wandb.init(project=cfg.wandb_project, config=json.loads(cfg.to_json()), dir=out_dir)
+
+    def log(self, row: dict) -> None:
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.tb.add_scalar(key, value, row["step"])
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 def _fault_injection(step: int, rank: int) -> str | None:
     """Test hooks (environment): PDELTA_FAULT_STEP/PDELTA_FAULT_RANK kill that rank at that step on the first
     attempt (a rank failure); PDELTA_NAN_STEP/PDELTA_FAULT_RANK poison that rank's loss with NaN."""
@@ -205,6 +241,7 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
     cp_kwargs = dict(cp_group=groups.cp_group, cp_layout=cfg.parallel.layout, backend=cfg.parallel.backend)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     bar = ProgressBar(cfg.steps) if is_main else None
+    sinks = MetricSinks(cfg, out_dir, is_main)
     tokens_per_step = groups.dp * cfg.data.batch_size * cfg.data.seq_len
     window = time.time()
     last = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
@@ -286,6 +323,7 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
             if is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
+                sinks.log(row)
                 bar.update(done, f"loss {row['loss']:.3f} acc {row['accuracy']:.2f} | "
                                  f"{row['tokens_per_s'] / 1e3:.1f}k tok/s | mem {row['mem_gb']:.2f} GB")
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < last:
@@ -298,6 +336,7 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
         engine.save_checkpoint(os.path.join(out_dir, "deepspeed"), tag=f"step{last}", client_state={"step": last})
     if is_main:
         bar.close()
+        sinks.close()
         path = (os.path.join(out_dir, "deepspeed") if engine is not None
                 else checkpoint.save(out_dir, state(last), last))
         plot_losses(metrics_path, os.path.join(out_dir, "loss.png"))
