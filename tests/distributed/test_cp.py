@@ -33,7 +33,7 @@ CASES = {  # name: (B, T_global, cu_seqlens or None)
 }
 
 
-def check_cp(cp_groups, cp, variant, layout, case, dtype, tol, final_states=True, HV=4):
+def check_cp(cp_groups, cp, variant, layout, case, dtype, tol, final_states=True, HV=4, backend="auto"):
     if cp not in cp_groups:
         pytest.skip(f"world size does not hold CP={cp}")
     group, rank = cp_groups[cp]
@@ -41,15 +41,14 @@ def check_cp(cp_groups, cp, variant, layout, case, dtype, tol, final_states=True
     N = len(cu) - 1 if cu else B
     cu_t = None if cu is None else torch.tensor(cu)
     inp = make_inputs(B=B, T=T, H=2, HV=HV, K=16, V=16, variant=variant, dtype=dtype, num_sequences=N, seed=cp)
-    ref_out, weights = None, None
-    ref_out = call(precond_delta_rule, inp, cu_seqlens=cu_t, output_final_state=final_states)
+    ref_out = call(precond_delta_rule, inp, cu_seqlens=cu_t, output_final_state=final_states, backend="torch")
     weights = output_weights(*ref_out)
     names = list(inp)
     ref_grads = torch.autograd.grad(weighted_loss(ref_out, weights), [inp[n] for n in names])
 
     local = {n: (shard(t, cp, rank, layout, cu_seqlens=cu) if n in SEQUENCE_ARGS else t) for n, t in inp.items()}
     out = call(precond_delta_rule, local, cu_seqlens=cu_t, output_final_state=final_states, cp_group=group,
-               cp_layout=layout)
+               cp_layout=layout, backend=backend)
     local_weights = [shard(weights[0], cp, rank, layout, cu_seqlens=cu)] + weights[1:]
     grads = torch.autograd.grad(weighted_loss(out, local_weights), [inp[n] for n in names])
 
@@ -90,6 +89,15 @@ def test_cp_float32(cp_groups, cp, variant, layout):
 def test_cp_single_token_per_piece(cp_groups, cp, layout):
     T = cp * (2 if layout == "zigzag" else 1)
     check_cp(cp_groups, cp, "pkda", layout, (1, T, [0, 1, T] if T > 2 else [0, T]), torch.float64, 1e-10)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("variant", ["pgdn", "pkda"])
+@pytest.mark.parametrize("cp", [2, 4])
+def test_cp_with_triton_kernels(cp_groups, cp, variant, layout):
+    """The GPU code path (Triton kernels inside each rank) under CP, in the CPU interpreter."""
+    pytest.importorskip("triton")
+    check_cp(cp_groups, cp, variant, layout, (1, 256, [0, 100, 256]), torch.float32, 2e-5, backend="triton")
 
 
 THD_CASES = {  # sequence lengths are multiples of 8 = 2 x 4 ranks, as Megatron pads THD batches
