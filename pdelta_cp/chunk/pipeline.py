@@ -20,7 +20,7 @@ from ..cp.exchange import exchange_and_fold
 from ..cp.layout import StreamLayout
 from .delta import DeltaChunks, delta_chunks
 from .plan import ChunkPlan, diagonal_scan, make_chunk_plan, scan_chunks
-from .preconditioner import preconditioner_chunks, preconditioner_tokens, squash_multiplier
+from .preconditioner import preconditioner_chunks, write_keys
 from .summary import DENSE, DIAGONAL, AffineKind
 
 CHUNK_SIZE = 64
@@ -156,15 +156,19 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
 
     # 1. preconditioner state entering every segment
     k_hat = _heads_first(plan, inp.k_hat)  # [Nc, H, C, K]
-    pre = preconditioner_chunks(k_hat, _heads_first(plan, inp.g_atk), _heads_first(plan, inp.beta_atk))
+    g_atk, beta_atk = _heads_first(plan, inp.g_atk), _heads_first(plan, inp.beta_atk)
+    pre = preconditioner_chunks(k_hat, g_atk, beta_atk)
     A_init = _initial(inp.initial_A_state, (H, K), inp.k_hat)
     A_enter, A_gathered = _entering_states(layout, group, plan, DIAGONAL, lambda ids: (pre.decay[ids], pre.end[ids]),
                                            A_init, None)
     A_start, A_final = diagonal_scan(plan, A_enter, pre.decay, pre.end)
 
     # 2. write keys
-    A_tok = preconditioner_tokens(pre, A_start)
-    p = k_hat * squash_multiplier(A_tok, inp.centre[:, None, None], inp.x, inp.eps)
+    if backend == "triton":
+        from ..kernels.preconditioner import write_keys_triton as keys
+    else:
+        keys = write_keys
+    p = keys(k_hat, g_atk, beta_atk, A_start, inp.centre, inp.x, inp.eps)
 
     # 3. WY/UT chunk quantities, state entering every segment
     g = None if inp.g is None else _heads_first(plan, inp.g)

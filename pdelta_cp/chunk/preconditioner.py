@@ -20,30 +20,30 @@ from .gram import causal_mask
 
 @dataclass
 class PreconditionerChunks:
-    """Per-chunk quantities of the A scan. Shapes: [Nc, H, C] / [Nc, H, C, K] / [Nc, H, K]."""
+    """Per-chunk maps of the A scan. Shapes: [Nc, H, C] / [Nc, H, K]."""
 
     G: Tensor  # inclusive cumulative log-decay inside the chunk
-    intra: Tensor  # A_i for a zero entering state
     decay: Tensor  # exp(sigma) broadcast to [Nc, H, K]: the diagonal of the chunk map
     end: Tensor  # a: the chunk's end state from a zero entering state
 
 
 def preconditioner_chunks(k_hat: Tensor, g_atk: Tensor, beta_atk: Tensor) -> PreconditionerChunks:
-    """k_hat [Nc, H, C, K]; g_atk, beta_atk [Nc, H, C]."""
+    """k_hat [Nc, H, C, K]; g_atk, beta_atk [Nc, H, C]: a = Σ_j exp(σ − G_j) β_atk,j k̂_j², decay = exp(σ)."""
+    G = g_atk.cumsum(-1)
+    weights = torch.exp(G[..., -1:] - G) * beta_atk  # [Nc, H, C], exponents <= 0
+    end = torch.einsum("nhc,nhck->nhk", weights, k_hat * k_hat)
+    return PreconditionerChunks(G=G, decay=torch.exp(G[..., -1:]).expand_as(end), end=end)
+
+
+def write_keys(k_hat: Tensor, g_atk: Tensor, beta_atk: Tensor, A_start: Tensor, centre: Tensor, x: float,
+               eps: float) -> Tensor:
+    """Write keys p = k̂ ⊙ m(A) [Nc, H, C, K], with A at every token from the state entering each chunk
+    A_start [Nc, H, K]:  A_i = exp(G_i) A_start + Σ_{j<=i} exp(G_i − G_j) β_atk,j k̂_j²;  centre [H]."""
     C = k_hat.shape[-2]
     G = g_atk.cumsum(-1)
-    U = beta_atk[..., None] * k_hat * k_hat
     diff = (G[..., :, None] - G[..., None, :]).masked_fill(~causal_mask(C, False, G.device), float("-inf"))
-    intra = torch.exp(diff) @ U
-    decay = torch.exp(G[..., -1:]).expand_as(intra[..., -1, :])
-    return PreconditionerChunks(G=G, intra=intra, decay=decay, end=intra[..., -1, :])
-
-
-def preconditioner_tokens(chunks: PreconditionerChunks, A_start: Tensor) -> Tensor:
-    """A at every token: [Nc, H, C, K], from the state entering each chunk A_start [Nc, H, K]."""
-    return torch.exp(chunks.G)[..., None] * A_start[..., None, :] + chunks.intra
-
-
+    A = torch.exp(G)[..., None] * A_start[..., None, :] + torch.exp(diff) @ (beta_atk[..., None] * k_hat * k_hat)
+    return k_hat * squash_multiplier(A, centre[:, None, None], x, eps)
 def squash_multiplier(A: Tensor, centre: Tensor, x: float, eps: float) -> Tensor:
     """m = x^(-s), s = r / (1 + |r|), r = log(A + eps) - centre; centre broadcasts against A."""
     r = torch.log(A + eps) - centre
