@@ -119,8 +119,9 @@ def short_conv(
             rank_pieces(world, 0, cp_layout, sizes[3][-1], sizes[3])  # every sequence a multiple of 2W
     except (ValueError, TypeError) as exc:
         error = exc
+    grads = tuple(isinstance(t, Tensor) and t.requires_grad for t in (x, weight, bias)) + (torch.is_grad_enabled(),)
     sig = 0 if sizes is None else signature(sizes, tuple(weight.shape), bias is not None, activation, cp_layout,
-                                            str(x.dtype))
+                                            str(x.dtype), grads)
     device = x.device if isinstance(x, Tensor) else torch.device("cpu")
     agree(error, sig, cp_group, _group_device(cp_group, device), "short_conv")
     B, T, D, cu = sizes

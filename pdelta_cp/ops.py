@@ -96,9 +96,12 @@ def precond_delta_rule(
         backend = _resolve_backend(backend, device, q.dtype)
     except (ValueError, TypeError, NotImplementedError) as exc:
         error = exc
+    # ranks that would run different backward graphs (different requires_grad) would wait on each other
+    tensors = (q, k, v, beta, g_atk, beta_atk, g, initial_state, initial_A_state, log_atk_scale)
+    grads = tuple(isinstance(t, Tensor) and t.requires_grad for t in tensors) + (torch.is_grad_enabled(),)
     sig = 0 if problem is None else signature(
         problem, str(q.dtype), x, eps, scale, qk_l2norm, output_final_state, cp_layout, backend,
-        isinstance(log_atk_scale, Tensor), initial_state is not None, initial_A_state is not None,
+        isinstance(log_atk_scale, Tensor), initial_state is not None, initial_A_state is not None, grads,
     )
     agree(error, sig, cp_group, _group_device(cp_group, device), "precond_delta_rule")
 

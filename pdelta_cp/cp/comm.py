@@ -125,6 +125,6 @@ def agree(error: Exception | None, sig: int, group, device, what: str) -> None:
                            f"rank {rank} stops too so that no rank waits in a collective.")
     sigs = everyone[:, 1].tolist()
     if len(set(sigs)) > 1:
-        raise ValueError(f"{what}: the CP ranks were called with different shapes, dtypes or options "
-                         f"(argument digests per rank: {sigs}); every rank of cp_group must pass its own "
-                         f"equal-sized share of the same call.")
+        raise ValueError(f"{what}: the CP ranks were called with different shapes, dtypes, options or "
+                         f"requires_grad settings (argument digests per rank: {sigs}); every rank of cp_group "
+                         f"must pass its own equal-sized share of the same call.")

@@ -61,3 +61,13 @@ def test_group_still_usable_after_errors(cp_groups):
     group, rank = cp_groups[2]
     o, _, _ = precond_delta_rule(*_local_args(2, rank), cp_group=group)
     assert torch.isfinite(o).all()
+
+
+def test_ranks_with_different_requires_grad_fail_everywhere(cp_groups):
+    """Otherwise one rank would wait in a backward collective that the other never runs."""
+    group, rank = cp_groups[2]
+    args = _local_args(2, rank)
+    if rank == 0:
+        args[0] = args[0].clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="requires_grad"):
+        precond_delta_rule(*args, cp_group=group)
