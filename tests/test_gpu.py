@@ -23,6 +23,8 @@ CASES = {  # name: (variant, B, T, H, HV, K, V, dtype, cu_seqlens)
     "pgdn_varlen_odd_fp32": ("pgdn", 1, 3000, 4, 8, 100, 120, torch.float32, [0, 15, 1200, 1201, 3000]),
     "pkda_varlen_odd_bf16": ("pkda", 1, 2500, 4, 4, 120, 100, torch.bfloat16, [0, 256, 500, 1000, 2500]),
     "pgdn_batch_fp16": ("pgdn", 4, 2048, 4, 4, 64, 64, torch.float16, None),
+    "pgdn_k256_bf16": ("pgdn", 1, 2048, 2, 2, 256, 256, torch.bfloat16, None),
+    "pkda_k256_gva_bf16": ("pkda", 1, 1024, 2, 4, 256, 192, torch.bfloat16, [0, 300, 1024]),
 }
 
 
