@@ -75,11 +75,14 @@ def _entering_states(
     chunk_maps: Callable[[slice], tuple[Tensor, Tensor]],
     initial: Callable[[int], Tensor],
     after: Tensor | None,
+    initial_states: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """State entering every local segment [Nseg, ...], and the gathered payload (None for one process)."""
     segs = layout.segments
     if layout.world == 1:  # every piece starts a sequence: nothing to hand over
-        return torch.stack([initial(s.seq) for s in segs]), None
+        if initial_states is None:
+            return initial(0).expand((len(segs),) + initial(0).shape), None
+        return initial_states.index_select(0, torch.tensor([s.seq for s in segs], device=initial_states.device)), None
     exports_M, exports_b = [], []
     for piece in range(len(layout.pieces)):
         last = layout.last_segment(piece)
@@ -160,7 +163,7 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
     pre = preconditioner_chunks(k_hat, g_atk, beta_atk)
     A_init = _initial(inp.initial_A_state, (H, K), inp.k_hat)
     A_enter, A_gathered = _entering_states(layout, group, plan, DIAGONAL, lambda ids: (pre.decay[ids], pre.end[ids]),
-                                           A_init, None)
+                                           A_init, None, inp.initial_A_state)
     A_start, A_final = diagonal_scan(plan, A_enter, pre.decay, pre.end)
 
     # 2. write keys
@@ -175,7 +178,7 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
     stage = _DeltaStage(plan, _heads_first(plan, inp.q_hat), k_hat, p, _heads_first(plan, inp.v),
                         _heads_first(plan, inp.beta), g, backend)
     S_init = _initial(inp.initial_state, (HV, K, V), inp.v)
-    S_enter, _ = _entering_states(layout, group, plan, DENSE, stage.maps, S_init, A_gathered)
+    S_enter, _ = _entering_states(layout, group, plan, DENSE, stage.maps, S_init, A_gathered, inp.initial_state)
 
     # 4. state pass and outputs
     o_chunks, S_final = stage.run(S_enter)

@@ -28,6 +28,7 @@ class ChunkPlan:
     seg_bounds: tuple[tuple[int, int], ...]
     token_index: Tensor
     valid: Tensor
+    valid_rows: Tensor  # flat indices (into Nc*C) of the real tokens, in stream order
     chunk_segment: Tensor
     chunk_pos: Tensor
     seg_first_chunk: tuple[int, ...]
@@ -52,7 +53,7 @@ class ChunkPlan:
 
     def scatter(self, xc: Tensor) -> Tensor:
         """[Nc, C, *rest] chunk tensor -> [L, *rest] stream tensor (drops padding)."""
-        return xc.reshape((-1,) + xc.shape[2:])[self.valid.reshape(-1)]
+        return xc.reshape((-1,) + xc.shape[2:]).index_select(0, self.valid_rows)  # no host sync
 
 
 def make_chunk_plan(seg_bounds: list[tuple[int, int]], num_tokens: int, chunk_size: int, device) -> ChunkPlan:
@@ -73,6 +74,7 @@ def make_chunk_plan(seg_bounds: list[tuple[int, int]], num_tokens: int, chunk_si
         seg_bounds=tuple(seg_bounds),
         token_index=token_index.to(device),
         valid=(token_index < num_tokens).to(device),
+        valid_rows=(token_index < num_tokens).reshape(-1).nonzero().squeeze(1).to(device),
         chunk_segment=chunk_segment.to(device),
         chunk_pos=chunk_pos.to(device),
         seg_first_chunk=tuple(firsts.tolist()),
