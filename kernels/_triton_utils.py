@@ -67,6 +67,17 @@ def dot_precision() -> str:
 _warned: set[str] = set()
 
 
+def warn_fallback(name: str, exc: Exception) -> None:
+    """Warn once per kernel that it did not fit this GPU and its stage runs in PyTorch."""
+    if name in _warned:
+        return
+    _warned.add(name)
+    import warnings
+
+    warnings.warn(f"pdelta_cp: Triton kernel {name} does not fit this GPU ({exc}); using the PyTorch form "
+                  f"of that stage instead (correct, slower)", RuntimeWarning, stacklevel=4)
+
+
 def launch_or_fallback(name: str, launch) -> bool:
     """Run ``launch()``; on a Triton OutOfResources (a config too big for this GPU) warn once and return False.
 
@@ -78,10 +89,5 @@ def launch_or_fallback(name: str, launch) -> bool:
         launch()
         return True
     except OutOfResources as exc:
-        if name not in _warned:
-            _warned.add(name)
-            import warnings
-
-            warnings.warn(f"pdelta_cp: Triton kernel {name} does not fit this GPU ({exc}); using the PyTorch form "
-                          f"of that stage instead (correct, slower)", RuntimeWarning, stacklevel=3)
+        warn_fallback(name, exc)
         return False

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_utils import INTERPRET, next_pow2, num_sms
+from ._triton_utils import INTERPRET, next_pow2, num_sms, warn_fallback
 
 
 @triton.jit
@@ -103,11 +103,30 @@ def _state_bwd_kernel(W, U, P, D, STARTS, G, TERMINAL, FIRST, LENGTH,
     tl.store(DS0 + ((i_s * HV + i_h) * K + rk[None, :]) * V + cols[:, None], X, mask=tmask)
 
 
-def _config(K: int, ncol: int) -> tuple[int, int, int, int]:
-    """(BK, BV, num_warps, num_stages): whole K per program; V tiled to bound registers and shared memory."""
+def _config(K: int, ncol: int, narrow: bool = False) -> tuple[int, int, int, int]:
+    """(BK, BV, num_warps, num_stages): whole K per program; V tiled to bound registers and shared memory.
+
+    ``narrow`` is the retry after a shared-memory overflow (K = 256 on Hopper): the thinnest V tile.
+    """
     BK = max(16, next_pow2(K))
-    BV = min(64 if BK <= 64 else 32, max(16, next_pow2(ncol)))
+    BV = 16 if narrow else min(64 if BK <= 64 else 32, max(16, next_pow2(ncol)))
     return BK, BV, 4 if BK <= 64 else 8, 2 if BK <= 64 else 1
+
+
+def _with_narrow_retry(launch):
+    """Run ``launch(narrow)``; after a Triton OutOfResources, once more with the thinnest V tile.
+
+    Returns the launch's result, or None when even that does not fit (the caller then uses PyTorch).
+    """
+    from triton.runtime.errors import OutOfResources
+
+    for narrow in (False, True):
+        try:
+            return launch(narrow)
+        except OutOfResources as exc:
+            error = exc
+    warn_fallback("state_pass", error)
+    return None
 
 
 def _precision(summary: bool) -> str:
@@ -120,12 +139,12 @@ def _segments_tensor(values, device) -> Tensor:
     return torch.tensor(values, dtype=torch.int32, device=device)
 
 
-def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=True):
+def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=True, narrow=False):
     """Launch the forward pass over segments (chunk ranges ``first``/``length``); see module docstring."""
     Nc, HV, C, K = W.shape
     V = U.shape[-1]
     ncol = K + V if summary else V
-    BK, BV, warps, stages = _config(K, ncol)
+    BK, BV, warps, stages = _config(K, ncol, narrow)
     nseg = len(first)
     starts = W.new_empty((Nc, HV, K, ncol) if store_starts else (1,))
     final = W.new_empty((nseg, HV, K, ncol))
@@ -137,11 +156,11 @@ def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=Tru
     return starts, final
 
 
-def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=True):
+def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=True, narrow=False):
     """Launch the reverse pass; returns (dW, dU, dP, dD, dS_enter) (grads None when not ``store_grads``)."""
     Nc, HV, C, K = W.shape
     V = U.shape[-1]
-    BK, BV, warps, stages = _config(K, V)
+    BK, BV, warps, stages = _config(K, V, narrow)
     NV = triton.cdiv(V, BV)
     nseg = len(first)
     if store_grads:
@@ -183,45 +202,74 @@ class StatePass(torch.autograd.Function):
     """(W, U, P̃, d, S_enter) -> (state entering every chunk [Nc,HV,K,V], final state of every segment).
 
     Segments longer than ``sub_len`` chunks run as parallel sub-segments joined by their affine summaries.
+    Call through :func:`state_pass`, which falls back to PyTorch when the kernels do not fit the GPU.
     """
 
     @staticmethod
-    def forward(ctx, W, U, P, D, S_enter, seg_first, seg_len, sub_len):
+    def forward(ctx, W, U, P, D, S_enter, seg_first, seg_len, sub_len, narrow):
         subs = split_segments(seg_first, seg_len, sub_len)
         first, length = [s[0] for s in subs], [s[1] for s in subs]
         split = len(subs) > len(seg_first)
         M = None
         if split:
-            _, maps = state_forward(W, U, P, D, None, first, length, summary=True, store_starts=False)
+            _, maps = state_forward(W, U, P, D, None, first, length, summary=True, store_starts=False,
+                                    narrow=narrow)
             K = W.shape[-1]
             M, b = maps[..., :K], maps[..., K:]
             S_sub = _fold_forward(M, b, S_enter, subs)
         else:
             S_sub = S_enter.contiguous()
-        starts, finals = state_forward(W, U, P, D, S_sub, first, length)
+        starts, finals = state_forward(W, U, P, D, S_sub, first, length, narrow=narrow)
         last = [i for i, s in enumerate(subs) if i + 1 == len(subs) or subs[i + 1][2] != s[2]]
-        ctx.save_for_backward(W, U, P, D, starts, M)
-        ctx.subs, ctx.last = subs, last
+        ctx.save_for_backward(W, U, P, D, S_enter, starts, M)
+        ctx.subs, ctx.last, ctx.segments = subs, last, (seg_first, seg_len)
         return starts, finals[last]
 
     @staticmethod
     def backward(ctx, g_starts, g_final):
-        W, U, P, D, starts, M = ctx.saved_tensors
-        subs, last = ctx.subs, ctx.last
-        first, length = [s[0] for s in subs], [s[1] for s in subs]
-        Nc, HV, C, K = W.shape
-        V = U.shape[-1]
-        g_starts = torch.zeros_like(starts) if g_starts is None else g_starts.contiguous()
-        g_final = W.new_zeros((len(last), HV, K, V)) if g_final is None else g_final
-        terminal = W.new_zeros((len(subs), HV, K, V))
-        terminal[last] = g_final
-        if M is not None:
-            *_, local = state_backward(W, U, P, D, starts, g_starts, torch.zeros_like(terminal), first, length,
-                                       store_grads=False)
-            terminal = _fold_backward(M, local, terminal, subs, last)
-        dW, dU, dP, dD, dS0 = state_backward(W, U, P, D, starts, g_starts, terminal.contiguous(), first, length)
-        first_sub = [i for i, s in enumerate(subs) if s[3] == 0]
-        return dW, dU, dP, dD, dS0[first_sub], None, None, None
+        W, U, P, D, S_enter, starts, M = ctx.saved_tensors
+        grads = _with_narrow_retry(lambda narrow: _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final,
+                                                                   narrow))
+        if grads is None:  # recompute the pass in PyTorch and differentiate that
+            inputs = [t.detach().requires_grad_(True) for t in (W, U, P, D, S_enter)]
+            with torch.enable_grad():
+                outs = state_pass_torch(*inputs, *ctx.segments)
+                pairs = [(o, g) for o, g in zip(outs, (g_starts, g_final)) if g is not None]
+                grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
+                                            allow_unused=True)
+        return (*grads, None, None, None, None)
+
+
+def _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final, narrow):
+    subs, last = ctx.subs, ctx.last
+    first, length = [s[0] for s in subs], [s[1] for s in subs]
+    HV, K, V = W.shape[1], W.shape[-1], U.shape[-1]
+    g_starts = torch.zeros_like(starts) if g_starts is None else g_starts.contiguous()
+    g_final = W.new_zeros((len(last), HV, K, V)) if g_final is None else g_final
+    terminal = W.new_zeros((len(subs), HV, K, V))
+    terminal[last] = g_final
+    if M is not None:
+        *_, local = state_backward(W, U, P, D, starts, g_starts, torch.zeros_like(terminal), first, length,
+                                   store_grads=False, narrow=narrow)
+        terminal = _fold_backward(M, local, terminal, subs, last)
+    dW, dU, dP, dD, dS0 = state_backward(W, U, P, D, starts, g_starts, terminal.contiguous(), first, length,
+                                         narrow=narrow)
+    first_sub = [i for i, s in enumerate(subs) if s[3] == 0]
+    return dW, dU, dP, dD, dS0[first_sub]
+
+
+def state_pass_torch(W: Tensor, U: Tensor, P: Tensor, D: Tensor, S_enter: Tensor, seg_first, seg_len):
+    """The same pass as a PyTorch loop over chunks (differentiable by autograd): the kernels' fallback."""
+    starts = [None] * W.shape[0]
+    finals = []
+    for s, (f, n) in enumerate(zip(seg_first, seg_len)):
+        S = S_enter[s]
+        for c in range(f, f + n):
+            starts[c] = S
+            S = D[c][..., None] * S + P[c].mT @ (U[c] - W[c] @ S)
+        finals.append(S)
+    zero = S_enter.new_zeros(S_enter.shape[1:])
+    return torch.stack([zero if t is None else t for t in starts]), torch.stack(finals)
 
 
 def _fold_forward(M, b, S_enter, subs):
@@ -251,4 +299,6 @@ def state_pass(W: Tensor, U: Tensor, P: Tensor, D: Tensor, S_enter: Tensor, seg_
     if sub_len is None:
         sub_len = default_sub_len(seg_len, W.shape[1], U.shape[-1], W.device)
     args = [t.contiguous() for t in (W, U, P, D, S_enter)]
-    return StatePass.apply(*args, tuple(seg_first), tuple(seg_len), sub_len)
+    out = _with_narrow_retry(lambda narrow: StatePass.apply(*args, tuple(seg_first), tuple(seg_len), sub_len,
+                                                            narrow))
+    return out if out is not None else state_pass_torch(*args, seg_first, seg_len)

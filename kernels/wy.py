@@ -23,10 +23,10 @@ from ..chunk.delta import wy_form
 from ._triton_utils import INTERPRET
 from .stages import make_wy_stage
 
-# The backward kernel below needs more shared memory than Hopper has at K >= 64 (seen on H200, Triton 3.6.0);
-# until a split version is proven on GPU, CUDA recomputes the stage in PyTorch for its backward.
-# PDELTA_TRITON_WY_BWD=1 forces the kernel (the interpreter always uses it, and CI tests it there).
-TRITON_WY_BACKWARD = INTERPRET or os.environ.get("PDELTA_TRITON_WY_BWD") == "1"
+# The backward kernel passed the GPU tests on H100 (Triton 3.6.0, K/V up to 128 and odd sizes). Where it does
+# not fit (shared memory) the stage recomputes its backward in PyTorch. PDELTA_TRITON_WY_BWD=0 forces that
+# PyTorch backward (a switch for bisecting a suspected miscompile on another Triton version).
+TRITON_WY_BACKWARD = INTERPRET or os.environ.get("PDELTA_TRITON_WY_BWD", "1") != "0"
 
 C = 64
 

@@ -72,3 +72,38 @@ def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, varian
     return GPTModel(config, spec, vocab_size, max_sequence_length,
                     position_embedding_type="rope" if attention_every else "none",
                     share_embeddings_and_output_weights=True, pg_collection=pg_collection)
+
+
+def pdelta_mamba_stack_spec(variant: str = "pgdn", **mixer_kwargs) -> ModuleSpec:
+    """A ``MambaStack`` spec whose mixer symbol ``M`` is our mixer (``-`` MLP, ``*`` Megatron attention), for
+    Megatron's hybrid models: ``MambaModel(config, pdelta_mamba_stack_spec("pkda"), ...,
+    hybrid_override_pattern="M-M-M*-")``. The mixer accepts the Mamba slot's constructor arguments."""
+    from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+    from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
+
+    local = LocalSpecProvider()
+    mixer = ModuleSpec(module=MegatronPrecondDeltaMixer, params=dict(variant=variant, **mixer_kwargs))
+    mlp = ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(
+        pre_mlp_layernorm=RMSNorm, mlp=get_mlp_module_spec_for_backend(backend=local), mlp_bda=get_bias_dropout_add))
+    return ModuleSpec(module=MambaStack, submodules=MambaStackSubmodules(
+        mamba_layer=ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
+            norm=RMSNorm, mixer=mixer, mamba_bda=get_bias_dropout_add)),
+        attention_layer=get_gpt_layer_local_spec(normalization="RMSNorm"), mlp_layer=mlp))
+
+
+def build_hybrid_stack(config, pattern: str, variant: str = "pgdn", *, pg_collection=None, post_layer_norm=True,
+                       **mixer_kwargs):
+    """Build the hybrid stack for ``pattern`` (e.g. "M-M-M*-"), hiding Megatron's API drift: the pattern is a
+    string ``hybrid_override_pattern`` up to 0.17 and a ``layer_type_list`` in 0.18+ (HybridStack)."""
+    import inspect
+
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.spec_utils import build_module
+
+    spec = pdelta_mamba_stack_spec(variant, **mixer_kwargs)
+    params = inspect.signature(spec.module.__init__).parameters
+    layout = {"layer_type_list": list(pattern)} if "layer_type_list" in params \
+        else {"hybrid_override_pattern": pattern}
+    return build_module(spec, config, post_layer_norm=post_layer_norm,
+                        pg_collection=pg_collection or ProcessGroupCollection.use_mpu_process_groups(), **layout)

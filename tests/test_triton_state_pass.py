@@ -17,9 +17,54 @@ def _step(W, U, P, D):
     return step
 
 
+def _out_of_resources(stage: str, narrow_fits: bool):
+    """A fake kernel launcher that overflows shared memory in ``stage`` (forward|backward), as K=256 does."""
+    from triton.runtime.errors import OutOfResources
+
+    from pdelta_cp.kernels import state_pass as sp
+
+    real = {"forward": sp.state_forward, "backward": sp.state_backward}[stage]
+
+    def launch(*args, narrow=False, **kwargs):
+        if not (narrow and narrow_fits):
+            raise OutOfResources(278528, 232448, "shared memory")
+        return real(*args, narrow=narrow, **kwargs)
+
+    return launch
+
+
 @pytest.mark.parametrize("K,V", [(16, 32), (20, 12)])
 @pytest.mark.parametrize("sub_len", [100, 2])
 def test_state_pass_matches_scan(K, V, sub_len):
+    _check_state_pass(K, V, sub_len)
+
+
+@pytest.mark.parametrize("stage", ["forward", "backward"])
+@pytest.mark.parametrize("narrow_fits", [True, False])
+def test_state_pass_survives_shared_memory_overflow(monkeypatch, stage, narrow_fits):
+    """A kernel too big for the GPU retries with a thin V tile, then falls back to PyTorch: same answers."""
+    from pdelta_cp.kernels import state_pass as sp
+
+    monkeypatch.setattr(sp, f"state_{stage}", _out_of_resources(stage, narrow_fits))
+    from pdelta_cp.kernels import _triton_utils
+
+    monkeypatch.setattr(_triton_utils, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="does not fit") if not narrow_fits else _no_warning():
+        _check_state_pass(16, 32, 2)
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("error", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def _check_state_pass(K, V, sub_len):
     """Outputs and all five gradients; sub_len=2 exercises the segment-parallel summaries and folds."""
     gen = torch.Generator().manual_seed(0)
     HV, C = 2, 64

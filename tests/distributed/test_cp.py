@@ -33,15 +33,18 @@ CASES = {  # name: (B, T_global, cu_seqlens or None)
 }
 
 
-def check_cp(cp_groups, cp, variant, layout, case, dtype, tol, final_states=True, HV=4, backend="auto"):
+def check_cp(cp_groups, cp, variant, layout, case, dtype, tol, final_states=True, HV=4, backend="auto",
+             H=2, K=16, V=16, device="cpu", ref_backend="torch"):
+    """CP over ``cp_groups[cp]`` against one process running ``ref_backend`` on the whole stream."""
     if cp not in cp_groups:
         pytest.skip(f"world size does not hold CP={cp}")
     group, rank = cp_groups[cp]
     B, T, cu = case
     N = len(cu) - 1 if cu else B
-    cu_t = None if cu is None else torch.tensor(cu)
-    inp = make_inputs(B=B, T=T, H=2, HV=HV, K=16, V=16, variant=variant, dtype=dtype, num_sequences=N, seed=cp)
-    ref_out = call(precond_delta_rule, inp, cu_seqlens=cu_t, output_final_state=final_states, backend="torch")
+    cu_t = None if cu is None else torch.tensor(cu, device=device)
+    inp = make_inputs(B=B, T=T, H=H, HV=HV, K=K, V=V, variant=variant, dtype=dtype, num_sequences=N, seed=cp,
+                      device=device)
+    ref_out = call(precond_delta_rule, inp, cu_seqlens=cu_t, output_final_state=final_states, backend=ref_backend)
     weights = output_weights(*ref_out)
     names = list(inp)
     ref_grads = torch.autograd.grad(weighted_loss(ref_out, weights), [inp[n] for n in names])
@@ -52,16 +55,16 @@ def check_cp(cp_groups, cp, variant, layout, case, dtype, tol, final_states=True
     local_weights = [shard(weights[0], cp, rank, layout, cu_seqlens=cu)] + weights[1:]
     grads = torch.autograd.grad(weighted_loss(out, local_weights), [inp[n] for n in names])
 
-    o_full = torch.zeros_like(ref_out[0])
-    idx = shard(torch.arange(T)[None], cp, rank, layout, cu_seqlens=cu)[0]
-    o_full[:, idx] = out[0].detach()
+    o_full = torch.zeros_like(ref_out[0], dtype=torch.float64 if device == "cpu" else torch.float32)
+    idx = shard(torch.arange(T, device=device)[None], cp, rank, layout, cu_seqlens=cu)[0]
+    o_full[:, idx] = out[0].detach().to(o_full.dtype)
     dist.all_reduce(o_full, group=group)
     errors = {"o": rel_rms(o_full, ref_out[0])}
     if final_states:
         errors["final_S"] = rel_rms(out[1], ref_out[1])
         errors["final_A"] = rel_rms(out[2], ref_out[2])
     for n, gr, ref in zip(names, grads, ref_grads):
-        gr = gr.clone()
+        gr = gr.to(o_full.dtype)  # a copy; summed in full precision (NCCL sums bf16 in bf16)
         dist.all_reduce(gr, group=group)
         assert ref.abs().sum() > 0, f"d{n} is zero in the single-process run: vacuous"
         errors["d" + n] = rel_rms(gr, ref)

@@ -53,7 +53,7 @@ def _compare(block, out, grads, ref_out_local, ref_grads):
 
 
 def _run(block, x, w, packed=None):
-    out = block(x, attention_mask=None, packed_seq_params=packed)
+    out = block(x, attention_mask=None, **({} if packed is None else {"packed_seq_params": packed}))
     grads = torch.autograd.grad((out * w).sum(), [p for _, p in block.named_parameters()])
     return out.detach(), dict(zip([n for n, _ in block.named_parameters()], grads))
 
@@ -196,3 +196,27 @@ def test_layout_mismatch_fails_loudly(world):
         block(shard(x, 2, cp_rank, "contiguous", dim=0), attention_mask=None)
     declare_batch_layout(None)
     parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("tp,cp", [(1, 2), (2, 2)])
+def test_mamba_stack_slot_matches_single(world, tp, cp):
+    """Our mixer as the ``M`` symbol of Megatron's hybrid MambaStack ("M-M-"), under TP x CP."""
+    from pdelta_cp.megatron_patches.specs import build_hybrid_stack
+
+    if world != tp * cp:
+        pytest.skip(f"needs {tp * cp} processes")
+
+    def stack(tp_, cp_):
+        config = _config(tp_, cp_)
+        config.num_layers = 4
+        return build_hybrid_stack(config, "M-M-", "pgdn", post_layer_norm=False)
+
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(S, B, D, generator=gen)
+    w = torch.randn(S, B, D, generator=gen)
+    ref_out, ref_grads = _run(stack(1, 1), x, w)
+    block = stack(tp, cp)
+    cp_rank = parallel_state.get_context_parallel_rank()
+    out, grads = _run(block, shard(x, cp, cp_rank, "zigzag", dim=0), shard(w, cp, cp_rank, "zigzag", dim=0))
+    bad = _compare(block, out, grads, shard(ref_out, cp, cp_rank, "zigzag", dim=0), ref_grads)
+    assert not bad, bad
