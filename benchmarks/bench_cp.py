@@ -35,9 +35,11 @@ def inputs(T, H, K, V, variant, device, dtype, seed=0):
     def r(*s):
         return torch.randn(*s, generator=gen)
 
+    # Weak decays (~e^-0.007 per token): states live thousands of tokens, so the check sees the hand-off between
+    # ranks (with logsigmoid(N(0,1)) gates a state is forgotten within a chunk and any hand-off would pass).
     x = {"q": r(1, T, H, K), "k": r(1, T, H, K), "v": r(1, T, H, V), "beta": torch.rand(1, T, H, generator=gen),
-         "g_atk": F.logsigmoid(r(1, T, H) + 3), "beta_atk": torch.rand(1, T, H, generator=gen)}
-    x["g"] = {"pdn": None, "pgdn": F.logsigmoid(r(1, T, H)), "pkda": F.logsigmoid(r(1, T, H, K))}[variant]
+         "g_atk": F.logsigmoid(r(1, T, H) + 5), "beta_atk": torch.rand(1, T, H, generator=gen)}
+    x["g"] = {"pdn": None, "pgdn": F.logsigmoid(r(1, T, H) + 5), "pkda": F.logsigmoid(r(1, T, H, K) + 5)}[variant]
     out = {}
     for n, t in x.items():
         if t is not None:

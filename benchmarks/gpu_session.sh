@@ -38,4 +38,15 @@ peers)  # fla-core KCP at the same sizes (all GPUs first), then 1 GPU, and the k
       --out "$OUT/fla1.json" >> "$OUT/bench.log" 2>&1 &
   wait; echo "peers done"
   ;;
+recheck)  # GPU CP tests, then fla-core KCP on all GPUs; the kernel benchmark and fla on one GPU side by side
+  timeout 150 $TR --nproc-per-node $N -m pytest -q -p no:cacheprovider -m gpu tests/distributed/test_cp_gpu.py \
+      > "$OUT/cp_tests.log" 2>&1; echo "cp tests rc=$?"
+  timeout 130 $TR --nproc-per-node $N $BENCH --T 131072 --weak 32768 --methods fla \
+      --out "$OUT/fla$N.json" >> "$OUT/bench.log" 2>&1; echo "fla$N rc=$?"
+  CUDA_VISIBLE_DEVICES=$LAST timeout 270 python3 benchmarks/bench_kernels.py --T 8192 32768 131072 --batch-case \
+      --warmup 10 --rep 50 --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=0 timeout 200 $TR --nproc-per-node 1 $BENCH --T 131072 --weak 32768 --methods fla \
+      --out "$OUT/fla1.json" >> "$OUT/bench.log" 2>&1 &
+  wait; echo "recheck done"
+  ;;
 esac

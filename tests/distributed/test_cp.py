@@ -34,7 +34,7 @@ CASES = {  # name: (B, T_global, cu_seqlens or None)
 
 
 def check_cp(cp_groups, cp, variant, layout, case, dtype, tol, final_states=True, HV=4, backend="auto",
-             H=2, K=16, V=16, device="cpu", ref_backend="torch"):
+             H=2, K=16, V=16, device="cpu", ref_backend="torch", decay_strength=1.0, fp32_params=False):
     """CP over ``cp_groups[cp]`` against one process running ``ref_backend`` on the whole stream."""
     if cp not in cp_groups:
         pytest.skip(f"world size does not hold CP={cp}")
@@ -43,7 +43,9 @@ def check_cp(cp_groups, cp, variant, layout, case, dtype, tol, final_states=True
     N = len(cu) - 1 if cu else B
     cu_t = None if cu is None else torch.tensor(cu, device=device)
     inp = make_inputs(B=B, T=T, H=H, HV=HV, K=K, V=V, variant=variant, dtype=dtype, num_sequences=N, seed=cp,
-                      device=device)
+                      device=device, decay_strength=decay_strength)
+    if fp32_params:  # a learnable parameter kept in fp32, as mixed-precision training keeps it
+        inp["log_atk_scale"] = inp["log_atk_scale"].detach().float().requires_grad_(True)
     ref_out = call(precond_delta_rule, inp, cu_seqlens=cu_t, output_final_state=final_states, backend=ref_backend)
     weights = output_weights(*ref_out)
     names = list(inp)

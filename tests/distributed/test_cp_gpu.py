@@ -1,6 +1,11 @@
 """Context parallelism over NCCL on 2 and 4 GPUs: the Triton kernels split across GPUs against the same kernels
 on one GPU (bf16, relative RMS error <= 3e-3 for every output and every gradient).
 
+Gates decay weakly (decay_strength 0.02: a state lives thousands of tokens), so the states handed between GPUs
+shape most outputs; with the usual strong gates a state is forgotten within a chunk or two and a broken hand-off
+would hide. log_atk_scale is an fp32 parameter, as in mixed-precision training: its gradient is a sum over all
+tokens, and in bf16 the per-GPU partial sums alone would differ from one GPU's by ~2^-9.
+
 Run on a machine with several GPUs (skipped elsewhere):
     torchrun --nproc-per-node 4 -m pytest -q -m gpu tests/distributed/test_cp_gpu.py
 """
@@ -19,6 +24,8 @@ CASES = {  # name: (B, T_global, cu_seqlens or None)
     "batch_2x8k": (2, 8192, None),
     "varlen_16k": (1, 16384, [0, 3000, 9000, 9001, 12000, 16384]),
 }
+# zigzag_per_sequence cuts every sequence into 2*CP equal pieces: Megatron pads THD sequences to a multiple of it
+PADDED_CU = [0, 3000, 9000, 9008, 12000, 16384]
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +51,8 @@ def nccl_groups(world):
 @pytest.mark.parametrize("variant", ["pdn", "pgdn", "pkda"])
 @pytest.mark.parametrize("cp", [2, 4])
 def test_cp_gpu_matches_one_gpu(nccl_groups, cp, variant, layout, case):
-    if layout == "zigzag" and CASES[case][2] is not None:
-        layout = "zigzag_per_sequence"  # Megatron's THD: every packed sequence zigzag-split on its own
-    check_cp(nccl_groups, cp, variant, layout, CASES[case], torch.bfloat16, 3e-3, HV=8, H=4, K=128, V=128,
-             device="cuda", backend="triton", ref_backend="triton")
+    B, T, cu = CASES[case]
+    if layout == "zigzag" and cu is not None:  # Megatron's THD: every packed sequence zigzag-split on its own
+        layout, cu = "zigzag_per_sequence", PADDED_CU
+    check_cp(nccl_groups, cp, variant, layout, (B, T, cu), torch.bfloat16, 3e-3, HV=8, H=4, K=128, V=128,
+             device="cuda", backend="triton", ref_backend="triton", decay_strength=0.02, fp32_params=True)
