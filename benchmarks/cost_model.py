@@ -86,6 +86,10 @@ def main():
         rows = data.get("results") or [r for run in data.get("runs", {}).values() for r in run.get("results", [])]
         points = [(r["B"] * r["T"], r["fwd_bwd_ms"] / 1e3) for r in rows
                   if r.get("op") == args.variant and "fwd_bwd_ms" in r]
+    if args.cp:  # one-rank CP runs are kernel timings too
+        points += [(r["T_global"], r["fwd_bwd_ms"] / 1e3) for r in json.load(open(args.cp))["rows"]
+                   if r.get("method") == "ours" and r.get("ranks") == 1 and r.get("variant") == args.variant
+                   and "fwd_bwd_ms" in r]
     kernel = fit_kernel(points) if points else (0.0, 1 / 3e6)  # placeholder: 3 Mtok/s until measured
     lines = [f"# CP cost model ({args.variant}, H={args.H}, K={args.K}, V={args.V})", "",
              f"Kernel fit: t = {kernel[0] * 1e3:.3f} ms + {kernel[1] * 1e9:.3f} ns/token "
