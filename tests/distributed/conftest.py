@@ -1,14 +1,20 @@
 """One process group per torchrun launch; CP groups of every size that divides the world."""
+import os
 from datetime import timedelta
 
 import pytest
+import torch
 import torch.distributed as dist
 
 
 @pytest.fixture(scope="session")
 def world():
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+        backend = "gloo"
+        if torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("WORLD_SIZE", 1)):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            backend = "cpu:gloo,cuda:nccl"  # CUDA tensors travel over NCCL (GPU tests), CPU ones over gloo
+        dist.init_process_group(backend, timeout=timedelta(seconds=120))
     yield dist.get_world_size()
 
 
