@@ -1,11 +1,14 @@
 """Megatron-core on 2 GPUs (NCCL, bf16 autocast, Triton kernels): a block of our mixers and the GPT builder under
-TP=1 CP=2 give the TP=1 CP=1 outputs, losses and parameter gradients within 3e-3 relative RMS.
+TP=1 CP=2 against TP=1 CP=1.
 
-    torchrun --nproc-per-node 2 -m pytest -q -m gpu tests/distributed/test_megatron_gpu.py
-Parameters stay fp32, activations and the op run in bf16 (autocast). Under autocast a weight gradient leaves its
-GEMM in bf16, so splitting the token sum over two GPUs alone moves parameter gradients by ~4e-3 (measured on
-H200, MLP weights included). Parameter gradients must therefore stay within max(3e-3, 2 x that floor), the floor
-measured on one GPU by summing the bf16 gradients of the two ranks' token sets; outputs and losses within 3e-3.
+    torchrun --nproc-per-node 2 -m pytest -q -s -m gpu tests/distributed/test_megatron_gpu.py
+
+Parameters stay fp32; activations and the op run in bf16 (autocast). Outputs and per-token losses must match the
+one-GPU run within 3e-3 relative RMS. Parameter gradients are sums over all tokens of bf16 per-token terms that
+partly cancel, so two bf16 runs differ by more than their per-token terms (measured on 2 H200: up to 7e-3 for
+gate parameters and norms, while outputs agree to 3e-4). The test therefore asks what matters: every parameter
+gradient under CP is as close to the float64 answer (the same model in float64, PyTorch backend, one GPU) as the
+one-GPU bf16 gradient is — within max(3e-3, 1.5x the one-GPU error).
 """
 import os
 
@@ -17,10 +20,10 @@ megatron = pytest.importorskip("megatron.core")
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.transformer.transformer_block import TransformerBlock  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
-from test_megatron import _compare  # noqa: E402  (tests/distributed is on sys.path)
 
 from pdelta_cp.cp.layout import shard  # noqa: E402
 from pdelta_cp.megatron_patches.specs import build_gpt_model, pdelta_block_spec  # noqa: E402
+from pdelta_cp.testing import rel_rms  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.gpu]
 S, B, D, HEADS = 4096, 1, 512, 4  # head dim 128, as in the kernel benchmarks
@@ -55,30 +58,43 @@ def _config(cp, device):
                              add_bias_linear=False, gradient_accumulation_fusion=False)
 
 
-def _grads(module, scalar, retain_graph=False):
+def _grads(module, scalar):
     names = [n for n, _ in module.named_parameters()]
-    grads = torch.autograd.grad(scalar, [p for _, p in module.named_parameters()], retain_graph=retain_graph)
-    return dict(zip(names, grads))
+    return dict(zip(names, torch.autograd.grad(scalar, [p for _, p in module.named_parameters()])))
 
 
-def _split_floor(module, forward, token_dim, full):
-    """rel RMS between the full-sum gradients ``full`` and the sum of the gradients of the two zigzag halves'
-    token sets, on one GPU (``forward()`` recomputes the per-token loss: Megatron's loss backward is in place)."""
-    from pdelta_cp.testing import rel_rms
+def _run_three(build, forward, cuda):
+    """{(cp, precision): (per-token output, grads)} for (1, fp64), (1, bf16), (2, bf16); outputs gathered whole."""
+    runs = {}
+    for cp, precision in ((1, "fp64"), (1, "bf16"), (2, "bf16")):
+        module = build(_config(cp, cuda)).to(cuda)
+        if precision == "fp64":
+            module = module.double()
+        rank = parallel_state.get_context_parallel_rank()
+        with torch.autocast(cuda.type, dtype=torch.bfloat16, enabled=precision == "bf16" and cuda.type == "cuda"):
+            out = forward(module, cp, rank, torch.float64 if precision == "fp64" else torch.float32)
+        grads = _grads(module, out.sum())
+        if cp > 1:  # each CP rank holds its own contribution; outputs go back to token order
+            group = parallel_state.get_context_parallel_group()
+            for g in grads.values():
+                torch.distributed.all_reduce(g, group=group)
+        runs[(cp, precision)] = (out.detach().double(), grads, rank)
+        parallel_state.destroy_model_parallel()
+    return runs
 
-    parts = []
-    for r in range(2):
-        per_token = forward()
-        idx = shard(torch.arange(per_token.shape[token_dim], device=per_token.device), 2, r, "zigzag", dim=0)
-        parts.append(_grads(module, per_token.index_select(token_dim, idx).sum()))
-    return {n: rel_rms(parts[0][n] + parts[1][n], full[n]) for n in full}
 
-
-def _beyond_floor(errors, floor):
-    worst = max(errors, key=lambda n: errors[n] / max(TOL, 2 * floor.get(n, 0.0)))
-    print(f"\nout/loss {errors.get('out'):.2e}; worst gradient {worst} {errors[worst]:.2e} "
-          f"(floor {floor.get(worst, 0.0):.2e}); largest floor {max(floor.values()):.2e}")
-    return {n: (e, floor.get(n)) for n, e in errors.items() if not e < max(TOL, 2 * floor.get(n, 0.0))}
+def _judge(runs, token_dim):
+    truth_out, truth, _ = runs[(1, "fp64")]
+    one_out, one, _ = runs[(1, "bf16")]
+    cp_out, cp, rank = runs[(2, "bf16")]
+    out_err = rel_rms(cp_out, shard(one_out, 2, rank, "zigzag", dim=token_dim))
+    ratios = {n: (rel_rms(cp[n], truth[n]), rel_rms(one[n], truth[n])) for n in truth}
+    worst = max(ratios, key=lambda n: ratios[n][0] / max(TOL, 1.5 * ratios[n][1]))
+    print(f"\noutput vs one GPU {out_err:.2e}; worst gradient {worst}: CP {ratios[worst][0]:.2e} vs one GPU "
+          f"{ratios[worst][1]:.2e} from float64")
+    bad = {n: r for n, r in ratios.items() if not r[0] < max(TOL, 1.5 * r[1])}
+    assert out_err < TOL, out_err
+    assert not bad, bad
 
 
 @pytest.mark.parametrize("variant", ["pgdn", "pkda"])
@@ -88,23 +104,13 @@ def test_megatron_block_cp2_bf16_matches_one_gpu(world, cuda, variant):
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(S, B, D, generator=gen).to(cuda)
     w = torch.randn(S, B, D, generator=gen).to(cuda)
-    outs = {}
-    for cp in (1, 2):
-        block = TransformerBlock(_config(cp, cuda), spec=pdelta_block_spec(2, variant), post_process=False).to(cuda)
-        rank = parallel_state.get_context_parallel_rank()
-        xl, wl = (shard(t, cp, rank, "zigzag", dim=0) for t in (x, w))
-        def forward():
-            with torch.autocast(cuda.type, dtype=torch.bfloat16, enabled=cuda.type == "cuda"):  # CPU: fp32
-                return block(xl, attention_mask=None)
 
-        out = forward()
-        grads = _grads(block, (out.float() * wl).sum())
-        floor = _split_floor(block, lambda: forward().float() * wl, 0, grads) if cp == 1 else None
-        outs[cp] = (block, out.detach().float(), grads, floor)
-    block, out, grads, _ = outs[2]
-    ref_out = shard(outs[1][1], 2, parallel_state.get_context_parallel_rank(), "zigzag", dim=0)
-    bad = _beyond_floor(_compare(block, out, grads, ref_out, outs[1][2], tol=0.0), outs[1][3])
-    assert not bad, bad
+    def forward(block, cp, rank, dtype):
+        out = block(shard(x, cp, rank, "zigzag", dim=0).to(dtype), attention_mask=None)
+        return out.to(dtype) * shard(w, cp, rank, "zigzag", dim=0).to(dtype)
+
+    _judge(_run_three(lambda c: TransformerBlock(c, spec=pdelta_block_spec(2, variant), post_process=False),
+                      forward, cuda), token_dim=0)
 
 
 def test_megatron_gpt_cp2_bf16_matches_one_gpu(world, cuda):
@@ -113,20 +119,9 @@ def test_megatron_gpt_cp2_bf16_matches_one_gpu(world, cuda):
     gen = torch.Generator().manual_seed(9)
     tokens = torch.randint(0, 256, (B, S), generator=gen).to(cuda)
     labels = torch.randint(0, 256, (B, S), generator=gen).to(cuda)
-    runs = {}
-    for cp in (1, 2):
-        model = build_gpt_model(_config(cp, cuda), vocab_size=256, max_sequence_length=S, variant="pgdn").to(cuda)
-        rank = parallel_state.get_context_parallel_rank()
-        def forward():
-            with torch.autocast(cuda.type, dtype=torch.bfloat16, enabled=cuda.type == "cuda"):  # CPU: fp32
-                return model(shard(tokens, cp, rank, "zigzag"), None, None,
-                             labels=shard(labels, cp, rank, "zigzag")).float()
 
-        loss = forward()
-        grads = _grads(model, loss.sum())
-        floor = _split_floor(model, forward, 1, grads) if cp == 1 else None
-        runs[cp] = (model, loss.detach(), grads, floor)
-    model, loss, grads, _ = runs[2]
-    ref_loss = shard(runs[1][1], 2, parallel_state.get_context_parallel_rank(), "zigzag")
-    bad = _beyond_floor(_compare(model, loss, grads, ref_loss, runs[1][2], tol=0.0), runs[1][3])
-    assert not bad, bad
+    def forward(model, cp, rank, dtype):
+        return model(shard(tokens, cp, rank, "zigzag"), None, None, labels=shard(labels, cp, rank, "zigzag")).to(dtype)
+
+    _judge(_run_three(lambda c: build_gpt_model(c, vocab_size=256, max_sequence_length=S, variant="pgdn"),
+                      forward, cuda), token_dim=1)
