@@ -40,10 +40,6 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
     return "triton"
 
 
-def _l2normalize(x: Tensor) -> Tensor:
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
-
-
 def precond_delta_rule(
     q: Tensor,
     k: Tensor,
@@ -108,19 +104,16 @@ def precond_delta_rule(
     P = problem
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
 
-    def stream(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.reshape((P.B * P.T,) + tuple(t.shape[2:])).to(dtype)
+    def stream(t: Tensor | None) -> Tensor | None:  # [B, T, ...] -> [B*T, ...]; dtype converted in chunk layout
+        return None if t is None else t.reshape((P.B * P.T,) + tuple(t.shape[2:]))
 
-    q_s, k_s = stream(q), stream(k)
-    if qk_l2norm:
-        q_s, k_s = _l2normalize(q_s), _l2normalize(k_s)
-    q_s = q_s * (P.K ** -0.5 if scale is None else scale)
     centre = torch.as_tensor(log_atk_scale, device=device).to(dtype).expand(P.H)
     layout = stream_layout(P.B, P.T, list(P.cu_seqlens) if P.cu_seqlens else None, world, rank, cp_layout)
     out = chunked_precond_delta_rule(
         StreamInputs(
-            q_hat=q_s, k_hat=k_s, v=stream(v), beta=stream(beta), g_atk=stream(g_atk), beta_atk=stream(beta_atk),
-            g=stream(g), centre=centre, x=float(x), eps=float(eps),
+            q=stream(q), k=stream(k), v=stream(v), beta=stream(beta), g_atk=stream(g_atk), beta_atk=stream(beta_atk),
+            g=stream(g), centre=centre, x=float(x), eps=float(eps), dtype=dtype, qk_l2norm=qk_l2norm,
+            q_scale=float(P.K ** -0.5 if scale is None else scale),
             initial_state=None if initial_state is None else initial_state.to(dtype),
             initial_A_state=None if initial_A_state is None else initial_A_state.to(dtype),
         ),

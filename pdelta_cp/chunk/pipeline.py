@@ -28,14 +28,15 @@ CHUNK_SIZE = 64
 
 @dataclass
 class StreamInputs:
-    """One rank's tokens as a flat stream, in the compute dtype (float32 or float64).
+    """One rank's tokens as a flat stream, in the caller's dtypes (converted to ``dtype`` once, in chunk layout).
 
-    q_hat, k_hat [L, H, K] (normalised, q scaled); v [L, HV, V]; beta [L, HV]; g_atk, beta_atk [L, H];
-    g None | [L, HV] | [L, HV, K]; centre [H]; initial_state [N, HV, K, V] | None; initial_A_state [N, H, K] | None.
+    q, k [L, H, K] (raw: normalised and scaled here when ``qk_l2norm``; q is always multiplied by ``q_scale``);
+    v [L, HV, V]; beta [L, HV]; g_atk, beta_atk [L, H]; g None | [L, HV] | [L, HV, K]; centre [H];
+    initial_state [N, HV, K, V] | None; initial_A_state [N, H, K] | None; dtype: float32 or float64.
     """
 
-    q_hat: Tensor
-    k_hat: Tensor
+    q: Tensor
+    k: Tensor
     v: Tensor
     beta: Tensor
     g_atk: Tensor
@@ -46,6 +47,9 @@ class StreamInputs:
     eps: float
     initial_state: Tensor | None
     initial_A_state: Tensor | None
+    dtype: torch.dtype = torch.float32
+    qk_l2norm: bool = True
+    q_scale: float = 1.0
 
 
 @dataclass
@@ -55,9 +59,36 @@ class StreamOutputs:
     final_A: Tensor  # [Nseg, H, K]
 
 
-def _heads_first(plan: ChunkPlan, x: Tensor) -> Tensor:
-    """[L, heads, *rest] -> [Nc, heads, C, *rest]."""
-    return plan.gather(x).movedim(1, 2)
+def _heads_first(plan: ChunkPlan, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """[L, heads, *rest] -> [Nc, heads, C, *rest] in ``dtype``, contiguous: one copy (the gather is a view when
+    the plan has no padding), shared by every consumer and by what they save for backward."""
+    return plan.gather(x).movedim(1, 2).to(dtype=dtype, memory_format=torch.contiguous_format)
+
+
+class _L2Normalize(torch.autograd.Function):
+    """y = scale · x / sqrt(|x|² + 1e-6) over the last dim; saves y and the inverse norm (not x)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        r = torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+        y = x * (r * scale)
+        ctx.save_for_backward(y, r)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        y, r = ctx.saved_tensors
+        s = ctx.scale
+        return r * (s * dy - y * ((y * dy).sum(-1, keepdim=True) / s)), None
+
+
+def _keys_and_queries(plan: ChunkPlan, inp: StreamInputs) -> tuple[Tensor, Tensor]:
+    """q̂, k̂ [Nc, H, C, K] in the compute dtype (normalised in chunk layout: padding rows stay zero)."""
+    q, k = _heads_first(plan, inp.q, inp.dtype), _heads_first(plan, inp.k, inp.dtype)
+    if inp.qk_l2norm:
+        return _L2Normalize.apply(q, inp.q_scale), _L2Normalize.apply(k, 1.0)
+    return q * inp.q_scale, k
 
 
 def _initial(init: Tensor | None, shape, like: Tensor) -> Callable[[int], Tensor]:
@@ -152,16 +183,17 @@ class _DeltaStage:
 
 
 def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, backend: str = "torch") -> StreamOutputs:
-    H, K = inp.k_hat.shape[1:]
+    H, K = inp.k.shape[1:]
     HV, V = inp.v.shape[1:]
+    dt = inp.dtype
     plan = make_chunk_plan([(s.start, s.end) for s in layout.segments], layout.num_tokens, CHUNK_SIZE,
                            inp.v.device)
 
     # 1. preconditioner state entering every segment
-    k_hat = _heads_first(plan, inp.k_hat)  # [Nc, H, C, K]
-    g_atk, beta_atk = _heads_first(plan, inp.g_atk), _heads_first(plan, inp.beta_atk)
+    q_hat, k_hat = _keys_and_queries(plan, inp)  # [Nc, H, C, K]
+    g_atk, beta_atk = _heads_first(plan, inp.g_atk, dt), _heads_first(plan, inp.beta_atk, dt)
     pre = preconditioner_chunks(k_hat, g_atk, beta_atk)
-    A_init = _initial(inp.initial_A_state, (H, K), inp.k_hat)
+    A_init = _initial(inp.initial_A_state, (H, K), k_hat)
     A_enter, A_gathered = _entering_states(layout, group, plan, DIAGONAL, lambda ids: (pre.decay[ids], pre.end[ids]),
                                            A_init, None, inp.initial_A_state)
     A_start, A_final = diagonal_scan(plan, A_enter, pre.decay, pre.end)
@@ -174,10 +206,10 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
     p = keys(k_hat, g_atk, beta_atk, A_start, inp.centre, inp.x, inp.eps)
 
     # 3. WY/UT chunk quantities, state entering every segment
-    g = None if inp.g is None else _heads_first(plan, inp.g)
-    stage = _DeltaStage(plan, _heads_first(plan, inp.q_hat), k_hat, p, _heads_first(plan, inp.v),
-                        _heads_first(plan, inp.beta), g, backend)
-    S_init = _initial(inp.initial_state, (HV, K, V), inp.v)
+    g = None if inp.g is None else _heads_first(plan, inp.g, dt)
+    stage = _DeltaStage(plan, q_hat, k_hat, p, _heads_first(plan, inp.v, dt), _heads_first(plan, inp.beta, dt), g,
+                        backend)
+    S_init = _initial(inp.initial_state, (HV, K, V), k_hat)
     S_enter, _ = _entering_states(layout, group, plan, DENSE, stage.maps, S_init, A_gathered, inp.initial_state)
 
     # 4. state pass and outputs

@@ -33,6 +33,7 @@ class ChunkPlan:
     chunk_pos: Tensor
     seg_first_chunk: tuple[int, ...]
     seg_num_chunks: tuple[int, ...]
+    dense: bool = False  # no padding: chunk c holds stream tokens [c*C, (c+1)*C), gather/scatter are views
 
     @property
     def num_chunks(self) -> int:
@@ -48,11 +49,15 @@ class ChunkPlan:
 
     def gather(self, x: Tensor) -> Tensor:
         """[L, *rest] stream tensor -> [Nc, C, *rest] chunk tensor (padding = 0)."""
+        if self.dense:
+            return x.reshape((self.num_chunks, self.chunk_size) + x.shape[1:])
         padded = torch.cat([x, x.new_zeros((1,) + x.shape[1:])])
         return padded[self.token_index]
 
     def scatter(self, xc: Tensor) -> Tensor:
         """[Nc, C, *rest] chunk tensor -> [L, *rest] stream tensor (drops padding)."""
+        if self.dense:
+            return xc.reshape((-1,) + xc.shape[2:])
         return xc.reshape((-1,) + xc.shape[2:]).index_select(0, self.valid_rows)  # no host sync
 
 
@@ -79,6 +84,7 @@ def make_chunk_plan(seg_bounds: list[tuple[int, int]], num_tokens: int, chunk_si
         chunk_pos=chunk_pos.to(device),
         seg_first_chunk=tuple(firsts.tolist()),
         seg_num_chunks=tuple(counts.tolist()),
+        dense=bool((lengths % chunk_size == 0).all()),  # every segment whole chunks: no padding anywhere
     )
 
 

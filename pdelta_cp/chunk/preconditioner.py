@@ -27,11 +27,28 @@ class PreconditionerChunks:
     end: Tensor  # a: the chunk's end state from a zero entering state
 
 
+class _WeightedSquares(torch.autograd.Function):
+    """Σ_c w_c k_c² [Nc, H, K] from w [Nc, H, C], k [Nc, H, C, K], saving only w and k (k is saved by the later
+    stages anyway) instead of k² and its reshaped copies, as autograd of einsum would."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, k: Tensor) -> Tensor:
+        ctx.save_for_backward(w, k)
+        return torch.einsum("nhc,nhck->nhk", w, k * k)
+
+    @staticmethod
+    def backward(ctx, d_end: Tensor):
+        w, k = ctx.saved_tensors
+        d_w = torch.einsum("nhk,nhck->nhc", d_end, k * k) if ctx.needs_input_grad[0] else None
+        d_k = 2 * k * (w[..., None] * d_end[:, :, None, :]) if ctx.needs_input_grad[1] else None
+        return d_w, d_k
+
+
 def preconditioner_chunks(k_hat: Tensor, g_atk: Tensor, beta_atk: Tensor) -> PreconditionerChunks:
     """k_hat [Nc, H, C, K]; g_atk, beta_atk [Nc, H, C]: a = Σ_j exp(σ − G_j) β_atk,j k̂_j², decay = exp(σ)."""
     G = g_atk.cumsum(-1)
     weights = torch.exp(G[..., -1:] - G) * beta_atk  # [Nc, H, C], exponents <= 0
-    end = torch.einsum("nhc,nhck->nhk", weights, k_hat * k_hat)
+    end = _WeightedSquares.apply(weights, k_hat)
     return PreconditionerChunks(G=G, decay=torch.exp(G[..., -1:]).expand_as(end), end=end)
 
 

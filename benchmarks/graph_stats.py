@@ -1,0 +1,111 @@
+"""Device-independent cost counters of the op's fwd+bwd: PyTorch ops launched and bytes saved for backward.
+
+Runs anywhere (CPU: Triton kernels under TRITON_INTERPRET=1), so glue and memory work can be measured between
+GPU sessions. Triton kernel launches are not aten ops and are not counted; everything around them is.
+
+    TRITON_INTERPRET=1 python benchmarks/graph_stats.py --variant pgdn --T 2048
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pdelta_cp import precond_delta_rule  # noqa: E402
+from pdelta_cp.testing import call, make_inputs  # noqa: E402
+
+_VIEWS = {"view", "_unsafe_view", "reshape", "expand", "slice", "select", "permute", "transpose", "t",
+          "unsqueeze", "squeeze", "as_strided", "alias", "detach", "movedim", "split", "unbind", "narrow",
+          "empty", "empty_like", "new_empty", "empty_strided", "_to_copy_noop"}
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts aten ops that launch work (views and allocations excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in _VIEWS:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _uncounted_kernel_launches() -> collections.Counter:
+    """Interpreter launches move tensors with aten ops of their own: hide them, count launches instead."""
+    launches = collections.Counter()
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return launches  # compiled kernels issue no aten ops
+    from torch.utils._python_dispatch import _disable_current_modes
+    from triton.runtime.interpreter import InterpretedFunction
+
+    original = InterpretedFunction.run
+    if getattr(original, "_pdelta_counting", False):
+        return original._pdelta_launches
+
+    def run(self, *args, **kwargs):
+        launches[getattr(self.fn, "__name__", "kernel")] += 1
+        with _disable_current_modes():
+            return original(self, *args, **kwargs)
+
+    run._pdelta_counting, run._pdelta_launches = True, launches
+    InterpretedFunction.run = run
+    return launches
+
+
+def graph_stats(variant: str, T: int, H: int, K: int, V: int, dtype, backend: str, device: str) -> dict:
+    inp = make_inputs(B=1, T=T, H=H, K=K, V=V, variant=variant, dtype=dtype, device=device)
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    launches = _uncounted_kernel_launches()
+    launches.clear()
+    fwd, bwd = _CountOps(), _CountOps()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fwd:
+        o = call(precond_delta_rule, inp, backend=backend)[0]
+    fwd_launches = sum(launches.values())
+    loss = (o.float() ** 2).sum()
+    with bwd:
+        loss.backward()
+    input_bytes = sum(t.untyped_storage().nbytes() for t in inp.values())
+    saved_bytes = sum(saved.values())
+    return {"variant": variant, "T": T, "H": H, "K": K, "V": V, "dtype": str(dtype), "backend": backend,
+            "fwd_ops": sum(fwd.counts.values()), "bwd_ops": sum(bwd.counts.values()),
+            "fwd_kernels": fwd_launches, "bwd_kernels": sum(launches.values()) - fwd_launches,
+            "saved_bytes_per_token": saved_bytes / T, "saved_over_inputs": saved_bytes / input_bytes,
+            "top_fwd": fwd.counts.most_common(12), "top_bwd": bwd.counts.most_common(12)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", nargs="+", default=["pgdn", "pkda"])
+    ap.add_argument("--T", type=int, default=1024)
+    ap.add_argument("--H", type=int, default=2)
+    ap.add_argument("--K", type=int, default=64)
+    ap.add_argument("--V", type=int, default=64)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--backend", default="triton")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    for variant in args.variant:
+        print(json.dumps(graph_stats(variant, args.T, args.H, args.K, args.V, getattr(torch, args.dtype),
+                                     args.backend, args.device)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
