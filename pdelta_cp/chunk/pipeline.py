@@ -10,6 +10,7 @@ Autograd differentiates the whole path, collectives included (see :mod:`pdelta_c
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -172,14 +173,33 @@ class _DeltaStage:
             return ch.output(S_start), S_final
         from ..kernels.state_pass import state_pass
 
+        S_start, S_final = state_pass(*self._kernel_chunks(), S_enter, plan.seg_first_chunk, plan.seg_num_chunks)
+        return self._kernel_outputs(S_start), S_final
+
+    def run_across_ranks(self, layout: StreamLayout, group, init_all: Tensor, after: Tensor | None):
+        """Triton only: the state hand-off between ranks and the pass in one (kernels.cp_state_pass); returns
+        (outputs, final states) like :meth:`run`, or None when its kernels do not fit this GPU."""
+        from ..kernels.cp_state_pass import cp_state_pass
+        from ..kernels.state_pass import default_sub_len
+
+        plan = self.plan
+        W = self.chunks.W
+        sub_len = default_sub_len(plan.seg_num_chunks, W.shape[1], self.chunks.U.shape[-1], W.device)
+        out = cp_state_pass(*self._kernel_chunks(), init_all, layout, group, plan.seg_first_chunk,
+                            plan.seg_num_chunks, sub_len, after)
+        return None if out is None else (self._kernel_outputs(out[0]), out[1])
+
+    def _kernel_chunks(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        ch = self.chunks
         K = ch.W.shape[-1]
-        S_start, S_final = state_pass(ch.W, ch.U, ch.p_tilde, ch.decay.expand(*ch.decay.shape[:-1], K), S_enter,
-                                      plan.seg_first_chunk, plan.seg_num_chunks)
+        return ch.W, ch.U, ch.p_tilde, ch.decay.expand(*ch.decay.shape[:-1], K)
+
+    def _kernel_outputs(self, S_start: Tensor) -> Tensor:
         if self.per_channel:
             from ..kernels.channel import output_channel_decay as output
         else:
             from ..kernels.output import output_scalar_decay as output
-        return output(self.q_hat, self.p, self.gamma, ch.W, ch.U, S_start), S_final
+        return output(self.q_hat, self.p, self.gamma, self.chunks.W, self.chunks.U, S_start)
 
 
 def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, backend: str = "torch") -> StreamOutputs:
@@ -209,10 +229,20 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
     g = None if inp.g is None else _heads_first(plan, inp.g, dt)
     stage = _DeltaStage(plan, q_hat, k_hat, p, _heads_first(plan, inp.v, dt), _heads_first(plan, inp.beta, dt), g,
                         backend)
-    S_init = _initial(inp.initial_state, (HV, K, V), k_hat)
-    S_enter, _ = _entering_states(layout, group, plan, DENSE, stage.maps, S_init, A_gathered, inp.initial_state)
-
-    # 4. state pass and outputs
-    o_chunks, S_final = stage.run(S_enter)
+    result = None
+    # 3-4 at once under CP with the kernels: kernel summaries, one exchange, adjoint mirror (kernels.cp_state_pass);
+    # PDELTA_CP_TREE=1 forces the PyTorch exchange below (autograd through a tree of dense maps), for bisecting
+    if backend == "triton" and layout.world > 1 and os.environ.get("PDELTA_CP_TREE") != "1":
+        init_all = inp.initial_state
+        if init_all is None:
+            init_all = k_hat.new_zeros((layout.num_sequences, HV, K, V))
+        result = stage.run_across_ranks(layout, group, init_all, A_gathered)
+    if result is None:
+        S_init = _initial(inp.initial_state, (HV, K, V), k_hat)
+        S_enter, _ = _entering_states(layout, group, plan, DENSE, stage.maps, S_init, A_gathered,
+                                      inp.initial_state)
+        # 4. state pass and outputs
+        result = stage.run(S_enter)
+    o_chunks, S_final = result
     o = plan.scatter(o_chunks.movedim(2, 1))
     return StreamOutputs(o=o, final_S=S_final, final_A=A_final)

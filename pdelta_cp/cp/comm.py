@@ -28,16 +28,21 @@ def world_and_rank(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+def all_gather_plain(x: Tensor, group) -> Tensor:
+    """[*S] on each rank -> [W, *S] everywhere, outside autograd (for Functions with their own backward)."""
+    world = dist.get_world_size(group)
+    out = x.new_empty(world * x.numel())  # flat buffers: gloo splits the output along dim 0
+    _all_gather_flat(out, x.reshape(-1).contiguous(), group=group)
+    return out.view((world,) + x.shape)
+
+
 class _AllGather(torch.autograd.Function):
     """[*S] on each rank -> [W, *S] everywhere; backward: each rank gets the sum of all ranks' gradients."""
 
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
         ctx.group = group
-        world = dist.get_world_size(group)
-        out = x.new_empty(world * x.numel())  # flat buffers: gloo splits the output along dim 0
-        _all_gather_flat(out, x.reshape(-1).contiguous(), group=group)
-        return out.view((world,) + x.shape)
+        return all_gather_plain(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -50,16 +50,23 @@ def exchange_and_fold(
     """
     payload = tie(pack(kind, *exports), after)
     gathered = all_gather(payload, group)
+    entering = fold_in_stream_order(layout, kind, gathered, initial)
+    return [tie(state, gathered) for state in entering], gathered  # every rank joins the backward collective
+
+
+def fold_in_stream_order(layout: StreamLayout, kind: AffineKind, gathered: Tensor,
+                         initial: Callable[[int], Tensor]) -> list[Tensor]:
+    """Walk all pieces in stream order applying the gathered maps [W, P, ...]; entering state of each local piece."""
     entering: list[Tensor | None] = [None] * len(layout.pieces)
     carried = None
     remaining = len(layout.pieces)
     for gp in layout.order:
         state = initial(gp.first_seq) if gp.starts_sequence else carried
         if gp.owner == layout.rank:
-            entering[gp.index] = tie(state, gathered)  # every rank must take part in the backward collective
+            entering[gp.index] = state
             remaining -= 1
             if remaining == 0:
                 break
         M, b = unpack(kind, gathered[gp.owner, gp.index])
         carried = kind.apply(M, state) + b
-    return entering, gathered
+    return entering

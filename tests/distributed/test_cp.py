@@ -96,13 +96,32 @@ def test_cp_single_token_per_piece(cp_groups, cp, layout):
     check_cp(cp_groups, cp, "pkda", layout, (1, T, [0, 1, T] if T > 2 else [0, T]), torch.float64, 1e-10)
 
 
+TRITON_CASES = {  # the long ones cut each rank's pieces into sub-segments (interpreter: 4 chunks each)
+    "cut_mid_rank": (1, 256, [0, 100, 256]),
+    "long_pieces": (1, 1024, [0, 300, 1024]),
+    "batch_long": (2, 512, None),
+}
+TRITON_VARIANT_CASES = [("pdn", "cut_mid_rank"), ("pgdn", "cut_mid_rank"), ("pkda", "cut_mid_rank"),
+                        ("pgdn", "long_pieces"), ("pkda", "long_pieces"), ("pgdn", "batch_long")]
+
+
+@pytest.mark.parametrize("variant,case", TRITON_VARIANT_CASES)
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-@pytest.mark.parametrize("variant", ["pgdn", "pkda"])
 @pytest.mark.parametrize("cp", [2, 4])
-def test_cp_with_triton_kernels(cp_groups, cp, variant, layout):
-    """The GPU code path (Triton kernels inside each rank) under CP, in the CPU interpreter."""
+def test_cp_with_triton_kernels(cp_groups, cp, variant, layout, case):
+    """The GPU code path (Triton kernels inside each rank, state hand-off by kernels.cp_state_pass) under CP, in
+    the CPU interpreter, against the float64-capable PyTorch path on one process."""
     pytest.importorskip("triton")
-    check_cp(cp_groups, cp, variant, layout, (1, 256, [0, 100, 256]), torch.float32, 2e-5, backend="triton")
+    check_cp(cp_groups, cp, variant, layout, TRITON_CASES[case], torch.float32, 2e-5, backend="triton")
+
+
+def test_cp_triton_falls_back_to_pytorch_exchange(cp_groups, monkeypatch):
+    """When the cross-rank state-pass kernels do not fit the GPU, the PyTorch exchange takes over: same answers."""
+    pytest.importorskip("triton")
+    from pdelta_cp.kernels import cp_state_pass
+
+    monkeypatch.setattr(cp_state_pass, "cp_state_pass", lambda *args, **kwargs: None)
+    check_cp(cp_groups, 2, "pgdn", "zigzag", TRITON_CASES["cut_mid_rank"], torch.float32, 2e-5, backend="triton")
 
 
 THD_CASES = {  # sequence lengths are multiples of 8 = 2 x 4 ranks, as Megatron pads THD batches

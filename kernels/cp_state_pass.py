@@ -1,0 +1,129 @@
+"""The state pass across ranks: the in-GPU segment parallelism of :mod:`.state_pass`, stretched over a CP group.
+
+Inside one GPU a long segment is cut into sub-segments that run in parallel, joined by their affine maps
+[M | b] (summary mode) and, in backward, by the transposed maps. Context parallelism is the same picture with
+ranks: every rank summarises its pieces with the same summary kernel, the summaries are all-gathered once, and
+each rank folds them in stream order to get the state entering its pieces.
+
+Backward needs no gradient of any map. By linearity, the parameters' share of a piece's exported map, contracted
+with the adjoint T arriving from the next piece, is exactly the local reverse pass with T added to the piece's
+terminal adjoint — along the trajectory the forward already ran. So backward is:
+  (a) a reverse pass from the local gradients only, giving ν = the adjoint at the start of every piece;
+  (b) one all-gather of ν; a reverse fold in stream order, λ_j = ν_j + M_jᵀ T_j with T_j = λ of the next piece
+      (0 when it starts a sequence): every rank now knows the adjoint T arriving at the end of its pieces;
+  (c) the full reverse pass with T added to the terminal adjoints.
+One collective per pass, [P, HV, K, K+V] forward and [P, HV, K, V] backward per rank, independent of T.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..cp.comm import all_gather_plain
+from ..cp.exchange import fold_in_stream_order
+from ..cp.layout import StreamLayout
+from ..chunk.summary import DENSE
+from .state_pass import _fold_backward, _fold_forward, _with_narrow_retry, split_segments, state_backward, \
+    state_forward
+
+
+def _segment_maps(M_sub: Tensor, b_sub: Tensor, subs, seg: int) -> tuple[Tensor, Tensor]:
+    """Compose the maps of segment ``seg``'s sub-segments in order."""
+    M = b = None
+    for i, (_, _, s, _) in enumerate(subs):
+        if s == seg:
+            M, b = (M_sub[i], b_sub[i]) if M is None else (M_sub[i] @ M, M_sub[i] @ b + b_sub[i])
+    return M, b
+
+
+class CPStatePass(torch.autograd.Function):
+    """(W, U, P̃, d, initial states of all sequences [N, HV, K, V]) -> (state entering every local chunk,
+    final state of every local segment), for the rank's part of a stream split by ``layout``."""
+
+    @staticmethod
+    def forward(ctx, W, U, P, D, init_all, after, layout: StreamLayout, group, seg_first, seg_len, sub_len, narrow):
+        K = W.shape[-1]
+        subs = split_segments(seg_first, seg_len, sub_len)
+        first, length = [s[0] for s in subs], [s[1] for s in subs]
+        _, maps = state_forward(W, U, P, D, None, first, length, summary=True, store_starts=False, narrow=narrow)
+        M_sub, b_sub = maps[..., :K], maps[..., K:]
+        segs = layout.segments
+        exports = []
+        for piece in range(len(layout.pieces)):
+            last = layout.last_segment(piece)
+            M, b = _segment_maps(M_sub, b_sub, subs, last)
+            if last != layout.first_segment(piece):  # a sequence starts inside: export its end state
+                M, b = torch.zeros_like(M), M @ init_all[segs[last].seq] + b
+            exports.append(torch.cat([M, b], dim=-1))
+        gathered = all_gather_plain(torch.stack(exports), group)  # [W, P, HV, K, K+V]
+        entering = fold_in_stream_order(layout, DENSE, gathered, lambda seq: init_all[seq])
+        S_enter = torch.stack([entering[s.piece] if _continues(layout, i) else init_all[s.seq]
+                               for i, s in enumerate(segs)])
+        starts, finals = state_forward(W, U, P, D, _fold_forward(M_sub, b_sub, S_enter, subs).contiguous(),
+                                       first, length, narrow=narrow)
+        last_sub = [i for i, s in enumerate(subs) if i + 1 == len(subs) or subs[i + 1][2] != s[2]]
+        ctx.save_for_backward(W, U, P, D, starts, M_sub, gathered[..., :K])
+        ctx.meta = (layout, group, subs, last_sub, narrow, init_all.shape)
+        return starts, finals[last_sub]
+
+    @staticmethod
+    def backward(ctx, g_starts, g_final):
+        W, U, P, D, starts, M_sub, M_gathered = ctx.saved_tensors
+        layout, group, subs, last_sub, narrow, init_shape = ctx.meta
+        first, length = [s[0] for s in subs], [s[1] for s in subs]
+        segs = layout.segments
+        HV, K, V = W.shape[1], W.shape[-1], U.shape[-1]
+        g_starts = torch.zeros_like(starts) if g_starts is None else g_starts.contiguous()
+        terminal = W.new_zeros((len(subs), HV, K, V))
+        if g_final is not None:
+            terminal[last_sub] = g_final
+        # (a) adjoint at every sub-segment start from the local gradients only; ν at every piece start
+        *_, local = state_backward(W, U, P, D, starts, g_starts, torch.zeros_like(terminal), first, length,
+                                   store_grads=False, narrow=narrow)
+        out = _fold_backward(M_sub, local, terminal, subs, last_sub)
+        first_sub = {s[2]: i for i, s in reversed(list(enumerate(subs)))}
+        nu = torch.stack([local[i] + M_sub[i].mT @ out[i]
+                          for i in (first_sub[layout.first_segment(p)] for p in range(len(layout.pieces)))])
+        # (b) one all-gather, reverse fold in stream order: the adjoint arriving at the end of each local piece
+        arriving = _arriving_adjoints(layout, all_gather_plain(nu, group), M_gathered)
+        for piece, T in enumerate(arriving):
+            terminal[last_sub[layout.last_segment(piece)]] += T
+        # (c) the full reverse pass
+        out = _fold_backward(M_sub, local, terminal, subs, last_sub)
+        dW, dU, dP, dD, dS0 = state_backward(W, U, P, D, starts, g_starts, out.contiguous(), first, length,
+                                             narrow=narrow)
+        d_init = W.new_zeros(init_shape)
+        for i, s in enumerate(segs):  # states that entered from an initial state (own pieces' only: no double count)
+            if not _continues(layout, i):
+                d_init[s.seq] += dS0[first_sub[i]]
+        return dW, dU, dP, dD, d_init, None, None, None, None, None, None, None
+
+
+def _continues(layout: StreamLayout, seg: int) -> bool:
+    """Does segment ``seg`` take its entering state from the previous piece (not from an initial state)?"""
+    s = layout.segments[seg]
+    return seg == layout.first_segment(s.piece) and not s.starts_sequence
+
+
+def _arriving_adjoints(layout: StreamLayout, nu_gathered: Tensor, M_gathered: Tensor) -> list[Tensor]:
+    """Reverse fold over all pieces: λ_j = ν_j + M_jᵀ T_j, T_j = λ of the next piece unless it starts a sequence.
+    Returns T for each local piece."""
+    arriving: list[Tensor | None] = [None] * len(layout.pieces)
+    nxt = None  # (λ, starts_sequence) of the piece after the current one in stream order
+    for gp in reversed(layout.order):
+        T = torch.zeros_like(nu_gathered[0, 0]) if nxt is None or nxt[1] else nxt[0]
+        if gp.owner == layout.rank:
+            arriving[gp.index] = T
+        lam = nu_gathered[gp.owner, gp.index] + M_gathered[gp.owner, gp.index].mT @ T
+        nxt = (lam, gp.starts_sequence)
+    return arriving
+
+
+def cp_state_pass(W: Tensor, U: Tensor, P: Tensor, D: Tensor, init_all: Tensor, layout: StreamLayout, group,
+                  seg_first, seg_len, sub_len: int, after: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+    """W, P [Nc,HV,C,K]; U [Nc,HV,C,V]; D [Nc,HV,K]; init_all [N,HV,K,V] (float32) -> (starts, finals), or None
+    when the kernels do not fit this GPU (the caller then uses the PyTorch exchange). ``after``: the A exchange's
+    gathered tensor, so that backward meets this pass's collective before that one's (see cp.comm)."""
+    args = [t.contiguous() for t in (W, U, P, D, init_all)]
+    return _with_narrow_retry(lambda narrow: CPStatePass.apply(*args, after, layout, group, tuple(seg_first),
+                                                               tuple(seg_len), sub_len, narrow))
