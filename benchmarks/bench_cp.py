@@ -55,6 +55,15 @@ def run_ours(x, group, layout, backend):
     return precond_delta_rule(*[x.get(n) for n in ARGS], cp_group=group, cp_layout=layout, backend=backend)[0]
 
 
+def run_ours_tree(x, group, layout, backend):
+    """Our CP with the PyTorch state exchange (autograd through a tree of dense maps): the pre-kernel path."""
+    os.environ["PDELTA_CP_TREE"] = "1"
+    try:
+        return run_ours(x, group, layout, backend)
+    finally:
+        os.environ.pop("PDELTA_CP_TREE")
+
+
 def run_ulysses(x, group, layout, backend):
     return ulysses_precond_delta_rule(*[x.get(n) for n in ARGS], cp_group=group, backend=backend)
 
@@ -141,7 +150,7 @@ def main():
                                  for n, t in x.items()}
                     else:  # no global copy: each rank draws only its own tokens
                         local = inputs(T // W, args.H, args.K, args.V, variant, device, dtype, seed=rank)
-                    fn = {"ours": run_ours, "ulysses": run_ulysses}.get(method)
+                    fn = {"ours": run_ours, "ours-tree": run_ours_tree, "ulysses": run_ulysses}.get(method)
                     if method == "fla":
                         def fn(xx, g, lay, be, v=variant):
                             return run_fla_kcp(xx, g, lay, be, v)
@@ -172,7 +181,7 @@ def main():
                     if cuda:
                         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
                     pieces = 2 if args.layout == "zigzag" else 1
-                    if method == "ours":
+                    if method.startswith("ours"):
                         row["bytes_per_layer_per_rank"] = bytes_per_layer(args.H, args.K, args.V, pieces)
                     elif method == "ulysses":  # q, k, v, o and 3 gates, there and back, 2 bytes each
                         row["bytes_per_layer_per_rank"] = 2 * 2 * (T // W) * args.H * (2 * args.K + 2 * args.V + 3)

@@ -13,7 +13,7 @@ case "$1" in
 cp)  # our CP: GPU tests, strong/weak scaling on N GPUs (up to 1M tokens), then 2 and 1 GPU; K=256 kernel tests
   timeout 200 $TR --nproc-per-node $N -m pytest -q -p no:cacheprovider -m gpu tests/distributed/test_cp_gpu.py \
       > "$OUT/cp_tests.log" 2>&1; echo "cp tests rc=$?"
-  timeout 170 $TR --nproc-per-node $N $BENCH --T 131072 524288 1048576 --weak 32768 --methods ours ulysses \
+  timeout 170 $TR --nproc-per-node $N $BENCH --T 131072 524288 1048576 --weak 32768 --methods ours ours-tree ulysses \
       --out "$OUT/cp$N.json" >> "$OUT/bench.log" 2>&1; echo "cp$N rc=$?"
   if [ "$N" -ge 4 ]; then
     CUDA_VISIBLE_DEVICES=1,2 timeout 150 $TR --nproc-per-node 2 $BENCH --T 131072 524288 --weak 32768 \
