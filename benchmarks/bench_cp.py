@@ -11,6 +11,7 @@ are counted from the exchanged summaries. Results are written (rank 0) after eve
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -124,10 +125,12 @@ def main():
     ap.add_argument("--check", type=int, default=1, help="check against one device first (0: skip)")
     ap.add_argument("--check-max-T", type=int, default=131072,
                     help="skip the one-device check above this many global tokens (it must fit one device)")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds a collective may wait before failing")
     ap.add_argument("--out", default="cp.json")
     args = ap.parse_args()
     cuda = args.device == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # a rank stuck in a collective its peers left (a peer's error) fails after this instead of hanging
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
     rank, W = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
