@@ -140,6 +140,16 @@ def test_cp_zigzag_per_sequence(cp_groups, cp, variant, case):
 
 
 @pytest.mark.parametrize("cp", [2, 4])
+def test_cp_zigzag_per_sequence_triton(cp_groups, cp):
+    """THD with the kernels: many pieces per rank, sequences starting inside pieces, no output states."""
+    pytest.importorskip("triton")
+    check_cp(cp_groups, cp, "pgdn", "zigzag_per_sequence", THD_CASES["thd_mixed"], torch.float32, 2e-5,
+             backend="triton")
+    check_cp(cp_groups, cp, "pkda", "zigzag_per_sequence", THD_CASES["thd_mixed"], torch.float32, 2e-5,
+             final_states=False, backend="triton")
+
+
+@pytest.mark.parametrize("cp", [2, 4])
 def test_cp_outputs_only_and_equal_heads(cp_groups, cp):
     """No final states requested (the usual training call), HV = H."""
     check_cp(cp_groups, cp, "pgdn", "zigzag", CASES["many_short"], torch.float64, 1e-10, final_states=False, HV=2)
