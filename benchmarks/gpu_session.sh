@@ -11,6 +11,10 @@ BENCH=benchmarks/bench_cp.py
 { nvidia-smi --query-gpu=name,memory.total --format=csv; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/gpu.txt" 2>&1
 case "$1" in
 cp)  # our CP: GPU tests, strong/weak scaling on N GPUs (up to 1M tokens), then 2 and 1 GPU; K=256 kernel tests
+  if python3 -c "import megatron.core" 2>/dev/null; then  # the Megatron bf16 check (2 GPUs)
+    CUDA_VISIBLE_DEVICES=0,1 timeout 150 $TR --nproc-per-node 2 -m pytest -q -s -p no:cacheprovider -m gpu \
+        tests/distributed/test_megatron_gpu.py > "$OUT/megatron.log" 2>&1; echo "megatron rc=$?"
+  fi
   timeout 200 $TR --nproc-per-node $N -m pytest -q -p no:cacheprovider -m gpu tests/distributed/test_cp_gpu.py \
       > "$OUT/cp_tests.log" 2>&1; echo "cp tests rc=$?"
   timeout 170 $TR --nproc-per-node $N $BENCH --T 131072 524288 1048576 --weak 32768 --methods ours ours-tree ulysses \
