@@ -23,6 +23,7 @@ from ..cp.comm import all_gather_plain
 from ..cp.exchange import fold_in_stream_order
 from ..cp.layout import StreamLayout
 from ..chunk.summary import DENSE
+from .stages import Recompute, load_wy, save_wy
 from .state_pass import _fold_backward, _fold_forward, _with_narrow_retry, split_segments, state_backward, \
     state_forward
 
@@ -41,7 +42,8 @@ class CPStatePass(torch.autograd.Function):
     final state of every local segment), for the rank's part of a stream split by ``layout``."""
 
     @staticmethod
-    def forward(ctx, W, U, P, D, init_all, after, layout: StreamLayout, group, seg_first, seg_len, sub_len, narrow):
+    def forward(ctx, W, U, P, D, init_all, after, layout: StreamLayout, group, seg_first, seg_len, sub_len, narrow,
+                recompute):
         K = W.shape[-1]
         subs = split_segments(seg_first, seg_len, sub_len)
         first, length = [s[0] for s in subs], [s[1] for s in subs]
@@ -62,13 +64,13 @@ class CPStatePass(torch.autograd.Function):
         starts, finals = state_forward(W, U, P, D, _fold_forward(M_sub, b_sub, S_enter, subs).contiguous(),
                                        first, length, narrow=narrow)
         last_sub = [i for i, s in enumerate(subs) if i + 1 == len(subs) or subs[i + 1][2] != s[2]]
-        ctx.save_for_backward(W, U, P, D, starts, M_sub, gathered[..., :K])
+        save_wy(ctx, recompute, (W, U, P), D, starts, M_sub, gathered[..., :K])
         ctx.meta = (layout, group, subs, last_sub, narrow, init_all.shape)
         return starts, finals[last_sub]
 
     @staticmethod
     def backward(ctx, g_starts, g_final):
-        W, U, P, D, starts, M_sub, M_gathered = ctx.saved_tensors
+        (W, U, P), (D, starts, M_sub, M_gathered) = load_wy(ctx)
         layout, group, subs, last_sub, narrow, init_shape = ctx.meta
         first, length = [s[0] for s in subs], [s[1] for s in subs]
         segs = layout.segments
@@ -96,7 +98,7 @@ class CPStatePass(torch.autograd.Function):
         for i, s in enumerate(segs):  # states that entered from an initial state (own pieces' only: no double count)
             if not _continues(layout, i):
                 d_init[s.seq] += dS0[first_sub[i]]
-        return dW, dU, dP, dD, d_init, None, None, None, None, None, None, None
+        return dW, dU, dP, dD, d_init, None, None, None, None, None, None, None, None
 
 
 def _continues(layout: StreamLayout, seg: int) -> bool:
@@ -120,10 +122,11 @@ def _arriving_adjoints(layout: StreamLayout, nu_gathered: Tensor, M_gathered: Te
 
 
 def cp_state_pass(W: Tensor, U: Tensor, P: Tensor, D: Tensor, init_all: Tensor, layout: StreamLayout, group,
-                  seg_first, seg_len, sub_len: int, after: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+                  seg_first, seg_len, sub_len: int, after: Tensor | None = None,
+                  recompute: Recompute | None = None) -> tuple[Tensor, Tensor] | None:
     """W, P [Nc,HV,C,K]; U [Nc,HV,C,V]; D [Nc,HV,K]; init_all [N,HV,K,V] (float32) -> (starts, finals), or None
     when the kernels do not fit this GPU (the caller then uses the PyTorch exchange). ``after``: the A exchange's
     gathered tensor, so that backward meets this pass's collective before that one's (see cp.comm)."""
     args = [t.contiguous() for t in (W, U, P, D, init_all)]
     return _with_narrow_retry(lambda narrow: CPStatePass.apply(*args, after, layout, group, tuple(seg_first),
-                                                               tuple(seg_len), sub_len, narrow))
+                                                               tuple(seg_len), sub_len, narrow, recompute))

@@ -26,6 +26,34 @@ def _recompute_grads(torch_form: Callable, saved, grads):
         return torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
 
 
+class Recompute:
+    """Gives the WY stage's outputs (W, U, P̃, d) again in backward — one forward launch, cached — so the stages
+    that consume them need not keep them from forward to backward (as fla recomputes w, u)."""
+
+    def __init__(self, fn: Callable, *inputs: torch.Tensor):
+        self.fn, self.inputs, self._out = fn, tuple(t.detach() for t in inputs), None
+
+    def __call__(self) -> tuple[torch.Tensor, ...]:
+        if self._out is None:
+            with torch.no_grad():
+                self._out = self.fn(*self.inputs)
+        return self._out
+
+
+def save_wy(ctx, recompute: Recompute | None, wy: tuple, *others) -> None:
+    """Save ``others`` for backward, and the WY tensors ``wy`` (W, U[, P̃]) too unless ``recompute`` remakes them."""
+    ctx.recompute, ctx.n_wy = recompute, len(wy)
+    ctx.save_for_backward(*(() if recompute is not None else wy), *others)
+
+
+def load_wy(ctx) -> tuple[tuple, tuple]:
+    """(WY tensors, others) as saved by :func:`save_wy`."""
+    saved = ctx.saved_tensors
+    if ctx.recompute is not None:
+        return tuple(ctx.recompute()[:ctx.n_wy]), saved
+    return saved[:ctx.n_wy], saved[ctx.n_wy:]
+
+
 def _fold_groups(t: torch.Tensor, H: int) -> torch.Tensor:
     """[Nc, HV, C, K] per value head -> [Nc, H, C, K] summed over each key head's group."""
     Nc, HV = t.shape[:2]
@@ -87,7 +115,7 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
 
     class Stage(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, q_hat, p, gamma, W, U, S):
+        def forward(ctx, q_hat, p, gamma, W, U, S, recompute):
             Nc, H, _, K = q_hat.shape
             HV, V = U.shape[1], U.shape[-1]
             BK, BV, warps, stages = chunk_tile_config(K, V)
@@ -98,12 +126,12 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
                 PRECISION=dot_precision(), num_warps=warps, num_stages=stages))
             if ctx.fallback:
                 O = torch_form(q_hat, p, gamma, W, U, S)
-            ctx.save_for_backward(q_hat, p, gamma, W, U, S)
+            save_wy(ctx, recompute, (W, U), q_hat, p, gamma, S)
             return O
 
         @staticmethod
         def backward(ctx, dO):
-            q_hat, p, gamma, W, U, S = ctx.saved_tensors
+            (W, U), (q_hat, p, gamma, S) = load_wy(ctx)
             Nc, H, _, K = q_hat.shape
             HV, V = U.shape[1], U.shape[-1]
             BK, BV, warps, stages = chunk_tile_config(K, V)
@@ -118,14 +146,14 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
                         q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H, Nc * HV, **common)) \
                     and launch_or_fallback(f"{name}_bwd_qp", lambda: bwd_qp_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H, **common)):
-                return _fold_groups(dq, H), _fold_groups(dp, H), dgam, dW.sum(0), dU, dS
+                return _fold_groups(dq, H), _fold_groups(dp, H), dgam, dW.sum(0), dU, dS, None
             if not Nc:
-                return torch.zeros_like(q_hat), torch.zeros_like(p), dgam, W.new_zeros(W.shape), dU, dS
-            return _recompute_grads(torch_form, ctx.saved_tensors, (dO,))
+                return torch.zeros_like(q_hat), torch.zeros_like(p), dgam, W.new_zeros(W.shape), dU, dS, None
+            return (*_recompute_grads(torch_form, (q_hat, p, gamma, W, U, S), (dO,)), None)
 
     Stage.__name__ = f"{name}_stage"
 
-    def apply(q_hat, p, gamma, W, U, S):
-        return Stage.apply(*[t.contiguous().float() for t in (q_hat, p, gamma, W, U, S)])
+    def apply(q_hat, p, gamma, W, U, S, recompute: Recompute | None = None):
+        return Stage.apply(*[t.contiguous().float() for t in (q_hat, p, gamma, W, U, S)], recompute)
 
     return apply

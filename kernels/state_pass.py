@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._triton_utils import INTERPRET, next_pow2, num_sms, warn_fallback
+from .stages import Recompute, load_wy, save_wy
 
 
 @triton.jit
@@ -206,7 +207,7 @@ class StatePass(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, W, U, P, D, S_enter, seg_first, seg_len, sub_len, narrow):
+    def forward(ctx, W, U, P, D, S_enter, seg_first, seg_len, sub_len, narrow, recompute):
         subs = split_segments(seg_first, seg_len, sub_len)
         first, length = [s[0] for s in subs], [s[1] for s in subs]
         split = len(subs) > len(seg_first)
@@ -221,13 +222,13 @@ class StatePass(torch.autograd.Function):
             S_sub = S_enter.contiguous()
         starts, finals = state_forward(W, U, P, D, S_sub, first, length, narrow=narrow)
         last = [i for i, s in enumerate(subs) if i + 1 == len(subs) or subs[i + 1][2] != s[2]]
-        ctx.save_for_backward(W, U, P, D, S_enter, starts, M)
+        save_wy(ctx, recompute, (W, U, P), D, S_enter, starts, M)
         ctx.subs, ctx.last, ctx.segments = subs, last, (seg_first, seg_len)
         return starts, finals[last]
 
     @staticmethod
     def backward(ctx, g_starts, g_final):
-        W, U, P, D, S_enter, starts, M = ctx.saved_tensors
+        (W, U, P), (D, S_enter, starts, M) = load_wy(ctx)
         grads = _with_narrow_retry(lambda narrow: _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final,
                                                                    narrow))
         if grads is None:  # recompute the pass in PyTorch and differentiate that
@@ -237,7 +238,7 @@ class StatePass(torch.autograd.Function):
                 pairs = [(o, g) for o, g in zip(outs, (g_starts, g_final)) if g is not None]
                 grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
                                             allow_unused=True)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final, narrow):
@@ -294,11 +295,12 @@ def _fold_backward(M, local, terminal, subs, last):
 
 
 def state_pass(W: Tensor, U: Tensor, P: Tensor, D: Tensor, S_enter: Tensor, seg_first, seg_len,
-               sub_len: int | None = None) -> tuple[Tensor, Tensor]:
-    """W, P [Nc,HV,C,K]; U [Nc,HV,C,V]; D [Nc,HV,K]; S_enter [Nseg,HV,K,V] (float32) -> (starts, finals)."""
+               sub_len: int | None = None, recompute: Recompute | None = None) -> tuple[Tensor, Tensor]:
+    """W, P [Nc,HV,C,K]; U [Nc,HV,C,V]; D [Nc,HV,K]; S_enter [Nseg,HV,K,V] (float32) -> (starts, finals).
+    ``recompute``: remakes (W, U, P̃) in backward instead of keeping them (see stages.Recompute)."""
     if sub_len is None:
         sub_len = default_sub_len(seg_len, W.shape[1], U.shape[-1], W.device)
     args = [t.contiguous() for t in (W, U, P, D, S_enter)]
     out = _with_narrow_retry(lambda narrow: StatePass.apply(*args, tuple(seg_first), tuple(seg_len), sub_len,
-                                                            narrow))
+                                                            narrow, recompute))
     return out if out is not None else state_pass_torch(*args, seg_first, seg_len)

@@ -72,3 +72,15 @@ def test_kernels_that_do_not_fit_fall_back_to_pytorch(monkeypatch, variant):
     tol = 1e-5 if DEVICE == "cpu" else 5e-3
     assert all(rel_rms(a, b) < tol for a, b in zip(out_f, out_k))
     assert all(rel_rms(grads_f[n], grads_k[n]) < tol for n in grads_k)
+
+
+@pytest.mark.parametrize("variant", ["pdn", "pkda"])
+def test_recomputing_wy_in_backward_changes_nothing(monkeypatch, variant):
+    """Backward remakes W, U, P̃ (default) or keeps them from forward (PDELTA_KEEP_WY=1): identical results."""
+    inp = make_inputs(T=150, H=2, HV=4, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE)
+    out_r, grads_r = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    monkeypatch.setenv("PDELTA_KEEP_WY", "1")
+    out_k, grads_k = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(out_r, out_k))
+    assert all(torch.equal(grads_r[n], grads_k[n]) for n in grads_k), [n for n in grads_k
+                                                                         if not torch.equal(grads_r[n], grads_k[n])]
