@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..indices import index_tensor
 from ._triton_utils import INTERPRET, next_pow2, num_sms, warn_fallback
 from .stages import Recompute, load_wy, save_wy
 
@@ -137,7 +138,7 @@ def _precision(summary: bool) -> str:
 
 
 def _segments_tensor(values, device) -> Tensor:
-    return torch.tensor(values, dtype=torch.int32, device=device)
+    return index_tensor(values, device, torch.int32)
 
 
 def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=True, narrow=False):

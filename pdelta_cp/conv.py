@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .cp.comm import agree, all_gather, signature, tie, world_and_rank
 from .cp.layout import LAYOUTS, StreamLayout, pieces_per_sample, rank_pieces, stream_layout
+from .indices import index_tensor
 from .ops import _group_device
 
 __all__ = ["short_conv"]
@@ -55,8 +56,8 @@ def _tap_index(layout: StreamLayout, width: int, L: int, device) -> Tensor:
     segs = layout.segments
 
     def per_token(values) -> Tensor:
-        lengths = torch.tensor([s.end - s.start for s in segs], device=device)
-        return torch.tensor(values, dtype=torch.long, device=device).repeat_interleave(lengths)
+        sizes = [s.end - s.start for s in segs]  # output_size given: no device-to-host sync on CUDA
+        return index_tensor(values, device).repeat_interleave(index_tensor(sizes, device), output_size=sum(sizes))
 
     seg_start = per_token([s.start for s in segs])
     piece = per_token([s.piece for s in segs])

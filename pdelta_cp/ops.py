@@ -8,6 +8,7 @@ from torch import Tensor
 from .chunk.pipeline import StreamInputs, chunked_precond_delta_rule
 from .cp.comm import agree, replicate_sum, signature, world_and_rank
 from .cp.layout import stream_layout
+from .indices import index_tensor
 from .validation import check_inputs, check_options
 
 __all__ = ["precond_delta_rule"]
@@ -126,8 +127,8 @@ def precond_delta_rule(
         return o, None, None
     # each sequence's final state lives on the rank holding its last token; assemble and share
     ends = [(i, s.seq) for i, s in enumerate(layout.segments) if s.ends_sequence]
-    seg_ids = torch.tensor([i for i, _ in ends], dtype=torch.long, device=device)
-    seq_ids = torch.tensor([n for _, n in ends], dtype=torch.long, device=device)
+    seg_ids = index_tensor([i for i, _ in ends], device)
+    seq_ids = index_tensor([n for _, n in ends], device)
     final_S = out.final_S.new_zeros((P.num_sequences, P.HV, P.K, P.V)).index_put((seq_ids,), out.final_S[seg_ids])
     final_A = out.final_A.new_zeros((P.num_sequences, P.H, P.K)).index_put((seq_ids,), out.final_A[seg_ids])
     return o, replicate_sum(final_S, cp_group), replicate_sum(final_A, cp_group)

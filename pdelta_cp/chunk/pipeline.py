@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..cp.exchange import exchange_and_fold
 from ..cp.layout import StreamLayout
+from ..indices import index_tensor
 from .delta import DeltaChunks, delta_chunks
 from .plan import ChunkPlan, diagonal_scan, make_chunk_plan, scan_chunks
 from .preconditioner import preconditioner_chunks, write_keys
@@ -114,7 +115,7 @@ def _entering_states(
     if layout.world == 1:  # every piece starts a sequence: nothing to hand over
         if initial_states is None:
             return initial(0).expand((len(segs),) + initial(0).shape), None
-        return initial_states.index_select(0, torch.tensor([s.seq for s in segs], device=initial_states.device)), None
+        return initial_states.index_select(0, index_tensor([s.seq for s in segs], initial_states.device)), None
     exports_M, exports_b = [], []
     for piece in range(len(layout.pieces)):
         last = layout.last_segment(piece)

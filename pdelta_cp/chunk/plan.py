@@ -7,10 +7,13 @@ zero gains, zero log-decay), so they change nothing.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ..indices import index_tensor
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,18 @@ class ChunkPlan:
 
 
 def make_chunk_plan(seg_bounds: list[tuple[int, int]], num_tokens: int, chunk_size: int, device) -> ChunkPlan:
-    """Build the plan for segments ``seg_bounds`` (consecutive, covering ``[0, num_tokens)``)."""
+    """The plan for segments ``seg_bounds`` (consecutive, covering ``[0, num_tokens)``).
+
+    Cached: every layer of every step asks for the same plan, and building one copies index tensors to the
+    device (a stream synchronisation each, see :mod:`pdelta_cp.indices`). Plans are read-only.
+    """
+    return _build_chunk_plan(tuple((int(s), int(e)) for s, e in seg_bounds), int(num_tokens), int(chunk_size),
+                             torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _build_chunk_plan(seg_bounds: tuple[tuple[int, int], ...], num_tokens: int, chunk_size: int,
+                      device: torch.device) -> ChunkPlan:
     starts = torch.tensor([s for s, _ in seg_bounds], dtype=torch.long)
     lengths = torch.tensor([e - s for s, e in seg_bounds], dtype=torch.long)
     counts = (lengths + chunk_size - 1) // chunk_size
@@ -134,5 +148,5 @@ def diagonal_scan(plan: ChunkPlan, init: Tensor, decay: Tensor, end: Tensor) -> 
     after = D * seg_init + A  # state leaving each chunk
     first = (pos == 0).view((-1,) + (1,) * (D.dim() - 1))
     before = torch.where(first, seg_init, torch.cat([seg_init[:1], after[:-1]]))
-    last = torch.tensor([f + n - 1 for f, n in zip(plan.seg_first_chunk, plan.seg_num_chunks)], device=init.device)
+    last = index_tensor([f + n - 1 for f, n in zip(plan.seg_first_chunk, plan.seg_num_chunks)], init.device)
     return before, after[last]
