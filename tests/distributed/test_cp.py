@@ -96,6 +96,12 @@ def test_cp_single_token_per_piece(cp_groups, cp, layout):
     check_cp(cp_groups, cp, "pkda", layout, (1, T, [0, 1, T] if T > 2 else [0, T]), torch.float64, 1e-10)
 
 
+def _only_in_a_world_of(cp):
+    """The interpreter is slow: run each CP degree of the kernel tests once, in the launch of that many ranks."""
+    if dist.get_world_size() != cp:
+        pytest.skip(f"runs in the {cp}-process launch")
+
+
 TRITON_CASES = {  # the long ones cut each rank's pieces into sub-segments (interpreter: 4 chunks each)
     "cut_mid_rank": (1, 256, [0, 100, 256]),
     "long_pieces": (1, 1024, [0, 300, 1024]),
@@ -112,6 +118,7 @@ def test_cp_with_triton_kernels(cp_groups, cp, variant, layout, case):
     """The GPU code path (Triton kernels inside each rank, state hand-off by kernels.cp_state_pass) under CP, in
     the CPU interpreter, against the float64-capable PyTorch path on one process."""
     pytest.importorskip("triton")
+    _only_in_a_world_of(cp)
     check_cp(cp_groups, cp, variant, layout, TRITON_CASES[case], torch.float32, 2e-5, backend="triton")
 
 
@@ -143,6 +150,7 @@ def test_cp_zigzag_per_sequence(cp_groups, cp, variant, case):
 def test_cp_zigzag_per_sequence_triton(cp_groups, cp):
     """THD with the kernels: many pieces per rank, sequences starting inside pieces, no output states."""
     pytest.importorskip("triton")
+    _only_in_a_world_of(cp)
     check_cp(cp_groups, cp, "pgdn", "zigzag_per_sequence", THD_CASES["thd_mixed"], torch.float32, 2e-5,
              backend="triton")
     check_cp(cp_groups, cp, "pkda", "zigzag_per_sequence", THD_CASES["thd_mixed"], torch.float32, 2e-5,
