@@ -16,6 +16,8 @@ One collective per pass, [P, HV, K, K+V] forward and [P, HV, K, V] backward per 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -24,17 +26,14 @@ from ..cp.exchange import fold_in_stream_order
 from ..cp.layout import StreamLayout
 from ..chunk.summary import DENSE
 from .stages import Recompute, load_wy, save_wy
-from .state_pass import _fold_backward, _fold_forward, _with_narrow_retry, split_segments, state_backward, \
-    state_forward
+from .state_pass import _fold_backward, _fold_forward, _with_narrow_retry, last_subs, split_segments, \
+    state_backward, state_forward
 
 
 def _segment_maps(M_sub: Tensor, b_sub: Tensor, subs, seg: int) -> tuple[Tensor, Tensor]:
     """Compose the maps of segment ``seg``'s sub-segments in order."""
-    M = b = None
-    for i, (_, _, s, _) in enumerate(subs):
-        if s == seg:
-            M, b = (M_sub[i], b_sub[i]) if M is None else (M_sub[i] @ M, M_sub[i] @ b + b_sub[i])
-    return M, b
+    maps = [(M_sub[i], b_sub[i]) for i, s in enumerate(subs) if s[2] == seg]
+    return functools.reduce(DENSE.compose, maps)
 
 
 class CPStatePass(torch.autograd.Function):
@@ -63,7 +62,7 @@ class CPStatePass(torch.autograd.Function):
                                for i, s in enumerate(segs)])
         starts, finals = state_forward(W, U, P, D, _fold_forward(M_sub, b_sub, S_enter, subs).contiguous(),
                                        first, length, narrow=narrow)
-        last_sub = [i for i, s in enumerate(subs) if i + 1 == len(subs) or subs[i + 1][2] != s[2]]
+        last_sub = last_subs(subs)
         save_wy(ctx, recompute, (W, U, P), D, starts, M_sub, gathered[..., :K])
         ctx.meta = (layout, group, subs, last_sub, narrow, init_all.shape)
         return starts, finals[last_sub]

@@ -16,7 +16,7 @@ from ._triton_utils import chunk_tile_config, dot_precision, launch_or_fallback
 C = 64
 
 
-def _recompute_grads(torch_form: Callable, saved, grads):
+def torch_form_grads(torch_form: Callable, saved, grads):
     """Backward through PyTorch autograd of the stage's PyTorch form."""
     inputs = [t.detach().requires_grad_(True) for t in saved]
     with torch.enable_grad():
@@ -100,7 +100,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
                         k_hat, p, v, beta, gamma, T, *z, dk, dp, dv, dbeta, dgam, H, HV, HV // H, K=K, V=V, C=C,
                         BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=warps, num_stages=stages)):
                     return _fold_groups(dk, H), _fold_groups(dp, H), dv, dbeta, dgam
-            return _recompute_grads(torch_form, (k_hat, p, v, beta, gamma), grads)
+            return torch_form_grads(torch_form, (k_hat, p, v, beta, gamma), grads)
 
     Stage.__name__ = f"{name}_stage"
 
@@ -149,7 +149,7 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
                 return _fold_groups(dq, H), _fold_groups(dp, H), dgam, dW.sum(0), dU, dS, None
             if not Nc:
                 return torch.zeros_like(q_hat), torch.zeros_like(p), dgam, W.new_zeros(W.shape), dU, dS, None
-            return (*_recompute_grads(torch_form, (q_hat, p, gamma, W, U, S), (dO,)), None)
+            return (*torch_form_grads(torch_form, (q_hat, p, gamma, W, U, S), (dO,)), None)
 
     Stage.__name__ = f"{name}_stage"
 

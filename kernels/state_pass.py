@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..indices import index_tensor
 from ._triton_utils import INTERPRET, next_pow2, num_sms, warn_fallback
-from .stages import Recompute, load_wy, save_wy
+from .stages import Recompute, load_wy, save_wy, torch_form_grads
 
 
 @triton.jit
@@ -192,6 +192,11 @@ def split_segments(seg_first, seg_len, sub_len: int):
     return out
 
 
+def last_subs(subs) -> list[int]:
+    """Index of the last sub-segment of every segment (``subs`` as made by :func:`split_segments`)."""
+    return [i for i, s in enumerate(subs) if i + 1 == len(subs) or subs[i + 1][2] != s[2]]
+
+
 def default_sub_len(seg_len, HV: int, V: int, device) -> int:
     """Sub-segment length (in chunks) that gives the GPU enough programs: about 4 waves of the SMs."""
     total = sum(seg_len)
@@ -222,7 +227,7 @@ class StatePass(torch.autograd.Function):
         else:
             S_sub = S_enter.contiguous()
         starts, finals = state_forward(W, U, P, D, S_sub, first, length, narrow=narrow)
-        last = [i for i, s in enumerate(subs) if i + 1 == len(subs) or subs[i + 1][2] != s[2]]
+        last = last_subs(subs)
         save_wy(ctx, recompute, (W, U, P), D, S_enter, starts, M)
         ctx.subs, ctx.last, ctx.segments = subs, last, (seg_first, seg_len)
         return starts, finals[last]
@@ -233,12 +238,8 @@ class StatePass(torch.autograd.Function):
         grads = _with_narrow_retry(lambda narrow: _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final,
                                                                    narrow))
         if grads is None:  # recompute the pass in PyTorch and differentiate that
-            inputs = [t.detach().requires_grad_(True) for t in (W, U, P, D, S_enter)]
-            with torch.enable_grad():
-                outs = state_pass_torch(*inputs, *ctx.segments)
-                pairs = [(o, g) for o, g in zip(outs, (g_starts, g_final)) if g is not None]
-                grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
-                                            allow_unused=True)
+            grads = torch_form_grads(lambda *t: state_pass_torch(*t, *ctx.segments), (W, U, P, D, S_enter),
+                                     (g_starts, g_final))
         return (*grads, None, None, None, None, None)
 
 

@@ -18,13 +18,18 @@ pytestmark = pytest.mark.distributed
 S, B, D = 32, 2, 32  # tokens per sample, samples, hidden size
 
 
-def _config(tp, cp, sp=False):
-    """(Re)initialise Megatron's parallel state and return a small float32 CPU config (same seed every time)."""
+def _config(tp, cp, sp=False, hidden=D, device=torch.device("cpu")):
+    """(Re)initialise Megatron's parallel state and return a small float32 config (same seed every time)."""
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
-    enable_cpu()
+    if device.type == "cuda":
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(0)
+    else:
+        enable_cpu()
     torch.manual_seed(0)
-    return TransformerConfig(num_layers=2, hidden_size=D, num_attention_heads=4, use_cpu_initialization=True,
+    return TransformerConfig(num_layers=2, hidden_size=hidden, num_attention_heads=4, use_cpu_initialization=True,
                              params_dtype=torch.float32, tensor_model_parallel_size=tp, context_parallel_size=cp,
                              hidden_dropout=0.0, attention_dropout=0.0, normalization="RMSNorm",
                              bias_dropout_fusion=False, add_bias_linear=False, gradient_accumulation_fusion=False,

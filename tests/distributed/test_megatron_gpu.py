@@ -19,14 +19,14 @@ megatron = pytest.importorskip("megatron.core")
 
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.transformer.transformer_block import TransformerBlock  # noqa: E402
-from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+from test_megatron import _config as megatron_config  # noqa: E402  (tests/distributed is on sys.path)
 
 from pdelta_cp.cp.layout import shard  # noqa: E402
 from pdelta_cp.megatron_patches.specs import build_gpt_model, pdelta_block_spec  # noqa: E402
 from pdelta_cp.testing import rel_rms  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.gpu]
-S, B, D, HEADS = 4096, 1, 512, 4  # head dim 128, as in the kernel benchmarks
+S, B, D = 4096, 1, 512  # 4 heads of 128 (the shared config's head count), as in the kernel benchmarks
 TOL = 3e-3
 
 
@@ -40,24 +40,6 @@ def cuda(world):
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _config(cp, device):
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, context_parallel_size=cp)
-    if device.type == "cuda":
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(0)
-    else:
-        from pdelta_cp.megatron_patches.cpu import enable_cpu
-
-        enable_cpu()
-    torch.manual_seed(0)
-    return TransformerConfig(num_layers=2, hidden_size=D, num_attention_heads=HEADS, use_cpu_initialization=True,
-                             params_dtype=torch.float32, context_parallel_size=cp, hidden_dropout=0.0,
-                             attention_dropout=0.0, normalization="RMSNorm", bias_dropout_fusion=False,
-                             add_bias_linear=False, gradient_accumulation_fusion=False)
-
-
 def _grads(module, scalar):
     names = [n for n, _ in module.named_parameters()]
     return dict(zip(names, torch.autograd.grad(scalar, [p for _, p in module.named_parameters()])))
@@ -67,7 +49,7 @@ def _run_three(build, forward, cuda):
     """{(cp, precision): (per-token output, grads)} for (1, fp64), (1, bf16), (2, bf16); outputs gathered whole."""
     runs = {}
     for cp, precision in ((1, "fp64"), (1, "bf16"), (2, "bf16")):
-        module = build(_config(cp, cuda)).to(cuda)
+        module = build(megatron_config(1, cp, hidden=D, device=cuda)).to(cuda)
         if precision == "fp64":
             module = module.double()
         rank = parallel_state.get_context_parallel_rank()
