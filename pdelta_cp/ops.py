@@ -110,25 +110,28 @@ def precond_delta_rule(
 
     centre = torch.as_tensor(log_atk_scale, device=device).to(dtype).expand(P.H)
     layout = stream_layout(P.B, P.T, list(P.cu_seqlens) if P.cu_seqlens else None, world, rank, cp_layout)
-    out = chunked_precond_delta_rule(
-        StreamInputs(
-            q=stream(q), k=stream(k), v=stream(v), beta=stream(beta), g_atk=stream(g_atk), beta_atk=stream(beta_atk),
-            g=stream(g), centre=centre, x=float(x), eps=float(eps), dtype=dtype, qk_l2norm=qk_l2norm,
-            q_scale=float(P.K ** -0.5 if scale is None else scale),
-            initial_state=None if initial_state is None else initial_state.to(dtype),
-            initial_A_state=None if initial_A_state is None else initial_A_state.to(dtype),
-        ),
-        layout,
-        cp_group,
-        backend,
-    )
-    o = out.o.reshape(P.B, P.T, P.HV, P.V).to(v.dtype)
-    if not output_final_state:
-        return o, None, None
-    # each sequence's final state lives on the rank holding its last token; assemble and share
-    ends = [(i, s.seq) for i, s in enumerate(layout.segments) if s.ends_sequence]
-    seg_ids = index_tensor([i for i, _ in ends], device)
-    seq_ids = index_tensor([n for _, n in ends], device)
-    final_S = out.final_S.new_zeros((P.num_sequences, P.HV, P.K, P.V)).index_put((seq_ids,), out.final_S[seg_ids])
-    final_A = out.final_A.new_zeros((P.num_sequences, P.H, P.K)).index_put((seq_ids,), out.final_A[seg_ids])
-    return o, replicate_sum(final_S, cp_group), replicate_sum(final_A, cp_group)
+    # The chunk algorithm runs in float32 by design (long chains and summaries need it): an enclosing autocast
+    # region would silently drop its matmuls to bf16 and break the dtype contracts of the custom backward passes.
+    with torch.autocast(device.type, enabled=False):
+        out = chunked_precond_delta_rule(
+            StreamInputs(
+                q=stream(q), k=stream(k), v=stream(v), beta=stream(beta), g_atk=stream(g_atk),
+                beta_atk=stream(beta_atk), g=stream(g), centre=centre, x=float(x), eps=float(eps), dtype=dtype, qk_l2norm=qk_l2norm,
+                q_scale=float(P.K ** -0.5 if scale is None else scale),
+                initial_state=None if initial_state is None else initial_state.to(dtype),
+                initial_A_state=None if initial_A_state is None else initial_A_state.to(dtype),
+            ),
+            layout,
+            cp_group,
+            backend,
+        )
+        o = out.o.reshape(P.B, P.T, P.HV, P.V).to(v.dtype)
+        if not output_final_state:
+            return o, None, None
+        # each sequence's final state lives on the rank holding its last token; assemble and share
+        ends = [(i, s.seq) for i, s in enumerate(layout.segments) if s.ends_sequence]
+        seg_ids = index_tensor([i for i, _ in ends], device)
+        seq_ids = index_tensor([n for _, n in ends], device)
+        final_S = out.final_S.new_zeros((P.num_sequences, P.HV, P.K, P.V)).index_put((seq_ids,), out.final_S[seg_ids])
+        final_A = out.final_A.new_zeros((P.num_sequences, P.H, P.K)).index_put((seq_ids,), out.final_A[seg_ids])
+        return o, replicate_sum(final_S, cp_group), replicate_sum(final_A, cp_group)

@@ -4,7 +4,7 @@ import torch
 
 from pdelta_cp import precond_delta_rule
 from pdelta_cp.reference import naive_precond_delta_rule
-from pdelta_cp.testing import make_inputs, outputs_and_grads, rel_rms
+from pdelta_cp.testing import call, make_inputs, output_weights, outputs_and_grads, rel_rms, weighted_loss
 
 CASES = [  # (B, T, H, HV, K, V, cu_seqlens)
     (2, 150, 2, 2, 16, 8, None),  # T not a multiple of the chunk size
@@ -78,3 +78,17 @@ def test_bf16_inputs_give_bf16_output_and_fp32_states():
     o, S, A = precond_delta_rule(*[inp.get(n) for n in ("q", "k", "v", "beta", "g_atk", "beta_atk", "g")],
                                  output_final_state=True)
     assert o.dtype == torch.bfloat16 and S.dtype == torch.float32 and A.dtype == torch.float32
+
+
+@pytest.mark.parametrize("variant", ["pgdn", "pkda"])
+def test_enclosing_bf16_autocast_changes_nothing(variant):
+    """Mixed-precision training runs the model's forward under autocast; the op keeps its float32 chunk math:
+    bitwise the same outputs and gradients as without autocast (backward outside the region, as PyTorch asks)."""
+    inp = make_inputs(T=70, variant=variant, dtype=torch.float32)
+    plain_out, plain_grads = outputs_and_grads(precond_delta_rule, inp, output_final_state=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call(precond_delta_rule, inp, output_final_state=True)
+    assert all(torch.equal(a, b) for a, b in zip(out, plain_out))
+    names = list(plain_grads)
+    grads = torch.autograd.grad(weighted_loss(out, output_weights(*out)), [inp[n] for n in names])
+    assert all(torch.equal(gr, plain_grads[n]) for n, gr in zip(names, grads))
