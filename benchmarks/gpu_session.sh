@@ -53,4 +53,37 @@ recheck)  # GPU CP tests, then fla-core KCP on all GPUs; the kernel benchmark an
       --out "$OUT/fla1.json" >> "$OUT/bench.log" 2>&1 &
   wait; echo "recheck done"
   ;;
+scale)  # 2+ GPUs after a `cp` call: Megatron bf16 check, 1M tokens + weak scaling, profiles, then fla KCP
+  if python3 -c "import megatron.core" 2>/dev/null; then
+    CUDA_VISIBLE_DEVICES=0,1 timeout 150 $TR --nproc-per-node 2 -m pytest -q -s -p no:cacheprovider -m gpu \
+        tests/distributed/test_megatron_gpu.py > "$OUT/megatron.log" 2>&1; echo "megatron rc=$?"
+  fi
+  timeout 200 $TR --nproc-per-node $N $BENCH --T 1048576 --weak 32768 --methods ours ulysses \
+      --out "$OUT/cp${N}_long.json" >> "$OUT/bench.log" 2>&1; echo "cp$N long rc=$?"
+  CUDA_VISIBLE_DEVICES=0 timeout 60 python3 benchmarks/profile_op.py --variant pgdn --T 32768 \
+      --out "$OUT/profile_pgdn.txt" > /dev/null 2>&1 &
+  CUDA_VISIBLE_DEVICES=$LAST timeout 60 python3 benchmarks/profile_op.py --variant pkda --T 32768 \
+      --out "$OUT/profile_pkda.txt" > /dev/null 2>&1 &
+  wait
+  timeout 170 $TR --nproc-per-node $N $BENCH --T 131072 --methods fla \
+      --out "$OUT/fla$N.json" >> "$OUT/bench.log" 2>&1; echo "fla$N rc=$?"
+  ;;
+verify)  # 2 GPUs: Megatron bf16 check; kernel GPU tests, profiles and our kernel timings on GPU 0, fla on the last
+  if python3 -c "import megatron.core" 2>/dev/null; then
+    CUDA_VISIBLE_DEVICES=0,1 timeout 120 $TR --nproc-per-node 2 -m pytest -q -s -p no:cacheprovider -m gpu \
+        tests/distributed/test_megatron_gpu.py > "$OUT/megatron.log" 2>&1; echo "megatron rc=$?"
+  fi
+  CUDA_VISIBLE_DEVICES=$LAST timeout 380 python3 benchmarks/bench_kernels.py --T 8192 32768 131072 --batch-case \
+      --warmup 10 --rep 50 --ops fla-gdn fla-pgdn fla-kda fla-pkda --out "$OUT/kernels_fla.json" \
+      > "$OUT/kernels.log" 2>&1 &
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "not k256" -s > "$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$?"
+  timeout 60 python3 benchmarks/profile_op.py --variant pgdn --T 32768 --out "$OUT/profile_pgdn.txt" > /dev/null 2>&1
+  timeout 60 python3 benchmarks/profile_op.py --variant pkda --T 32768 --out "$OUT/profile_pkda.txt" > /dev/null 2>&1
+  timeout 150 python3 benchmarks/bench_kernels.py --T 8192 32768 131072 --batch-case --warmup 10 --rep 50 \
+      --ops pdn pgdn pkda --out "$OUT/kernels_ours.json" >> "$OUT/kernels.log" 2>&1; echo "ours rc=$?"
+  unset CUDA_VISIBLE_DEVICES
+  wait; echo "verify done"
+  ;;
 esac

@@ -5,10 +5,12 @@ TP=1 CP=2 against TP=1 CP=1.
 
 Parameters stay fp32; activations and the op run in bf16 (autocast). Outputs and per-token losses must match the
 one-GPU run within 3e-3 relative RMS. Parameter gradients are sums over all tokens of bf16 per-token terms that
-partly cancel, so two bf16 runs differ by more than their per-token terms (measured on 2 H200: up to 7e-3 for
-gate parameters and norms, while outputs agree to 3e-4). The test therefore asks what matters: every parameter
-gradient under CP is as close to the float64 answer (the same model in float64, PyTorch backend, one GPU) as the
-one-GPU bf16 gradient is — within max(3e-3, 1.5x the one-GPU error).
+largely cancel, so two bf16 runs differ by more than their per-token terms (measured on 2 H200: 1-2e-2 from
+float64 for gate parameters of 4 entries, while outputs agree to 3e-4). The test therefore asks what matters:
+under CP the gradients are as close to the float64 answer (the same model in float64, PyTorch backend, one GPU) as
+the one-GPU bf16 gradients are. Per parameter that ratio is noisy (a 4-entry gate parameter measured 1.7x on one
+seed, 1.06x on another), so the bound is on the mean ratio over all parameters (<= 1.3) with a per-parameter
+guard of max(3e-3, 3x the one-GPU error) that a wrong state hand-off (errors of order 1) cannot pass.
 """
 import os
 
@@ -71,12 +73,18 @@ def _judge(runs, token_dim):
     cp_out, cp, rank = runs[(2, "bf16")]
     out_err = rel_rms(cp_out, shard(one_out, 2, rank, "zigzag", dim=token_dim))
     ratios = {n: (rel_rms(cp[n], truth[n]), rel_rms(one[n], truth[n])) for n in truth}
-    worst = max(ratios, key=lambda n: ratios[n][0] / max(TOL, 1.5 * ratios[n][1]))
-    print(f"\noutput vs one GPU {out_err:.2e}; worst gradient {worst}: CP {ratios[worst][0]:.2e} vs one GPU "
-          f"{ratios[worst][1]:.2e} from float64")
-    bad = {n: r for n, r in ratios.items() if not r[0] < max(TOL, 1.5 * r[1])}
+    rel = {n: c / max(o, TOL / 3) for n, (c, o) in ratios.items()}  # errors below 1e-3 are all fine: floor them
+    mean_ratio = sum(rel.values()) / len(rel)
+    worst = max(ratios, key=lambda n: ratios[n][0] / max(TOL, 3 * ratios[n][1]))
+    print(f"\noutput vs one GPU {out_err:.2e}; gradient error from float64, CP / one GPU: mean ratio "
+          f"{mean_ratio:.2f} over {len(rel)} parameters; worst {worst}: CP {ratios[worst][0]:.2e} vs one GPU "
+          f"{ratios[worst][1]:.2e}")
+    for n, (c, o) in sorted(ratios.items(), key=lambda item: -rel[item[0]])[:8]:
+        print(f"  {n}: CP {c:.2e}  one GPU {o:.2e}  ratio {rel[n]:.2f}")
+    bad = {n: r for n, r in ratios.items() if not r[0] < max(TOL, 3 * r[1])}
     assert out_err < TOL, out_err
     assert not bad, bad
+    assert mean_ratio <= 1.3, mean_ratio
 
 
 @pytest.mark.parametrize("variant", ["pgdn", "pkda"])
