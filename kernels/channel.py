@@ -34,7 +34,7 @@ def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
     mk = rk < K
     beta = tl.load(BETA + vrow + rc)
     L = beta[:, None] * gram_lower(KH, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, True, PRECISION)
-    T = _invert_unit_lower(L, rc, C, PRECISION)
+    T = _invert_unit_lower(L, rc, C)
     tl.store(TINV + (vrow + rc[:, None]) * C + rc[None, :], T)
     ga = _rows(GAM, vrow, rc, rk, mk, K)
     w = tl.dot(T, _rows(KH, krow, rc, rk, mk, K) * tl.exp(ga) * beta[:, None], input_precision=PRECISION)

@@ -32,30 +32,12 @@ C = 64
 
 
 @triton.jit
-def _accurate_dot(a, b, PRECISION: tl.constexpr):
-    """a @ b to about fp32 accuracy: three TF32 products where the kernels otherwise use one."""
-    if PRECISION == "tf32":
-        return tl.dot(a, b, input_precision="tf32x3")
-    else:
-        return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _invert_unit_lower(L, rc, C: tl.constexpr, PRECISION: tl.constexpr):
-    """(I + L)^-1 for strictly lower L [C, C] by block doubling: with T the inverse's block diagonal at block size
-    b, the inverse at 2b is T − T L_off T, L_off being L's lower-left b×b sub-block inside each 2b block
-    (for [[A, 0], [B, D]] the inverse's lower block is −D⁻¹ B A⁻¹). log2(C) levels of two matrix products on
-    tensor cores instead of C − 1 dependent row updates (the old forward substitution was the slowest part of
-    the forward on H100/H200)."""
-    tl.static_assert(C == 64, "the doubling below is written for chunks of 64")
-    eye = rc[:, None] == rc[None, :]
-    pair = (rc[:, None] // 2 == rc[None, :] // 2) & (rc[:, None] != rc[None, :])
-    T = tl.where(eye, 1.0, 0.0) - tl.where(pair, L, 0.0)  # b = 1 -> 2 needs no product
-    for lvl in tl.static_range(1, 6):  # b = 2, 4, 8, 16, 32
-        b = 1 << lvl
-        off = (rc[:, None] // (2 * b) == rc[None, :] // (2 * b)) & (rc[:, None] // b != rc[None, :] // b)
-        X = _accurate_dot(tl.where(off, L, 0.0), T, PRECISION)
-        T = T - _accurate_dot(T, X, PRECISION)
+def _invert_unit_lower(L, rc, C: tl.constexpr):
+    """(I + L)^-1 for strictly lower L [C, C], by forward substitution on rows: T_i = e_i − L_i,: T."""
+    T = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0).to(tl.float32)
+    for i in range(1, C):
+        l_row = tl.sum(tl.where(rc[:, None] == i, L, 0.0), axis=0)
+        T = tl.where(rc[:, None] == i, T - tl.sum(l_row[:, None] * T, axis=0)[None, :], T)
     return T
 
 
@@ -77,7 +59,7 @@ def _wy_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
     strict = rc[:, None] > rc[None, :]
     decay = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0))
     L = tl.where(strict, beta[:, None] * tl.dot(kk, p_t, input_precision=PRECISION) * decay, 0.0)
-    T = _invert_unit_lower(L, rc, C, PRECISION)
+    T = _invert_unit_lower(L, rc, C)
     tl.store(TINV + (vrow + rc[:, None]) * C + rc[None, :], T)
     eg = tl.exp(gam)
     w = tl.dot(T, kk * (beta * eg)[:, None], input_precision=PRECISION)
