@@ -51,6 +51,16 @@ def fit_kernel(points: list[tuple[int, float]]) -> tuple[float, float]:
     return max(0.0, my - b * mx), b
 
 
+def fit_summary_frac(measured: list[tuple[int, int, float]], kernel: tuple[float, float], H: int, K: int, V: int,
+                     intra: tuple[float, float]) -> float:
+    """The summary share (0..1) that best explains measured multi-rank times [(T, W, seconds)], by relative
+    least squares over a fine grid (one parameter: no closed form needed)."""
+    def loss(frac: float) -> float:
+        return sum((step_time(T, W, kernel, H, K, V, summary_frac=frac, intra=intra) / t - 1) ** 2
+                   for T, W, t in measured)
+    return min((i / 1000 for i in range(1001)), key=loss)
+
+
 def step_time(T: int, W: int, kernel: tuple[float, float], H: int, K: int, V: int, *, summary_frac: float,
               intra: tuple[float, float], inter: tuple[float, float] | None = None, gpus_per_node: int = 8,
               two_level: bool = False) -> float:
@@ -77,7 +87,8 @@ def main():
     ap.add_argument("--H", type=int, default=16)
     ap.add_argument("--K", type=int, default=128)
     ap.add_argument("--V", type=int, default=128)
-    ap.add_argument("--summary-frac", type=float, default=0.25, help="summary cost / kernel cost per token")
+    ap.add_argument("--summary-frac", type=float, default=None,
+                    help="summary cost / kernel cost per token (default: fitted to the multi-rank CP rows, else 0.25)")
     ap.add_argument("--out", default="cost_model.md")
     args = ap.parse_args()
     points = []
@@ -91,10 +102,18 @@ def main():
                    if r.get("method") == "ours" and r.get("ranks") == 1 and r.get("variant") == args.variant
                    and "fwd_bwd_ms" in r]
     kernel = fit_kernel(points) if points else (0.0, 1 / 3e6)  # placeholder: 3 Mtok/s until measured
+    multi = [] if not args.cp else [
+        (r["T_global"], r["ranks"], r["fwd_bwd_ms"] / 1e3) for r in json.load(open(args.cp))["rows"]
+        if r.get("method") == "ours" and r.get("ranks", 1) > 1 and r.get("variant") == args.variant
+        and "fwd_bwd_ms" in r]
+    fitted = args.summary_frac is None and bool(multi) and bool(points)
+    if args.summary_frac is None:
+        args.summary_frac = fit_summary_frac(multi, kernel, args.H, args.K, args.V, LINKS["nvlink"]) if fitted else 0.25
     lines = [f"# CP cost model ({args.variant}, H={args.H}, K={args.K}, V={args.V})", "",
              f"Kernel fit: t = {kernel[0] * 1e3:.3f} ms + {kernel[1] * 1e9:.3f} ns/token "
              f"({'fitted to ' + str(len(points)) + ' measurements' if points else 'PLACEHOLDER, not measured'}); "
-             f"summary overhead {args.summary_frac:.0%} of the kernel; links: {LINKS}.", ""]
+             f"summary overhead {args.summary_frac:.1%} of the kernel ({'fitted to the multi-rank rows' if fitted else 'assumed'}); "
+             f"links: {LINKS}.", ""]
     if args.cp:
         rows = [r for r in json.load(open(args.cp))["rows"] if r.get("method") == "ours" and "fwd_bwd_ms" in r
                 and r.get("variant") == args.variant]

@@ -16,7 +16,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_cp(path: str, out: str) -> None:
-    rows = [r for r in json.load(open(path))["rows"] if "fwd_bwd_ms" in r and r["scaling"] == "strong"]
+    rows, seen = [], set()
+    for r in json.load(open(path))["rows"]:  # the first measurement of each point (later calls repeat some)
+        key = (r["method"], r["variant"], r["scaling"], r["T_global"], r["ranks"])
+        if "fwd_bwd_ms" in r and r["scaling"] == "strong" and key not in seen:
+            seen.add(key)
+            rows.append(r)
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in sorted({r["method"] for r in rows}):
         for variant in sorted({r["variant"] for r in rows}):

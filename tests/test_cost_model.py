@@ -28,3 +28,10 @@ def test_scaling_and_two_level_exchange():
     two = cm.step_time(2 ** 20, 512, kernel, 16, 128, 128, summary_frac=0.25, intra=cm.LINKS["nvlink"],
                        inter=cm.LINKS["infiniband"], two_level=True)
     assert two < flat
+
+
+def test_summary_share_is_recovered_from_measurements():
+    kernel, links = (1e-3, 1e-7), cm.LINKS["nvlink"]
+    measured = [(T, W, cm.step_time(T, W, kernel, 16, 128, 128, summary_frac=0.07, intra=links))
+                for T, W in ((2 ** 17, 2), (2 ** 19, 2), (2 ** 20, 4))]
+    assert abs(cm.fit_summary_frac(measured, kernel, 16, 128, 128, links) - 0.07) < 1e-3
