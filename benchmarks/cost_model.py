@@ -112,7 +112,8 @@ def main():
     lines = [f"# CP cost model ({args.variant}, H={args.H}, K={args.K}, V={args.V})", "",
              f"Kernel fit: t = {kernel[0] * 1e3:.3f} ms + {kernel[1] * 1e9:.3f} ns/token "
              f"({'fitted to ' + str(len(points)) + ' measurements' if points else 'PLACEHOLDER, not measured'}); "
-             f"summary overhead {args.summary_frac:.1%} of the kernel ({'fitted to the multi-rank rows' if fitted else 'assumed'}); "
+             f"summary overhead {args.summary_frac:.1%} of the kernel "
+             f"({'fitted to the multi-rank rows' if fitted else 'assumed'}); "
              f"links: {LINKS}.", ""]
     if args.cp:
         rows = [r for r in json.load(open(args.cp))["rows"] if r.get("method") == "ours" and "fwd_bwd_ms" in r

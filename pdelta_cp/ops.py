@@ -116,7 +116,8 @@ def precond_delta_rule(
         out = chunked_precond_delta_rule(
             StreamInputs(
                 q=stream(q), k=stream(k), v=stream(v), beta=stream(beta), g_atk=stream(g_atk),
-                beta_atk=stream(beta_atk), g=stream(g), centre=centre, x=float(x), eps=float(eps), dtype=dtype, qk_l2norm=qk_l2norm,
+                beta_atk=stream(beta_atk), g=stream(g), centre=centre, x=float(x), eps=float(eps), dtype=dtype,
+                qk_l2norm=qk_l2norm,
                 q_scale=float(P.K ** -0.5 if scale is None else scale),
                 initial_state=None if initial_state is None else initial_state.to(dtype),
                 initial_A_state=None if initial_A_state is None else initial_A_state.to(dtype),
