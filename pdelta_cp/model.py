@@ -82,14 +82,17 @@ class LanguageModel(nn.Module):
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, tokens: Tensor, **cp) -> Tensor:
+    def forward(self, tokens: Tensor, return_hidden: bool = False, **cp) -> Tensor:
+        """Logits [B, T_local, vocab], or with ``return_hidden`` the final normed states [B, T_local, d] (for a
+        loss that applies the tied output layer in chunks: :mod:`pdelta_cp.train.loss`)."""
         x = self.embed(tokens)
         for block in self.blocks:
             if self.cfg.recompute and self.training:
                 x = checkpoint(lambda h, b=block: b(h, **cp), x, use_reentrant=False)
             else:
                 x = block(x, **cp)
-        return F.linear(self.norm(x), self.embed.weight)  # tied embeddings
+        x = self.norm(x)
+        return x if return_hidden else F.linear(x, self.embed.weight)  # tied embeddings
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

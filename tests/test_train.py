@@ -24,9 +24,10 @@ def _train(out, *extra, nproc=None):
 
 
 def test_cp2_training_equals_single_process_and_writes_outputs(tmp_path):
-    """The tiny config self-launches 2 gloo processes (CP=2, zigzag); losses match CP=1 step by step."""
+    """The tiny config self-launches 2 gloo processes (CP=2, zigzag); losses match CP=1 step by step (whose loss
+    takes the tokens 24 at a time: the chunked output layer changes nothing)."""
     cp2 = _train(tmp_path / "cp2")
-    cp1 = _train(tmp_path / "cp1", "--set", "parallel.cp=1", nproc=1)
+    cp1 = _train(tmp_path / "cp1", "--set", "parallel.cp=1", "--set", "loss_chunk_tokens=24", nproc=1)
     assert [r["step"] for r in cp2] == list(range(1, 7))
     for a, b in zip(cp2, cp1):
         assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1.0, abs(b["loss"])), (a, b)
@@ -51,6 +52,8 @@ def test_config_errors_are_clear():
         load_config("tiny", ["data.seq_len=30"])
     with pytest.raises(ValueError, match="no field 'lrr'"):
         load_config("tiny", ["optim.lrr=1"])
+    with pytest.raises(ValueError, match="loss_chunk_tokens must be >= 0"):
+        load_config("tiny", ["loss_chunk_tokens=-5"])
     with pytest.raises(ValueError, match="unknown config"):
         load_config("huge")
     with pytest.raises(ValueError, match="must look like"):

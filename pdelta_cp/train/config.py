@@ -57,6 +57,8 @@ class TrainConfig:
     wandb_project: str = ""  # also log to this Weights & Biases project (needs wandb)
     seed: int = 42
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    loss_chunk_tokens: int = 0  # > 0: output layer + loss this many tokens at a time, logits remade in backward
+
 
     def validate(self) -> None:
         problems = []
@@ -85,6 +87,8 @@ class TrainConfig:
                             f"key-value pairs and their queries (needs >= {4 * self.data.num_kv_pairs})")
         if self.dtype not in ("float32", "bfloat16"):
             problems.append(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.loss_chunk_tokens < 0:
+            problems.append(f"loss_chunk_tokens must be >= 0 (0: all tokens at once), got {self.loss_chunk_tokens}")
         if self.steps < 1 or self.log_every < 1:
             problems.append("steps and log_every must be >= 1")
         if problems:
@@ -112,7 +116,7 @@ def _paper(d: int, heads: int, head_dim: int) -> TrainConfig:
         parallel=ParallelConfig(cp=1, layout="zigzag"),
         data=DataConfig(seq_len=2048, batch_size=16, num_kv_pairs=64),
         optim=OptimConfig(lr=4e-4, warmup_steps=1024),
-        steps=30000, log_every=10, checkpoint_every=1000, dtype="bfloat16",
+        steps=30000, log_every=10, checkpoint_every=1000, dtype="bfloat16", loss_chunk_tokens=16384,
     )
 
 

@@ -16,7 +16,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..cp.comm import all_gather
 from ..cp.layout import shard
@@ -24,6 +23,7 @@ from ..model import LanguageModel
 from . import checkpoint
 from .config import TrainConfig
 from .data import IGNORE, TokenFile, mqar_batch
+from .loss import lm_loss_sums
 
 
 class ProcessGroups:
@@ -265,15 +265,13 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
         tokens = shard(tokens, groups.cp, groups.cp_rank, cfg.parallel.layout).to(device)
         labels = shard(labels, groups.cp, groups.cp_rank, cfg.parallel.layout).to(device)
         with autocast:
-            logits = (engine or model)(tokens, **cp_kwargs)
-        logits = logits.float().reshape(-1, logits.shape[-1])
-        flat_labels = labels.reshape(-1)
-        loss_sum = F.cross_entropy(logits, flat_labels, ignore_index=IGNORE, reduction="sum")
+            hidden = (engine or model)(tokens, return_hidden=True, **cp_kwargs)
+            loss_sum, scored, correct = lm_loss_sums(hidden.reshape(-1, hidden.shape[-1]), model.embed.weight,
+                                                     labels.reshape(-1), ignore_index=IGNORE,
+                                                     chunk_tokens=cfg.loss_chunk_tokens)
         if fault == "nan":
             loss_sum = loss_sum * float("nan")
-        mask = flat_labels != IGNORE
-        stats = torch.stack([loss_sum.detach(), mask.sum().float(),
-                             (logits.argmax(-1)[mask] == flat_labels[mask]).sum().float()])
+        stats = torch.stack([loss_sum.detach(), scored, correct])
         if groups.world > 1:
             dist.all_reduce(stats)
         loss = loss_sum / stats[1].clamp(min=1)
