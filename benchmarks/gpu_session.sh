@@ -5,7 +5,7 @@
 set -u
 OUT=${OUT:-/tmp/pdelta_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-N=$(nvidia-smi -L | wc -l); LAST=$((N - 1))
+N=${NGPU:-$(nvidia-smi -L | wc -l)}; LAST=$((N - 1))
 TR="torchrun --standalone"
 BENCH=benchmarks/bench_cp.py
 { nvidia-smi --query-gpu=name,memory.total --format=csv; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/gpu.txt" 2>&1
@@ -85,5 +85,20 @@ verify)  # 2 GPUs: Megatron bf16 check; kernel GPU tests, profiles and our kerne
       --ops pdn pgdn pkda --out "$OUT/kernels_ours.json" >> "$OUT/kernels.log" 2>&1; echo "ours rc=$?"
   unset CUDA_VISIBLE_DEVICES
   wait; echo "verify done"
+  ;;
+million)  # issue 6: 340M PGDN trained at CP = N on the longest of $TS (default 1M, then 512K, 256K) that fits
+  # Data: a byte-level corpus of this repository's sources and docs, repeated (long-range copying is learnable).
+  files=$(ls pdelta_cp/*.py pdelta_cp/*/*.py kernels/*.py megatron_patches/*.py docs/*.md README.md)
+  python3 -m pdelta_cp.cli preprocess $(for i in $(seq ${REPEAT:-16}); do echo $files; done) --out /tmp/corpus \
+      > "$OUT/prep.log" 2>&1 || { echo "preprocess failed"; exit 1; }
+  for T in ${TS:-1048576 524288 262144}; do
+    timeout ${LIMIT:-500} $TR --nproc-per-node $N -m pdelta_cp.cli train --config ${CONFIG:-340m} --out /tmp/run$T \
+        --set parallel.cp=$N --set data.task=tokens --set data.path=/tmp/corpus --set data.seq_len=$T \
+        --set data.batch_size=1 --set steps=${STEPS:-50} --set log_every=5 --set optim.warmup_steps=10 \
+        --set checkpoint_every=0 ${EXTRA:-} > "$OUT/train_$T.log" 2>&1
+    rc=$?; echo "T=$T rc=$rc"
+    cp /tmp/run$T/metrics.jsonl "$OUT/metrics_$T.jsonl" 2>/dev/null
+    if [ $rc -eq 0 ]; then cp /tmp/run$T/loss.png "$OUT/loss_$T.png"; break; fi
+  done
   ;;
 esac

@@ -109,8 +109,9 @@ def _tiny() -> TrainConfig:
     )
 
 
-def _paper(d: int, heads: int, head_dim: int) -> TrainConfig:
+def _paper(name: str, d: int, heads: int, head_dim: int) -> TrainConfig:
     return TrainConfig(
+        name=name,
         model=ModelConfig(vocab_size=32000, d_model=d, num_layers=24, num_heads=heads, head_dim=head_dim,
                           variant="pgdn", recompute=True),
         parallel=ParallelConfig(cp=1, layout="zigzag"),
@@ -120,7 +121,7 @@ def _paper(d: int, heads: int, head_dim: int) -> TrainConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "340m": lambda: _paper(1024, 8, 128), "1b": lambda: _paper(1792, 14, 128)}
+PRESETS = {"tiny": _tiny, "340m": lambda: _paper("340m", 1024, 8, 128), "1b": lambda: _paper("1b", 1792, 14, 128)}
 
 
 def _convert(text: str, current):
