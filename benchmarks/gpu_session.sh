@@ -101,4 +101,8 @@ million)  # issue 6: 340M PGDN trained at CP = N on the longest of $TS (default 
     if [ $rc -eq 0 ]; then cp /tmp/run$T/loss.png "$OUT/loss_$T.png"; break; fi
   done
   ;;
+numerics)  # issue 8: CP-vs-one-GPU error against T (to 1M) and ranks (2..N), with summary-chain amplification
+  timeout ${LIMIT:-400} $TR --nproc-per-node $N benchmarks/numerics_cp.py --T ${TS:-65536 262144 1048576} \
+      --out "$OUT/numerics.json" > "$OUT/numerics.log" 2>&1; echo "numerics rc=$?"
+  ;;
 esac

@@ -53,16 +53,36 @@ def plot_kernels(path: str, out: str) -> None:
     fig.savefig(os.path.join(out, "kernels.png"), dpi=120)
 
 
+def plot_numerics(path: str, out: str) -> None:
+    rows = json.load(open(path))["rows"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant in sorted({r["variant"] for r in rows}):
+        for w in sorted({r["ranks"] for r in rows}):
+            pts = sorted((r["T"], r["max_rel_rms"]) for r in rows if (r["variant"], r["ranks"]) == (variant, w))
+            ax.plot(*zip(*pts), marker="o", label=f"{variant} CP={w}")
+    ax.axhline(3e-3, color="grey", linestyle="--", label="3e-3 limit")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("T (tokens, global)")
+    ax.set_ylabel("max relative RMS vs one device")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "numerics.png"), dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cp")
     ap.add_argument("--kernels")
+    ap.add_argument("--numerics")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     if args.cp:
         plot_cp(args.cp, args.out)
     if args.kernels:
         plot_kernels(args.kernels, args.out)
+    if args.numerics:
+        plot_numerics(args.numerics, args.out)
 
 
 if __name__ == "__main__":
