@@ -67,11 +67,12 @@ def _run_three(build, forward, cuda):
     return runs
 
 
-def _judge(runs, token_dim):
+def _judge(runs, local):
+    """``local(t, rank)``: this CP=2 rank's tokens of a whole-sequence tensor."""
     truth_out, truth, _ = runs[(1, "fp64")]
     one_out, one, _ = runs[(1, "bf16")]
     cp_out, cp, rank = runs[(2, "bf16")]
-    out_err = rel_rms(cp_out, shard(one_out, 2, rank, "zigzag", dim=token_dim))
+    out_err = rel_rms(cp_out, local(one_out, rank))
     ratios = {n: (rel_rms(cp[n], truth[n]), rel_rms(one[n], truth[n])) for n in truth}
     rel = {n: c / max(o, TOL / 3) for n, (c, o) in ratios.items()}  # errors below 1e-3 are all fine: floor them
     mean_ratio = sum(rel.values()) / len(rel)
@@ -100,7 +101,32 @@ def test_megatron_block_cp2_bf16_matches_one_gpu(world, cuda, variant):
         return out.to(dtype) * shard(w, cp, rank, "zigzag", dim=0).to(dtype)
 
     _judge(_run_three(lambda c: TransformerBlock(c, spec=pdelta_block_spec(2, variant), post_process=False),
-                      forward, cuda), token_dim=0)
+                      forward, cuda), lambda t, rank: shard(t, 2, rank, "zigzag", dim=0))
+
+
+def test_megatron_thd_packed_cp2_bf16_matches_one_gpu(world, cuda):
+    """Megatron's packed THD batch: three sequences, each zigzag-split over the CP ranks on its own."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    if world != 2:
+        pytest.skip("needs 2 processes")
+    cu = [0, 512, 2560, S]  # sequence lengths multiples of 2 * cp, as Megatron pads them
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=cuda)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t, cu_seqlens_q_padded=cu_t,
+                             cu_seqlens_kv_padded=cu_t, max_seqlen_q=2048, max_seqlen_kv=2048)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(S, 1, D, generator=gen).to(cuda)
+    w = torch.randn(S, 1, D, generator=gen).to(cuda)
+
+    def piece(t, cp, rank):
+        return shard(t, cp, rank, "zigzag_per_sequence", dim=0, cu_seqlens=cu)
+
+    def forward(block, cp, rank, dtype):
+        out = block(piece(x, cp, rank).to(dtype), attention_mask=None, packed_seq_params=packed)
+        return out.to(dtype) * piece(w, cp, rank).to(dtype)
+
+    _judge(_run_three(lambda c: TransformerBlock(c, spec=pdelta_block_spec(2, "pgdn"), post_process=False),
+                      forward, cuda), lambda t, rank: piece(t, 2, rank))
 
 
 def test_megatron_gpt_cp2_bf16_matches_one_gpu(world, cuda):
@@ -114,4 +140,4 @@ def test_megatron_gpt_cp2_bf16_matches_one_gpu(world, cuda):
         return model(shard(tokens, cp, rank, "zigzag"), None, None, labels=shard(labels, cp, rank, "zigzag")).to(dtype)
 
     _judge(_run_three(lambda c: build_gpt_model(c, vocab_size=256, max_sequence_length=S, variant="pgdn"),
-                      forward, cuda), token_dim=1)
+                      forward, cuda), lambda t, rank: shard(t, 2, rank, "zigzag", dim=1))
