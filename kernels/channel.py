@@ -123,7 +123,8 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
 def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
                        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        PRECISION: tl.constexpr):
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """One program per chunk and value head: the per-channel-decay Gram A once, then every V block."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
@@ -131,22 +132,23 @@ def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
-    cols = i_v * BV + tl.arange(0, BV)
-    mv = cols < V
     A = gram_lower(Q, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, False, PRECISION)
-    s = tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-    u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-    delta = u - tl.dot(_rows(W, vrow, rc, rk, mk, K), s, input_precision=PRECISION)
-    qd = _rows(Q, krow, rc, rk, mk, K) * tl.exp(_rows(GAM, vrow, rc, rk, mk, K))
-    o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
-    tl.store(O + (vrow + rc[:, None]) * V + cols[None, :], o, mask=mv[None, :])
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        mv = cols < V
+        s = tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        delta = u - tl.dot(_rows(W, vrow, rc, rk, mk, K), s, input_precision=PRECISION)
+        qd = _rows(Q, krow, rc, rk, mk, K) * tl.exp(_rows(GAM, vrow, rc, rk, mk, K))
+        o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
+        tl.store(O + (vrow + rc[:, None]) * V + cols[None, :], o, mask=mv[None, :])
 
 
 @triton.jit
-def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, NCH,
+def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G,
                              K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                              BV: tl.constexpr, PRECISION: tl.constexpr):
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
@@ -154,19 +156,21 @@ def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, NCH,
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
-    cols = i_v * BV + tl.arange(0, BV)
-    mv = cols < V
     A_t = gram_upper(Q, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, False, PRECISION)
-    do = tl.load(DO + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-    d_delta = tl.dot(A_t, do, input_precision=PRECISION)
-    tl.store(DU + (vrow + rc[:, None]) * V + cols[None, :], d_delta, mask=mv[None, :])
-    qd_t = _rows_t(Q, krow, rc, rk, mk, K) * tl.exp(_rows_t(GAM, vrow, rc, rk, mk, K))
-    d_s = tl.dot(qd_t, do, input_precision=PRECISION) - tl.dot(_rows_t(W, vrow, rc, rk, mk, K), d_delta,
-                                                               input_precision=PRECISION)
-    tl.store(DS + (srow + rk[:, None]) * V + cols[None, :], d_s, mask=mk[:, None] & mv[None, :])
-    s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
-    d_w = -tl.dot(d_delta, s_t, input_precision=PRECISION)
-    tl.store(DW + i_v.to(tl.int64) * NCH * C * K + (vrow + rc[:, None]) * K + rk[None, :], d_w, mask=mk[None, :])
+    d_w = tl.zeros([C, BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        mv = cols < V
+        do = tl.load(DO + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        d_delta = tl.dot(A_t, do, input_precision=PRECISION)
+        tl.store(DU + (vrow + rc[:, None]) * V + cols[None, :], d_delta, mask=mv[None, :])
+        qd_t = _rows_t(Q, krow, rc, rk, mk, K) * tl.exp(_rows_t(GAM, vrow, rc, rk, mk, K))
+        d_s = tl.dot(qd_t, do, input_precision=PRECISION) - tl.dot(_rows_t(W, vrow, rc, rk, mk, K), d_delta,
+                                                                   input_precision=PRECISION)
+        tl.store(DS + (srow + rk[:, None]) * V + cols[None, :], d_s, mask=mk[:, None] & mv[None, :])
+        s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
+        d_w -= tl.dot(d_delta, s_t, input_precision=PRECISION)
+    tl.store(DW + (vrow + rc[:, None]) * K + rk[None, :], d_w, mask=mk[None, :])
 
 
 @triton.jit

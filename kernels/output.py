@@ -24,7 +24,8 @@ C = 64
 def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
                     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     PRECISION: tl.constexpr):
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """One program per chunk and value head: A once, then every V block (A is the costly part)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
@@ -32,28 +33,30 @@ def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
-    cols = i_v * BV + tl.arange(0, BV)
-    mv = cols < V
     gam = tl.load(GAM + vrow + rc)
     q = tl.load(Q + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
     p_t = tl.load(P + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
     lower = rc[:, None] >= rc[None, :]
     A = tl.where(lower, tl.dot(q, p_t, input_precision=PRECISION)
                  * tl.exp(tl.where(lower, gam[:, None] - gam[None, :], 0.0)), 0.0)
-    s = tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-    w = tl.load(W + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
-    u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-    delta = u - tl.dot(w, s, input_precision=PRECISION)
-    o = tl.dot(q * tl.exp(gam)[:, None], s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
-    tl.store(O + (vrow + rc[:, None]) * V + cols[None, :], o, mask=mv[None, :])
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        mv = cols < V
+        s = tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        w = tl.load(W + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+        u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        delta = u - tl.dot(w, s, input_precision=PRECISION)
+        qd = tl.load(Q + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0) * tl.exp(gam)[:, None]
+        o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
+        tl.store(O + (vrow + rc[:, None]) * V + cols[None, :], o, mask=mv[None, :])
 
 
 @triton.jit
-def _out_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, NCH,
+def _out_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G,
                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           PRECISION: tl.constexpr):
-    """dΔ = Aᵀ dO (= dU), dS = (Q̂ ⊙ e^Γ)ᵀ dO − Wᵀ dΔ, and per-V-block partial dW = −dΔ Sᵀ (slot i_v)."""
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """dΔ = Aᵀ dO (= dU), dS = (Q̂ ⊙ e^Γ)ᵀ dO − Wᵀ dΔ, dW = −Σ_V-blocks dΔ Sᵀ (accumulated here, no partials)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
@@ -61,24 +64,26 @@ def _out_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, NCH,
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
-    cols = i_v * BV + tl.arange(0, BV)
-    mv = cols < V
     gam = tl.load(GAM + vrow + rc)
     upper = rc[:, None] <= rc[None, :]
     pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
     q_t = tl.load(Q + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
     A_t = tl.where(upper, tl.dot(pp, q_t, input_precision=PRECISION)
                    * tl.exp(tl.where(upper, gam[None, :] - gam[:, None], 0.0)), 0.0)
-    do = tl.load(DO + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-    d_delta = tl.dot(A_t, do, input_precision=PRECISION)
-    tl.store(DU + (vrow + rc[:, None]) * V + cols[None, :], d_delta, mask=mv[None, :])
-    w_t = tl.load(W + (vrow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
-    d_s = tl.dot(q_t * tl.exp(gam)[None, :], do, input_precision=PRECISION) - tl.dot(w_t, d_delta,
-                                                                                     input_precision=PRECISION)
-    tl.store(DS + (srow + rk[:, None]) * V + cols[None, :], d_s, mask=mk[:, None] & mv[None, :])
-    s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
-    d_w = -tl.dot(d_delta, s_t, input_precision=PRECISION)
-    tl.store(DW + i_v.to(tl.int64) * NCH * C * K + (vrow + rc[:, None]) * K + rk[None, :], d_w, mask=mk[None, :])
+    d_w = tl.zeros([C, BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        mv = cols < V
+        do = tl.load(DO + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        d_delta = tl.dot(A_t, do, input_precision=PRECISION)
+        tl.store(DU + (vrow + rc[:, None]) * V + cols[None, :], d_delta, mask=mv[None, :])
+        qd_t = tl.load(Q + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0) * tl.exp(gam)[None, :]
+        w_t = tl.load(W + (vrow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+        d_s = tl.dot(qd_t, do, input_precision=PRECISION) - tl.dot(w_t, d_delta, input_precision=PRECISION)
+        tl.store(DS + (srow + rk[:, None]) * V + cols[None, :], d_s, mask=mk[:, None] & mv[None, :])
+        s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
+        d_w -= tl.dot(d_delta, s_t, input_precision=PRECISION)
+    tl.store(DW + (vrow + rc[:, None]) * K + rk[None, :], d_w, mask=mk[None, :])
 
 
 @triton.jit

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import triton
 
 from ._triton_utils import chunk_tile_config, dot_precision, launch_or_fallback
 
@@ -120,8 +119,7 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             HV, V = U.shape[1], U.shape[-1]
             BK, BV, warps, stages = chunk_tile_config(K, V)
             O = U.new_empty(Nc, HV, C, V)
-            grid = (triton.cdiv(V, BV), Nc, HV)
-            ctx.fallback = Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: fwd_kernel[grid](
+            ctx.fallback = Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: fwd_kernel[(Nc, HV)](
                 q_hat, p, gamma, W, U, S, O, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
                 PRECISION=dot_precision(), num_warps=warps, num_stages=stages))
             if ctx.fallback:
@@ -136,17 +134,16 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             HV, V = U.shape[1], U.shape[-1]
             BK, BV, warps, stages = chunk_tile_config(K, V)
             dO = dO.contiguous()
-            NV = triton.cdiv(V, BV)
-            dq, dp, dW = torch.empty_like(W), torch.empty_like(W), W.new_empty((NV,) + W.shape)
+            dq, dp, dW = torch.empty_like(W), torch.empty_like(W), torch.empty_like(W)
             dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
             common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=warps,
                           num_stages=stages)
             if Nc and not ctx.fallback and launch_or_fallback(
-                    f"{name}_bwd_state", lambda: bwd_state_kernel[(NV, Nc, HV)](
-                        q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H, Nc * HV, **common)) \
+                    f"{name}_bwd_state", lambda: bwd_state_kernel[(Nc, HV)](
+                        q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H, **common)) \
                     and launch_or_fallback(f"{name}_bwd_qp", lambda: bwd_qp_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H, **common)):
-                return _fold_groups(dq, H), _fold_groups(dp, H), dgam, dW.sum(0), dU, dS, None
+                return _fold_groups(dq, H), _fold_groups(dp, H), dgam, dW, dU, dS, None
             if not Nc:
                 return torch.zeros_like(q_hat), torch.zeros_like(p), dgam, W.new_zeros(W.shape), dU, dS, None
             return (*torch_form_grads(torch_form, (q_hat, p, gamma, W, U, S), (dO,)), None)

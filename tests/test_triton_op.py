@@ -12,7 +12,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("variant", ["pdn", "pgdn", "pkda"])
-@pytest.mark.parametrize("cu,K,V", [(None, 16, 16), ([0, 5, 150, 200], 12, 20)], ids=["fixed", "varlen_odd_KV"])
+@pytest.mark.parametrize("cu,K,V", [(None, 16, 16), ([0, 5, 150, 200], 12, 72)],
+                         ids=["fixed", "varlen_odd_KV_two_V_blocks"])  # V=72: blocks of 64, the second masked
 def test_triton_backend_matches_reference(variant, cu, K, V):
     B = 2 if cu is None else 1
     N = B if cu is None else len(cu) - 1
