@@ -8,6 +8,13 @@ export PYTHONUNBUFFERED=1
 N=${NGPU:-$(nvidia-smi -L | wc -l)}; LAST=$((N - 1))
 TR="torchrun --standalone"
 BENCH=benchmarks/bench_cp.py
+# fla-core autotunes for minutes per shape on a cold machine: keep Triton's autotune results (small JSON files)
+# from call to call — this script returns them as $OUT/triton_autotune.tgz; unpack that into .triton_autotune/
+# (git-ignored) and carry it, and the next machine starts warm.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}; mkdir -p "$TRITON_CACHE_DIR"
+[ -d .triton_autotune ] && cp -r .triton_autotune/. "$TRITON_CACHE_DIR"/
+save_autotune() { (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/triton_autotune.tgz" -T -); }
+trap save_autotune EXIT
 { nvidia-smi --query-gpu=name,memory.total --format=csv; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/gpu.txt" 2>&1
 case "$1" in
 cp)  # our CP: GPU tests, strong/weak scaling on N GPUs (up to 1M tokens), then 2 and 1 GPU; K=256 kernel tests
