@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,6 +29,7 @@ class ModelConfig:
     hidden_ratio: float = 4.0
     norm_eps: float = 1e-6
     recompute: bool = False  # activation recomputation per block
+    fp32_residual: bool = True  # False: under autocast the residual stream (and what recompute keeps) is bf16
     attention_every: int = 0  # hybrid: softmax attention as every k-th layer (layers k, 2k, ...); 0: none
 
     def mixer(self) -> MixerConfig:
@@ -86,6 +88,9 @@ class LanguageModel(nn.Module):
         """Logits [B, T_local, vocab], or with ``return_hidden`` the final normed states [B, T_local, d] (for a
         loss that applies the tied output layer in chunks: :mod:`pdelta_cp.train.loss`)."""
         x = self.embed(tokens)
+        device = x.device.type
+        if not self.cfg.fp32_residual and torch.is_autocast_enabled(device):  # as Megatron without fp32 residual
+            x = x.to(torch.get_autocast_dtype(device))
         for block in self.blocks:
             if self.cfg.recompute and self.training:
                 x = checkpoint(lambda h, b=block: b(h, **cp), x, use_reentrant=False)

@@ -40,3 +40,25 @@ def test_bad_chunk_size_is_refused():
     with pytest.raises(ValueError, match="chunk_tokens"):
         lm_loss_sums(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(2, dtype=torch.long), ignore_index=-100,
                      chunk_tokens=-1)
+
+
+def test_bf16_residual_stream_halves_what_recompute_keeps():
+    """fp32_residual=False under bf16 autocast: blocks receive bf16 (what per-block recompute stores), the
+    output stays finite; with the default the residual stream is float32."""
+    from pdelta_cp.model import LanguageModel, ModelConfig
+
+    seen = {}
+    for fp32 in (True, False):
+        torch.manual_seed(0)
+        model = LanguageModel(ModelConfig(vocab_size=32, d_model=32, num_layers=2, num_heads=2, head_dim=16,
+                                          fp32_residual=fp32, recompute=True))
+        model.blocks[1].register_forward_pre_hook(lambda m, args, fp32=fp32: seen.__setitem__(fp32, args[0].dtype))
+        tokens = torch.randint(0, 32, (2, 64))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model(tokens, return_hidden=True)
+            loss, _, _ = lm_loss_sums(hidden.reshape(-1, 32), model.embed.weight, tokens.reshape(-1),
+                                      ignore_index=-100)
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters()
+                                            if p.grad is not None)
+    assert seen == {True: torch.float32, False: torch.bfloat16}

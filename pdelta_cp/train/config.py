@@ -113,7 +113,7 @@ def _paper(name: str, d: int, heads: int, head_dim: int) -> TrainConfig:
     return TrainConfig(
         name=name,
         model=ModelConfig(vocab_size=32000, d_model=d, num_layers=24, num_heads=heads, head_dim=head_dim,
-                          variant="pgdn", recompute=True),
+                          variant="pgdn", recompute=True, fp32_residual=False),
         parallel=ParallelConfig(cp=1, layout="zigzag"),
         data=DataConfig(seq_len=2048, batch_size=16, num_kv_pairs=64),
         optim=OptimConfig(lr=4e-4, warmup_steps=1024),
