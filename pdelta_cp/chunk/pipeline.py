@@ -85,11 +85,15 @@ class _L2Normalize(torch.autograd.Function):
         return r * (s * dy - y * ((y * dy).sum(-1, keepdim=True) / s)), None
 
 
-def _keys_and_queries(plan: ChunkPlan, inp: StreamInputs) -> tuple[Tensor, Tensor]:
+def _keys_and_queries(plan: ChunkPlan, inp: StreamInputs, backend: str) -> tuple[Tensor, Tensor]:
     """q̂, k̂ [Nc, H, C, K] in the compute dtype (normalised in chunk layout: padding rows stay zero)."""
     q, k = _heads_first(plan, inp.q, inp.dtype), _heads_first(plan, inp.k, inp.dtype)
     if inp.qk_l2norm:
-        return _L2Normalize.apply(q, inp.q_scale), _L2Normalize.apply(k, 1.0)
+        if backend == "triton" and inp.dtype == torch.float32:
+            from ..kernels.l2norm import l2_normalize_triton as normalize
+        else:
+            normalize = _L2Normalize.apply
+        return normalize(q, inp.q_scale), normalize(k, 1.0)
     return q * inp.q_scale, k
 
 
@@ -218,7 +222,7 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
                            inp.v.device)
 
     # 1. preconditioner state entering every segment
-    q_hat, k_hat = _keys_and_queries(plan, inp)  # [Nc, H, C, K]
+    q_hat, k_hat = _keys_and_queries(plan, inp, backend)  # [Nc, H, C, K]
     g_atk, beta_atk = _heads_first(plan, inp.g_atk, dt), _heads_first(plan, inp.beta_atk, dt)
     pre = preconditioner_chunks(k_hat, g_atk, beta_atk)
     A_init = _initial(inp.initial_A_state, (H, K), k_hat)
