@@ -224,7 +224,12 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
     # 1. preconditioner state entering every segment
     q_hat, k_hat = _keys_and_queries(plan, inp, backend)  # [Nc, H, C, K]
     g_atk, beta_atk = _heads_first(plan, inp.g_atk, dt), _heads_first(plan, inp.beta_atk, dt)
-    pre = preconditioner_chunks(k_hat, g_atk, beta_atk)
+    if backend == "triton":
+        from ..kernels.precond_summary import weighted_squares_triton
+
+        pre = preconditioner_chunks(k_hat, g_atk, beta_atk, weighted_squares_triton)
+    else:
+        pre = preconditioner_chunks(k_hat, g_atk, beta_atk)
     A_init = _initial(inp.initial_A_state, (H, K), k_hat)
     A_enter, A_gathered = _entering_states(layout, group, plan, DIAGONAL, lambda ids: (pre.decay[ids], pre.end[ids]),
                                            A_init, None, inp.initial_A_state)

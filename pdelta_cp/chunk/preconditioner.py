@@ -44,11 +44,13 @@ class _WeightedSquares(torch.autograd.Function):
         return d_w, d_k
 
 
-def preconditioner_chunks(k_hat: Tensor, g_atk: Tensor, beta_atk: Tensor) -> PreconditionerChunks:
-    """k_hat [Nc, H, C, K]; g_atk, beta_atk [Nc, H, C]: a = Σ_j exp(σ − G_j) β_atk,j k̂_j², decay = exp(σ)."""
+def preconditioner_chunks(k_hat: Tensor, g_atk: Tensor, beta_atk: Tensor,
+                          weighted_squares=_WeightedSquares.apply) -> PreconditionerChunks:
+    """k_hat [Nc, H, C, K]; g_atk, beta_atk [Nc, H, C]: a = Σ_j exp(σ − G_j) β_atk,j k̂_j², decay = exp(σ).
+    ``weighted_squares(w, k)`` = Σ_c w_c k_c² (the Triton backend passes its kernel)."""
     G = g_atk.cumsum(-1)
     weights = torch.exp(G[..., -1:] - G) * beta_atk  # [Nc, H, C], exponents <= 0
-    end = _WeightedSquares.apply(weights, k_hat)
+    end = weighted_squares(weights, k_hat)
     return PreconditionerChunks(G=G, decay=torch.exp(G[..., -1:]).expand_as(end), end=end)
 
 

@@ -1,4 +1,4 @@
-"""Triton q/k normalisation against the PyTorch form: values, saved state and gradients."""
+"""Small Triton kernels against their PyTorch forms: q/k normalisation, preconditioner chunk ends."""
 import pytest
 import torch
 
@@ -25,3 +25,25 @@ def test_triton_l2norm_matches_pytorch(shape, scale):
     tol = 1e-6 if DEVICE == "cpu" else 1e-5
     assert rel_rms(ya, yb) < tol and rel_rms(a.grad, b.grad) < tol
     assert torch.all(ya[0, 0] == 0) and torch.isfinite(a.grad).all()
+
+
+@pytest.mark.parametrize("K", [16, 100])
+def test_triton_preconditioner_chunk_ends_match_pytorch(K):
+    """The preconditioner's per-chunk zero-start end state Σ_c w_c k̂_c² (the summary CP exchanges)."""
+    from pdelta_cp.chunk.preconditioner import _WeightedSquares
+    from pdelta_cp.kernels.precond_summary import weighted_squares_triton
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.rand(3, 2, 64, generator=gen).to(DEVICE)
+    k = torch.randn(3, 2, 64, K, generator=gen).to(DEVICE)
+    da = torch.randn(3, 2, K, generator=gen).to(DEVICE)
+    outs, grads = [], []
+    for fn in (weighted_squares_triton, _WeightedSquares.apply):
+        wi, ki = w.clone().requires_grad_(True), k.clone().requires_grad_(True)
+        a = fn(wi, ki)
+        (a * da).sum().backward()
+        outs.append(a)
+        grads.append((wi.grad, ki.grad))
+    tol = 1e-6 if DEVICE == "cpu" else 1e-5
+    assert rel_rms(outs[0], outs[1]) < tol
+    assert all(rel_rms(a, b) < tol for a, b in zip(grads[0], grads[1]))
