@@ -1,4 +1,5 @@
-"""Device-independent cost counters of the op's fwd+bwd: PyTorch ops launched and bytes saved for backward.
+"""Device-independent cost counters of the op's fwd+bwd: PyTorch ops launched, bytes saved for backward, and the
+peak of live tensor bytes (beyond the inputs) over forward + backward.
 
 Runs anywhere (CPU: Triton kernels under TRITON_INTERPRET=1), so glue and memory work can be measured between
 GPU sessions. Triton kernel launches are not aten ops and are not counted; everything around them is.
@@ -12,6 +13,7 @@ import collections
 import json
 import os
 import sys
+import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -40,6 +42,39 @@ class _CountOps(TorchDispatchMode):
         if name not in _VIEWS:
             self.counts[name] += 1
         return func(*args, **(kwargs or {}))
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storage created inside the mode and still alive; remembers the peak.
+
+    A storage is alive while any tensor made here refers to it (views included); Triton interpreter temporaries
+    are hidden by :func:`_uncounted_kernel_launches`, so on CPU this is the GPU allocator's view of the op.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.nbytes = collections.Counter(), {}
+        self.current = self.peak = 0
+
+    def _drop(self, ptr: int) -> None:
+        self.refs[ptr] -= 1
+        if not self.refs[ptr]:
+            self.current -= self.nbytes.pop(ptr)
+            del self.refs[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (list, tuple)) else (out,):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta" or not t.untyped_storage().data_ptr():
+                continue
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in self.nbytes:
+                self.nbytes[ptr] = t.untyped_storage().nbytes()
+                self.current += self.nbytes[ptr]
+                self.peak = max(self.peak, self.current)
+            self.refs[ptr] += 1
+            weakref.finalize(t, self._drop, ptr)
+        return out
 
 
 def _uncounted_kernel_launches() -> collections.Counter:
@@ -76,19 +111,21 @@ def graph_stats(variant: str, T: int, H: int, K: int, V: int, dtype, backend: st
     call(precond_delta_rule, inp, backend=backend)  # warm-up: cached plans and index tensors, as in training
     launches = _uncounted_kernel_launches()
     launches.clear()
-    fwd, bwd = _CountOps(), _CountOps()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fwd:
-        o = call(precond_delta_rule, inp, backend=backend)[0]
-    fwd_launches = sum(launches.values())
-    loss = (o.float() ** 2).sum()
-    with bwd:
-        loss.backward()
+    fwd, bwd, live = _CountOps(), _CountOps(), _LiveBytes()
+    with live:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fwd:
+            o = call(precond_delta_rule, inp, backend=backend)[0]
+        fwd_launches = sum(launches.values())
+        loss = (o.float() ** 2).sum()
+        with bwd:
+            loss.backward()
     input_bytes = sum(t.untyped_storage().nbytes() for t in inp.values())
     saved_bytes = sum(saved.values())
     return {"variant": variant, "T": T, "H": H, "K": K, "V": V, "dtype": str(dtype), "backend": backend,
             "fwd_ops": sum(fwd.counts.values()), "bwd_ops": sum(bwd.counts.values()),
             "fwd_kernels": fwd_launches, "bwd_kernels": sum(launches.values()) - fwd_launches,
             "saved_bytes_per_token": saved_bytes / T, "saved_over_inputs": saved_bytes / input_bytes,
+            "peak_bytes_per_token": live.peak / T,
             "top_fwd": fwd.counts.most_common(12), "top_bwd": bwd.counts.most_common(12)}
 
 

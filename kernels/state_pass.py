@@ -177,6 +177,8 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
                                        PRECISION=_precision(False), num_warps=warps, num_stages=stages)
     if not store_grads:
         return None, None, None, None, dS0
+    if NV == 1:  # one V block: the partial slots are the gradients (a sum would copy them)
+        return dW[0], dU, dP[0], dD[0], dS0
     return dW.sum(0), dU, dP.sum(0), dD.sum(0), dS0
 
 
