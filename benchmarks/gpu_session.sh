@@ -112,4 +112,14 @@ numerics)  # issue 8: CP-vs-one-GPU error against T (to 1M) and ranks (2..N), wi
   timeout ${LIMIT:-400} $TR --nproc-per-node $N benchmarks/numerics_cp.py --T ${TS:-65536 262144 1048576} \
       --out "$OUT/numerics.json" > "$OUT/numerics.log" 2>&1; echo "numerics rc=$?"
   ;;
+wyblock)  # one GPU: the opt-in blocked WY forward (PDELTA_WY_BLOCKED=1) — GPU tests, then A/B timing and profile
+  CUDA_VISIBLE_DEVICES=0 PDELTA_WY_BLOCKED=1 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+      -k "not k256 and not pkda" -s > "$OUT/gpu_tests_wyblock.log" 2>&1; echo "wyblock tests rc=$?"
+  for flag in 0 1; do
+    CUDA_VISIBLE_DEVICES=0 PDELTA_WY_BLOCKED=$flag timeout 100 python3 benchmarks/bench_kernels.py --T 32768 131072 \
+        --warmup 10 --rep 50 --ops pgdn --out "$OUT/kernels_wyblock$flag.json" >> "$OUT/kernels.log" 2>&1
+  done
+  CUDA_VISIBLE_DEVICES=0 PDELTA_WY_BLOCKED=1 timeout 60 python3 benchmarks/profile_op.py --variant pgdn --T 32768 \
+      --out "$OUT/profile_pgdn_wyblock.txt" > /dev/null 2>&1
+  ;;
 esac

@@ -60,10 +60,11 @@ def _fold_groups(t: torch.Tensor, H: int) -> torch.Tensor:
 
 
 def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay_shape: Callable,
-                  kernel_backward: Callable[[], bool] = lambda: True):
+                  kernel_backward: Callable[[], bool] = lambda: True, pick_fwd: Callable | None = None):
     """(K̂, P [Nc,H,C,K]; V [Nc,HV,C,V]; β [Nc,HV,C]; Γ) -> (W, U, P̃, d) as float32 tensors.
 
-    decay_shape(Nc, HV, K) gives d's shape; kernel_backward() says whether to use ``bwd_kernel``.
+    decay_shape(Nc, HV, K) gives d's shape; kernel_backward() says whether to use ``bwd_kernel``;
+    pick_fwd(), when given, returns the forward kernel to launch (chosen per call, e.g. by an env switch).
     """
 
     class Stage(torch.autograd.Function):
@@ -75,7 +76,8 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
             W, P_t = k_hat.new_empty(Nc, HV, C, K), k_hat.new_empty(Nc, HV, C, K)
             U, T, d = k_hat.new_empty(Nc, HV, C, V), k_hat.new_empty(Nc, HV, C, C), k_hat.new_empty(
                 decay_shape(Nc, HV, K))
-            ctx.fallback = Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: fwd_kernel[(Nc, HV)](
+            kernel = fwd_kernel if pick_fwd is None else pick_fwd()
+            ctx.fallback = Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: kernel[(Nc, HV)](
                 k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
                 PRECISION=dot_precision(), num_warps=warps, num_stages=stages))
             if ctx.fallback:

@@ -76,6 +76,165 @@ def _wy_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
         tl.store(U + (vrow + rc[:, None]) * V + cols[None, :], u, mask=mv[None, :])
 
 
+# --- the same forward in 16-row blocks (opt-in: PDELTA_WY_BLOCKED=1, until a GPU run says it is faster) -------
+# (I + L)⁻¹ with L in 4×4 blocks of 16: each diagonal block inverted by 15 substitution steps on a 16×16 tile
+# (instead of 63 steps on 64×64 tiles that need cross-warp reductions), then the off-diagonal blocks by
+# T_ij = −T_ii Σ_{j<=k<i} L_ik T_kj (small products). W, U from the blocks: W_i = Σ_{j<=i} T_ij B_j.
+
+
+@triton.jit
+def _rows16(X, row0, r16, cols, mc, NCOL: tl.constexpr):
+    """[16, len(cols)] tile of rows row0.. of a [*, NCOL] tensor."""
+    return tl.load(X + (row0 + r16[:, None]) * NCOL + cols[None, :], mask=mc[None, :], other=0.0)
+
+
+@triton.jit
+def _l_block(KH, P, GAM, BETA, krow, vrow, i0, j0, r16, rk, mk, K: tl.constexpr, DIAG: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """L rows i0.., columns j0.. (16×16): β_i (k̂_i · p_j) e^{Γ_i − Γ_j}, strictly lower on the diagonal."""
+    gi = tl.load(GAM + vrow + i0 + r16)
+    gj = tl.load(GAM + vrow + j0 + r16)
+    p_t = tl.load(P + (krow + j0 + r16[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+    kp = tl.dot(_rows16(KH, krow + i0, r16, rk, mk, K), p_t, input_precision=PRECISION)
+    if DIAG:
+        low = r16[:, None] > r16[None, :]
+        blk = tl.where(low, kp * tl.exp(tl.where(low, gi[:, None] - gj[None, :], 0.0)), 0.0)
+    else:
+        blk = kp * tl.exp(gi[:, None] - gj[None, :])
+    return blk * tl.load(BETA + vrow + i0 + r16)[:, None]
+
+
+@triton.jit
+def _neg_solve(Tii, acc, PRECISION: tl.constexpr):
+    """−T_ii · acc, to about fp32 accuracy (errors here enter every later block)."""
+    return -_accurate_dot(Tii, acc, PRECISION)
+
+
+@triton.jit
+def _accurate_dot(a, b, PRECISION: tl.constexpr):
+    if PRECISION == "tf32":
+        return tl.dot(a, b, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _store_t_block(TINV, vrow, i0, j0, blk, r16, C: tl.constexpr):
+    tl.store(TINV + (vrow + i0 + r16[:, None]) * C + j0 + r16[None, :], blk)
+
+
+@triton.jit
+def _apply_t_rows(T0, T1, T2, T3, B0, B1, B2, B3, N: tl.constexpr, PRECISION: tl.constexpr):
+    """Σ_{j<N} T_j B_j for one row block (N = its index + 1; unused blocks are zero)."""
+    out = tl.dot(T0, B0, input_precision=PRECISION)
+    if N > 1:
+        out += tl.dot(T1, B1, input_precision=PRECISION)
+    if N > 2:
+        out += tl.dot(T2, B2, input_precision=PRECISION)
+    if N > 3:
+        out += tl.dot(T3, B3, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
+                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                           BV: tl.constexpr, PRECISION: tl.constexpr):
+    tl.static_assert(C == 64, "four row blocks of 16")
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    r16 = tl.arange(0, 16)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    # diagonal blocks of (I + L)^-1
+    T00 = _invert_unit_lower(_l_block(KH, P, GAM, BETA, krow, vrow, 0, 0, r16, rk, mk, K, True, PRECISION), r16, 16)
+    T11 = _invert_unit_lower(_l_block(KH, P, GAM, BETA, krow, vrow, 16, 16, r16, rk, mk, K, True, PRECISION), r16,
+                             16)
+    T22 = _invert_unit_lower(_l_block(KH, P, GAM, BETA, krow, vrow, 32, 32, r16, rk, mk, K, True, PRECISION), r16,
+                             16)
+    T33 = _invert_unit_lower(_l_block(KH, P, GAM, BETA, krow, vrow, 48, 48, r16, rk, mk, K, True, PRECISION), r16,
+                             16)
+    # off-diagonal blocks, T_ij = −T_ii Σ_{k=j}^{i−1} L_ik T_kj
+    L10 = _l_block(KH, P, GAM, BETA, krow, vrow, 16, 0, r16, rk, mk, K, False, PRECISION)
+    T10 = _neg_solve(T11, _accurate_dot(L10, T00, PRECISION), PRECISION)
+    L21 = _l_block(KH, P, GAM, BETA, krow, vrow, 32, 16, r16, rk, mk, K, False, PRECISION)
+    L20 = _l_block(KH, P, GAM, BETA, krow, vrow, 32, 0, r16, rk, mk, K, False, PRECISION)
+    T21 = _neg_solve(T22, _accurate_dot(L21, T11, PRECISION), PRECISION)
+    T20 = _neg_solve(T22, _accurate_dot(L20, T00, PRECISION) + _accurate_dot(L21, T10, PRECISION), PRECISION)
+    L32 = _l_block(KH, P, GAM, BETA, krow, vrow, 48, 32, r16, rk, mk, K, False, PRECISION)
+    L31 = _l_block(KH, P, GAM, BETA, krow, vrow, 48, 16, r16, rk, mk, K, False, PRECISION)
+    L30 = _l_block(KH, P, GAM, BETA, krow, vrow, 48, 0, r16, rk, mk, K, False, PRECISION)
+    T32 = _neg_solve(T33, _accurate_dot(L32, T22, PRECISION), PRECISION)
+    T31 = _neg_solve(T33, _accurate_dot(L31, T11, PRECISION) + _accurate_dot(L32, T21, PRECISION), PRECISION)
+    T30 = _neg_solve(T33, _accurate_dot(L30, T00, PRECISION) + _accurate_dot(L31, T10, PRECISION)
+                     + _accurate_dot(L32, T20, PRECISION), PRECISION)
+    zero = tl.zeros([16, 16], dtype=tl.float32)
+    _store_t_block(TINV, vrow, 0, 0, T00, r16, C)
+    _store_t_block(TINV, vrow, 0, 16, zero, r16, C)
+    _store_t_block(TINV, vrow, 0, 32, zero, r16, C)
+    _store_t_block(TINV, vrow, 0, 48, zero, r16, C)
+    _store_t_block(TINV, vrow, 16, 0, T10, r16, C)
+    _store_t_block(TINV, vrow, 16, 16, T11, r16, C)
+    _store_t_block(TINV, vrow, 16, 32, zero, r16, C)
+    _store_t_block(TINV, vrow, 16, 48, zero, r16, C)
+    _store_t_block(TINV, vrow, 32, 0, T20, r16, C)
+    _store_t_block(TINV, vrow, 32, 16, T21, r16, C)
+    _store_t_block(TINV, vrow, 32, 32, T22, r16, C)
+    _store_t_block(TINV, vrow, 32, 48, zero, r16, C)
+    _store_t_block(TINV, vrow, 48, 0, T30, r16, C)
+    _store_t_block(TINV, vrow, 48, 16, T31, r16, C)
+    _store_t_block(TINV, vrow, 48, 32, T32, r16, C)
+    _store_t_block(TINV, vrow, 48, 48, T33, r16, C)
+    # W = T diag(β e^Γ) K̂ by row blocks
+    be0 = tl.load(BETA + vrow + r16) * tl.exp(tl.load(GAM + vrow + r16))
+    be1 = tl.load(BETA + vrow + 16 + r16) * tl.exp(tl.load(GAM + vrow + 16 + r16))
+    be2 = tl.load(BETA + vrow + 32 + r16) * tl.exp(tl.load(GAM + vrow + 32 + r16))
+    be3 = tl.load(BETA + vrow + 48 + r16) * tl.exp(tl.load(GAM + vrow + 48 + r16))
+    B0 = _rows16(KH, krow, r16, rk, mk, K) * be0[:, None]
+    B1 = _rows16(KH, krow + 16, r16, rk, mk, K) * be1[:, None]
+    B2 = _rows16(KH, krow + 32, r16, rk, mk, K) * be2[:, None]
+    B3 = _rows16(KH, krow + 48, r16, rk, mk, K) * be3[:, None]
+    wm = mk[None, :]
+    tl.store(W + (vrow + r16[:, None]) * K + rk[None, :], _apply_t_rows(T00, T00, T00, T00, B0, B0, B0, B0, 1,
+                                                                        PRECISION), mask=wm)
+    tl.store(W + (vrow + 16 + r16[:, None]) * K + rk[None, :], _apply_t_rows(T10, T11, T11, T11, B0, B1, B1, B1, 2,
+                                                                             PRECISION), mask=wm)
+    tl.store(W + (vrow + 32 + r16[:, None]) * K + rk[None, :], _apply_t_rows(T20, T21, T22, T22, B0, B1, B2, B2, 3,
+                                                                             PRECISION), mask=wm)
+    tl.store(W + (vrow + 48 + r16[:, None]) * K + rk[None, :], _apply_t_rows(T30, T31, T32, T33, B0, B1, B2, B3, 4,
+                                                                             PRECISION), mask=wm)
+    # P̃ = P ⊙ e^{Γ_C − Γ}, d = e^{Γ_C}
+    rc = tl.arange(0, C)
+    gam = tl.load(GAM + vrow + rc)
+    g_end = tl.sum(tl.where(rc == C - 1, gam, 0.0), axis=0)
+    pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], pp * tl.exp(g_end - gam)[:, None], mask=mk[None, :])
+    tl.store(DEC + i_c64 * HV + i_h, tl.exp(g_end))
+    # U = T diag(β) V by row blocks and V tiles
+    b0 = tl.load(BETA + vrow + r16)
+    b1 = tl.load(BETA + vrow + 16 + r16)
+    b2 = tl.load(BETA + vrow + 32 + r16)
+    b3 = tl.load(BETA + vrow + 48 + r16)
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        mv = cols < V
+        V0 = _rows16(VV, vrow, r16, cols, mv, V) * b0[:, None]
+        V1 = _rows16(VV, vrow + 16, r16, cols, mv, V) * b1[:, None]
+        V2 = _rows16(VV, vrow + 32, r16, cols, mv, V) * b2[:, None]
+        V3 = _rows16(VV, vrow + 48, r16, cols, mv, V) * b3[:, None]
+        um = mv[None, :]
+        tl.store(U + (vrow + r16[:, None]) * V + cols[None, :],
+                 _apply_t_rows(T00, T00, T00, T00, V0, V0, V0, V0, 1, PRECISION), mask=um)
+        tl.store(U + (vrow + 16 + r16[:, None]) * V + cols[None, :],
+                 _apply_t_rows(T10, T11, T11, T11, V0, V1, V1, V1, 2, PRECISION), mask=um)
+        tl.store(U + (vrow + 32 + r16[:, None]) * V + cols[None, :],
+                 _apply_t_rows(T20, T21, T22, T22, V0, V1, V2, V2, 3, PRECISION), mask=um)
+        tl.store(U + (vrow + 48 + r16[:, None]) * V + cols[None, :],
+                 _apply_t_rows(T30, T31, T32, T33, V0, V1, V2, V3, 4, PRECISION), mask=um)
+
+
 @triton.jit
 def _load_rows(X, row0, rc, rk, mk, K: tl.constexpr):
     """[C, BK] tile of rows row0.. of a [*, K] tensor."""
@@ -182,4 +341,6 @@ def _wy_torch(k_hat, p, v, beta, gamma):
 
 wy_scalar_decay = make_wy_stage("wy", _wy_fwd_kernel, _wy_bwd_kernel, _wy_torch,
                                 decay_shape=lambda Nc, HV, K: (Nc, HV),
-                                kernel_backward=lambda: TRITON_WY_BACKWARD)
+                                kernel_backward=lambda: TRITON_WY_BACKWARD,
+                                pick_fwd=lambda: (_wy_fwd_blocked_kernel if os.environ.get("PDELTA_WY_BLOCKED") == "1"
+                                                  else _wy_fwd_kernel))

@@ -85,3 +85,43 @@ def test_recomputing_wy_in_backward_changes_nothing(monkeypatch, variant):
     assert all(torch.equal(a, b) for a, b in zip(out_r, out_k))
     assert all(torch.equal(grads_r[n], grads_k[n]) for n in grads_k), [n for n in grads_k
                                                                          if not torch.equal(grads_r[n], grads_k[n])]
+
+
+@pytest.mark.parametrize("variant", ["pdn", "pgdn"])
+def test_blocked_wy_forward_matches_reference(variant, monkeypatch):
+    """PDELTA_WY_BLOCKED=1: the WY forward in 16-row blocks (opt-in until timed on a GPU) gives the same op."""
+    monkeypatch.setenv("PDELTA_WY_BLOCKED", "1")
+    inp = make_inputs(T=150, H=2, HV=4, K=12, V=72, variant=variant, dtype=torch.float32, device=DEVICE)
+    ref_inp = {n: t.detach().double().requires_grad_(True) for n, t in inp.items()}
+    ref_out, ref_grads = outputs_and_grads(naive_precond_delta_rule, ref_inp, output_final_state=True)
+    out, grads = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    tol = 2e-5 if DEVICE == "cpu" else 5e-3
+    assert all(rel_rms(a, b) < tol for a, b in zip(out, ref_out))
+    assert all(rel_rms(grads[n], ref_grads[n]) < 10 * tol for n in grads), {
+        n: rel_rms(grads[n], ref_grads[n]) for n in grads}
+
+
+def test_blocked_wy_forward_equals_the_row_kernel():
+    """Stage level: W, U, P̃, d and the stored inverse T from both forward kernels agree."""
+    import triton as _triton  # noqa: F401
+
+    from pdelta_cp.kernels import wy
+    from pdelta_cp.kernels._triton_utils import chunk_tile_config, dot_precision
+
+    gen = torch.Generator().manual_seed(8)
+    Nc, H, HV, C, K, V = 3, 2, 4, 64, 20, 40
+    k = torch.nn.functional.normalize(torch.randn(Nc, H, C, K, generator=gen), dim=-1)
+    p = k * (0.7 + 0.6 * torch.rand(Nc, H, C, K, generator=gen))
+    v = torch.randn(Nc, HV, C, V, generator=gen)
+    beta = torch.rand(Nc, HV, C, generator=gen)
+    gamma = torch.nn.functional.logsigmoid(torch.randn(Nc, HV, C, generator=gen) + 3).cumsum(-1)
+    BK, BV, warps, stages = chunk_tile_config(K, V)
+    outs = []
+    for kernel in (wy._wy_fwd_kernel, wy._wy_fwd_blocked_kernel):
+        W, P_t = k.new_empty(Nc, HV, C, K), k.new_empty(Nc, HV, C, K)
+        U, T, d = k.new_empty(Nc, HV, C, V), k.new_empty(Nc, HV, C, C), k.new_empty(Nc, HV)
+        kernel[(Nc, HV)](k, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
+                         PRECISION=dot_precision(), num_warps=warps, num_stages=stages)
+        outs.append((W, U, P_t, T, d))
+    for a, b in zip(*outs):
+        assert rel_rms(a, b) < 1e-5
