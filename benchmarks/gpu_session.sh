@@ -95,17 +95,22 @@ verify)  # 2 GPUs: Megatron bf16 check; kernel GPU tests, profiles and our kerne
   ;;
 million)  # issue 6: 340M PGDN trained at CP = N on the longest of $TS (default 1M, then 512K, 256K) that fits
   # Data: a byte-level corpus of this repository's sources and docs, repeated (long-range copying is learnable).
+  # Runs live in .runs/ (git-ignored: kept on a warm machine between calls) with a checkpoint every 10 steps, so
+  # a run cut by the call's time limit resumes in the next call on the same machine.
   files=$(ls pdelta_cp/*.py pdelta_cp/*/*.py kernels/*.py megatron_patches/*.py docs/*.md README.md)
-  python3 -m pdelta_cp.cli preprocess $(for i in $(seq ${REPEAT:-16}); do echo $files; done) --out /tmp/corpus \
-      > "$OUT/prep.log" 2>&1 || { echo "preprocess failed"; exit 1; }
+  [ -f /tmp/corpus/meta.json ] || python3 -m pdelta_cp.cli preprocess \
+      $(for i in $(seq ${REPEAT:-16}); do echo $files; done) --out /tmp/corpus > "$OUT/prep.log" 2>&1 \
+      || { echo "preprocess failed"; exit 1; }
   for T in ${TS:-1048576 524288 262144}; do
-    timeout ${LIMIT:-500} $TR --nproc-per-node $N -m pdelta_cp.cli train --config ${CONFIG:-340m} --out /tmp/run$T \
+    RUN=.runs/run$T; RESUME=""; [ -f $RUN/checkpoint.json ] && RESUME="--resume"
+    timeout ${LIMIT:-540} $TR --nproc-per-node $N -m pdelta_cp.cli train --config ${CONFIG:-340m} --out $RUN $RESUME \
         --set parallel.cp=$N --set data.task=tokens --set data.path=/tmp/corpus --set data.seq_len=$T \
         --set data.batch_size=1 --set steps=${STEPS:-50} --set log_every=5 --set optim.warmup_steps=10 \
-        --set checkpoint_every=0 ${EXTRA:-} > "$OUT/train_$T.log" 2>&1
+        --set checkpoint_every=10 ${EXTRA:-} > "$OUT/train_$T.log" 2>&1
     rc=$?; echo "T=$T rc=$rc"
-    cp /tmp/run$T/metrics.jsonl "$OUT/metrics_$T.jsonl" 2>/dev/null
-    if [ $rc -eq 0 ]; then cp /tmp/run$T/loss.png "$OUT/loss_$T.png"; break; fi
+    cp $RUN/metrics.jsonl "$OUT/metrics_$T.jsonl" 2>/dev/null
+    [ -f $RUN/loss.png ] && cp $RUN/loss.png "$OUT/loss_$T.png"
+    if [ $rc -eq 0 ] || [ -f $RUN/checkpoint.json ]; then break; fi  # done, or cut by time: resume next call
   done
   ;;
 numerics)  # issue 8: CP-vs-one-GPU error against T (to 1M) and ranks (2..N), with summary-chain amplification
