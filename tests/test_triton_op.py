@@ -103,8 +103,6 @@ def test_blocked_wy_forward_matches_reference(variant, monkeypatch):
 
 def test_blocked_wy_forward_equals_the_row_kernel():
     """Stage level: W, U, P̃, d and the stored inverse T from both forward kernels agree."""
-    import triton as _triton  # noqa: F401
-
     from pdelta_cp.kernels import wy
     from pdelta_cp.kernels._triton_utils import chunk_tile_config, dot_precision
 
