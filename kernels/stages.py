@@ -81,7 +81,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
                 k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
                 PRECISION=dot_precision(), num_warps=warps, num_stages=stages))
             if ctx.fallback:
-                W, U, P_t, d = (t.contiguous() for t in torch_form(k_hat, p, v, beta, gamma))
+                W, U, P_t, d = (t.contiguous() for t in torch_form(k_hat, p, v.float(), beta, gamma))
             ctx.save_for_backward(k_hat, p, v, beta, gamma, T)
             return W, U, P_t, d
 
@@ -94,19 +94,23 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
             if Nc and not ctx.fallback and kernel_backward():
                 BK, BV, warps, stages = chunk_tile_config(K, V)
                 shapes = ((Nc, HV, C, K), v.shape, (Nc, HV, C, K), decay_shape(Nc, HV, K))
-                z = [v.new_zeros(s) if g is None else g.contiguous() for g, s in zip(grads, shapes)]
+                z = [k_hat.new_zeros(s) if g is None else g.contiguous() for g, s in zip(grads, shapes)]
                 dk, dp = torch.empty_like(z[0]), torch.empty_like(z[0])
-                dv, dbeta, dgam = torch.empty_like(v), torch.empty_like(beta), torch.empty_like(gamma)
+                dv, dbeta, dgam = torch.empty_like(v, dtype=torch.float32), torch.empty_like(beta), torch.empty_like(
+                    gamma)
                 if launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
                         k_hat, p, v, beta, gamma, T, *z, dk, dp, dv, dbeta, dgam, H, HV, HV // H, K=K, V=V, C=C,
                         BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=warps, num_stages=stages)):
                     return _fold_groups(dk, H), _fold_groups(dp, H), dv, dbeta, dgam
-            return torch_form_grads(torch_form, (k_hat, p, v, beta, gamma), grads)
+            return torch_form_grads(torch_form, (k_hat, p, v.float(), beta, gamma), grads)
 
     Stage.__name__ = f"{name}_stage"
 
     def apply(k_hat, p, v, beta, gamma):
-        return Stage.apply(*[t.contiguous().float() for t in (k_hat, p, v, beta, gamma)])
+        """float32 everywhere, except that 16-bit V is passed as it is (the kernels promote it when loading)."""
+        v = v.contiguous() if v.dtype in (torch.bfloat16, torch.float16) else v.contiguous().float()
+        return Stage.apply(*[t.contiguous().float() for t in (k_hat, p)], v, *[t.contiguous().float() for t in (
+            beta, gamma)])
 
     return apply
 

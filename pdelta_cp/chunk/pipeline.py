@@ -244,7 +244,9 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
 
     # 3. WY/UT chunk quantities, state entering every segment
     g = None if inp.g is None else _heads_first(plan, inp.g, dt)
-    stage = _DeltaStage(plan, q_hat, k_hat, p, _heads_first(plan, inp.v, dt), _heads_first(plan, inp.beta, dt), g,
+    # the kernels read 16-bit values as they are (every use is scaled by β first, in float32): no float32 copy
+    v_dtype = inp.v.dtype if backend == "triton" and inp.v.dtype in (torch.bfloat16, torch.float16) else dt
+    stage = _DeltaStage(plan, q_hat, k_hat, p, _heads_first(plan, inp.v, v_dtype), _heads_first(plan, inp.beta, dt), g,
                         backend)
     result = None
     # 3-4 at once under CP with the kernels: kernel summaries, one exchange, adjoint mirror (kernels.cp_state_pass);
