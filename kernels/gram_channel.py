@@ -15,11 +15,13 @@ import triton.language as tl
 
 @triton.jit
 def _rows(X, row0, rows, rk, mk, K: tl.constexpr):
+    """[len(rows), len(rk)] tile of rows row0 + rows of a [*, K] tensor (columns rk, masked by mk)."""
     return tl.load(X + (row0 + rows[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
 
 
 @triton.jit
 def _rows_t(X, row0, rows, rk, mk, K: tl.constexpr):
+    """The same tile transposed, read straight from memory (no transpose of a register tile)."""
     return tl.load(X + (row0 + rows[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
 
 

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ..chunk.delta import wy_form
 from ._triton_utils import INTERPRET
+from .gram_channel import _rows, _rows_t
 from .stages import make_wy_stage
 
 # The backward kernel passed the GPU tests on H100 (Triton 3.6.0, K/V up to 128 and odd sizes). Where it does
@@ -83,19 +84,12 @@ def _wy_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
 
 
 @triton.jit
-def _rows16(X, row0, r16, cols, mc, NCOL: tl.constexpr):
-    """[16, len(cols)] tile of rows row0.. of a [*, NCOL] tensor."""
-    return tl.load(X + (row0 + r16[:, None]) * NCOL + cols[None, :], mask=mc[None, :], other=0.0)
-
-
-@triton.jit
 def _l_block(KH, P, GAM, BETA, krow, vrow, i0, j0, r16, rk, mk, K: tl.constexpr, DIAG: tl.constexpr,
              PRECISION: tl.constexpr):
     """L rows i0.., columns j0.. (16×16): β_i (k̂_i · p_j) e^{Γ_i − Γ_j}, strictly lower on the diagonal."""
     gi = tl.load(GAM + vrow + i0 + r16)
     gj = tl.load(GAM + vrow + j0 + r16)
-    p_t = tl.load(P + (krow + j0 + r16[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
-    kp = tl.dot(_rows16(KH, krow + i0, r16, rk, mk, K), p_t, input_precision=PRECISION)
+    kp = tl.dot(_rows(KH, krow + i0, r16, rk, mk, K), _rows_t(P, krow + j0, r16, rk, mk, K), input_precision=PRECISION)
     if DIAG:
         low = r16[:, None] > r16[None, :]
         blk = tl.where(low, kp * tl.exp(tl.where(low, gi[:, None] - gj[None, :], 0.0)), 0.0)
@@ -192,10 +186,10 @@ def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
     be1 = tl.load(BETA + vrow + 16 + r16) * tl.exp(tl.load(GAM + vrow + 16 + r16))
     be2 = tl.load(BETA + vrow + 32 + r16) * tl.exp(tl.load(GAM + vrow + 32 + r16))
     be3 = tl.load(BETA + vrow + 48 + r16) * tl.exp(tl.load(GAM + vrow + 48 + r16))
-    B0 = _rows16(KH, krow, r16, rk, mk, K) * be0[:, None]
-    B1 = _rows16(KH, krow + 16, r16, rk, mk, K) * be1[:, None]
-    B2 = _rows16(KH, krow + 32, r16, rk, mk, K) * be2[:, None]
-    B3 = _rows16(KH, krow + 48, r16, rk, mk, K) * be3[:, None]
+    B0 = _rows(KH, krow, r16, rk, mk, K) * be0[:, None]
+    B1 = _rows(KH, krow + 16, r16, rk, mk, K) * be1[:, None]
+    B2 = _rows(KH, krow + 32, r16, rk, mk, K) * be2[:, None]
+    B3 = _rows(KH, krow + 48, r16, rk, mk, K) * be3[:, None]
     wm = mk[None, :]
     tl.store(W + (vrow + r16[:, None]) * K + rk[None, :], _apply_t_rows(T00, T00, T00, T00, B0, B0, B0, B0, 1,
                                                                         PRECISION), mask=wm)
@@ -220,10 +214,10 @@ def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
     for v0 in range(0, V, BV):
         cols = v0 + tl.arange(0, BV)
         mv = cols < V
-        V0 = _rows16(VV, vrow, r16, cols, mv, V) * b0[:, None]
-        V1 = _rows16(VV, vrow + 16, r16, cols, mv, V) * b1[:, None]
-        V2 = _rows16(VV, vrow + 32, r16, cols, mv, V) * b2[:, None]
-        V3 = _rows16(VV, vrow + 48, r16, cols, mv, V) * b3[:, None]
+        V0 = _rows(VV, vrow, r16, cols, mv, V) * b0[:, None]
+        V1 = _rows(VV, vrow + 16, r16, cols, mv, V) * b1[:, None]
+        V2 = _rows(VV, vrow + 32, r16, cols, mv, V) * b2[:, None]
+        V3 = _rows(VV, vrow + 48, r16, cols, mv, V) * b3[:, None]
         um = mv[None, :]
         tl.store(U + (vrow + r16[:, None]) * V + cols[None, :],
                  _apply_t_rows(T00, T00, T00, T00, V0, V0, V0, V0, 1, PRECISION), mask=um)
@@ -233,18 +227,6 @@ def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
                  _apply_t_rows(T20, T21, T22, T22, V0, V1, V2, V2, 3, PRECISION), mask=um)
         tl.store(U + (vrow + 48 + r16[:, None]) * V + cols[None, :],
                  _apply_t_rows(T30, T31, T32, T33, V0, V1, V2, V3, 4, PRECISION), mask=um)
-
-
-@triton.jit
-def _load_rows(X, row0, rc, rk, mk, K: tl.constexpr):
-    """[C, BK] tile of rows row0.. of a [*, K] tensor."""
-    return tl.load(X + (row0 + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
-
-
-@triton.jit
-def _load_cols(X, row0, rc, rk, mk, K: tl.constexpr):
-    """The same tile transposed, [BK, C], read straight from memory (no transpose of a register tile)."""
-    return tl.load(X + (row0 + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
 
 
 @triton.jit
@@ -286,13 +268,13 @@ def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
         d_beta += tl.sum(d_bv * vv, axis=1)
         du_t = tl.load(DU + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
         dT_t += tl.dot(vv * beta[:, None], du_t, input_precision=PRECISION)
-    dT += tl.dot(_load_rows(DW, vrow, rc, rk, mk, K), _load_cols(KH, krow, rc, rk, mk, K) * be[None, :],
+    dT += tl.dot(_rows(DW, vrow, rc, rk, mk, K), _rows_t(KH, krow, rc, rk, mk, K) * be[None, :],
                  input_precision=PRECISION)
-    dT_t += tl.dot(_load_rows(KH, krow, rc, rk, mk, K) * be[:, None], _load_cols(DW, vrow, rc, rk, mk, K),
+    dT_t += tl.dot(_rows(KH, krow, rc, rk, mk, K) * be[:, None], _rows_t(DW, vrow, rc, rk, mk, K),
                    input_precision=PRECISION)
     # key side of W = T Bk: dBk = Tᵀ dW
-    d_bk = tl.dot(T_t, _load_rows(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
-    kk = _load_rows(KH, krow, rc, rk, mk, K)
+    d_bk = tl.dot(T_t, _rows(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
+    kk = _rows(KH, krow, rc, rk, mk, K)
     d_beta += tl.sum(d_bk * kk * eg[:, None], axis=1)
     d_gam = tl.sum(d_bk * kk, axis=1) * be
     d_k = d_bk * be[:, None]
@@ -304,25 +286,25 @@ def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     dL_t = tl.where(strict_t, -tl.dot(tl.dot(T, dT_t, input_precision=PRECISION), T, input_precision=PRECISION),
                     0.0)
     decay = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0))
-    kp = tl.dot(_load_rows(KH, krow, rc, rk, mk, K), _load_cols(P, krow, rc, rk, mk, K),
+    kp = tl.dot(_rows(KH, krow, rc, rk, mk, K), _rows_t(P, krow, rc, rk, mk, K),
                 input_precision=PRECISION) * decay  # (K̂Pᵀ ⊙ D), lower part used
     gl = tl.where(strict, dL * kp, 0.0)
     d_beta += tl.sum(gl, axis=1)
     d_gam += tl.sum(gl, axis=1) * beta  # rowsum of dL ⊙ L
-    d_k += tl.dot(tl.where(strict, dL * beta[:, None] * decay, 0.0), _load_rows(P, krow, rc, rk, mk, K),
+    d_k += tl.dot(tl.where(strict, dL * beta[:, None] * decay, 0.0), _rows(P, krow, rc, rk, mk, K),
                   input_precision=PRECISION)
     tl.store(DK + (vrow + rc[:, None]) * K + rk[None, :], d_k, mask=mk[None, :])
     decay_t = tl.exp(tl.where(strict_t, gam[None, :] - gam[:, None], 0.0))
-    pk_t = tl.dot(_load_rows(P, krow, rc, rk, mk, K), _load_cols(KH, krow, rc, rk, mk, K),
+    pk_t = tl.dot(_rows(P, krow, rc, rk, mk, K), _rows_t(KH, krow, rc, rk, mk, K),
                   input_precision=PRECISION) * decay_t  # its transpose, upper part used
     d_gam -= tl.sum(tl.where(strict_t, dL_t * pk_t, 0.0) * beta[None, :], axis=1)  # colsum of dL ⊙ L
-    d_p = tl.dot(tl.where(strict_t, dL_t * beta[None, :] * decay_t, 0.0), _load_rows(KH, krow, rc, rk, mk, K),
+    d_p = tl.dot(tl.where(strict_t, dL_t * beta[None, :] * decay_t, 0.0), _rows(KH, krow, rc, rk, mk, K),
                  input_precision=PRECISION)
     # P̃ = P ⊙ e^{Γ_C − Γ} and d = e^{Γ_C}
     scale_end = tl.exp(g_end - gam)
-    dpt = _load_rows(DPT, vrow, rc, rk, mk, K)
+    dpt = _rows(DPT, vrow, rc, rk, mk, K)
     d_p += dpt * scale_end[:, None]
-    s = tl.sum(dpt * _load_rows(P, krow, rc, rk, mk, K), axis=1) * scale_end
+    s = tl.sum(dpt * _rows(P, krow, rc, rk, mk, K), axis=1) * scale_end
     d_gam -= s
     d_end = tl.sum(s, axis=0) + tl.load(DDEC + i_c64 * HV + i_h) * tl.exp(g_end)
     d_gam += tl.where(rc == C - 1, d_end, 0.0)
