@@ -22,7 +22,7 @@ from ..cp.layout import StreamLayout
 from ..indices import index_tensor
 from .delta import DeltaChunks, delta_chunks
 from .plan import ChunkPlan, diagonal_scan, make_chunk_plan, scan_chunks
-from .preconditioner import preconditioner_chunks, write_keys
+from .preconditioner import _WeightedSquares, preconditioner_chunks, write_keys
 from .summary import DENSE, DIAGONAL, AffineKind
 
 CHUNK_SIZE = 64
@@ -85,14 +85,29 @@ class _L2Normalize(torch.autograd.Function):
         return r * (s * dy - y * ((y * dy).sum(-1, keepdim=True) / s)), None
 
 
-def _keys_and_queries(plan: ChunkPlan, inp: StreamInputs, backend: str) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class _Forms:
+    """A backend's functions for the steps before the delta stage (the Triton kernels or their PyTorch forms)."""
+
+    normalize: Callable  # (x [..., K], scale) -> scale · x / |x|
+    weighted_squares: Callable  # (w [Nc,H,C], k [Nc,H,C,K]) -> Σ_c w_c k_c² [Nc,H,K]
+    write_keys: Callable  # see chunk.preconditioner.write_keys
+
+
+def _forms(backend: str) -> _Forms:
+    if backend == "triton":
+        from ..kernels.l2norm import l2_normalize_triton
+        from ..kernels.precond_summary import weighted_squares_triton
+        from ..kernels.preconditioner import write_keys_triton
+
+        return _Forms(l2_normalize_triton, weighted_squares_triton, write_keys_triton)
+    return _Forms(_L2Normalize.apply, _WeightedSquares.apply, write_keys)
+
+
+def _keys_and_queries(plan: ChunkPlan, inp: StreamInputs, normalize: Callable) -> tuple[Tensor, Tensor]:
     """q̂, k̂ [Nc, H, C, K] in the compute dtype (normalised in chunk layout: padding rows stay zero)."""
     q, k = _heads_first(plan, inp.q, inp.dtype), _heads_first(plan, inp.k, inp.dtype)
     if inp.qk_l2norm:
-        if backend == "triton" and inp.dtype == torch.float32:
-            from ..kernels.l2norm import l2_normalize_triton as normalize
-        else:
-            normalize = _L2Normalize.apply
         return normalize(q, inp.q_scale), normalize(k, 1.0)
     return q * inp.q_scale, k
 
@@ -222,30 +237,22 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
                            inp.v.device)
 
     # 1. preconditioner state entering every segment
-    q_hat, k_hat = _keys_and_queries(plan, inp, backend)  # [Nc, H, C, K]
+    forms = _forms(backend)
+    q_hat, k_hat = _keys_and_queries(plan, inp, forms.normalize)  # [Nc, H, C, K]
     g_atk, beta_atk = _heads_first(plan, inp.g_atk, dt), _heads_first(plan, inp.beta_atk, dt)
-    if backend == "triton":
-        from ..kernels.precond_summary import weighted_squares_triton
-
-        pre = preconditioner_chunks(k_hat, g_atk, beta_atk, weighted_squares_triton)
-    else:
-        pre = preconditioner_chunks(k_hat, g_atk, beta_atk)
+    pre = preconditioner_chunks(k_hat, g_atk, beta_atk, forms.weighted_squares)
     A_init = _initial(inp.initial_A_state, (H, K), k_hat)
     A_enter, A_gathered = _entering_states(layout, group, plan, DIAGONAL, lambda ids: (pre.decay[ids], pre.end[ids]),
                                            A_init, None, inp.initial_A_state)
     A_start, A_final = diagonal_scan(plan, A_enter, pre.decay, pre.end)
 
     # 2. write keys
-    if backend == "triton":
-        from ..kernels.preconditioner import write_keys_triton as keys
-    else:
-        keys = write_keys
-    p = keys(k_hat, g_atk, beta_atk, A_start, inp.centre, inp.x, inp.eps)
+    p = forms.write_keys(k_hat, g_atk, beta_atk, A_start, inp.centre, inp.x, inp.eps)
 
     # 3. WY/UT chunk quantities, state entering every segment
     g = None if inp.g is None else _heads_first(plan, inp.g, dt)
-    # the kernels read 16-bit values as they are (every use is scaled by β first, in float32): no float32 copy
-    v_dtype = inp.v.dtype if backend == "triton" and inp.v.dtype in (torch.bfloat16, torch.float16) else dt
+    # V in its own dtype for the kernels: their WY stage keeps 16-bit V as it is (no float32 copy)
+    v_dtype = inp.v.dtype if backend == "triton" else dt
     stage = _DeltaStage(plan, q_hat, k_hat, p, _heads_first(plan, inp.v, v_dtype), _heads_first(plan, inp.beta, dt), g,
                         backend)
     result = None
