@@ -15,13 +15,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _first_rows(rows: list[dict], key) -> list[dict]:
+    """The first measurement of each point (later calls repeat some)."""
+    seen, out = set(), []
+    for r in rows:
+        if "fwd_bwd_ms" in r and key(r) not in seen:
+            seen.add(key(r))
+            out.append(r)
+    return out
+
+
+def _cp_point(r: dict) -> tuple:
+    return r["method"], r["variant"], r["scaling"], r["T_global"], r["ranks"]
+
+
 def plot_cp(path: str, out: str) -> None:
-    rows, seen = [], set()
-    for r in json.load(open(path))["rows"]:  # the first measurement of each point (later calls repeat some)
-        key = (r["method"], r["variant"], r["scaling"], r["T_global"], r["ranks"])
-        if "fwd_bwd_ms" in r and r["scaling"] == "strong" and key not in seen:
-            seen.add(key)
-            rows.append(r)
+    rows = [r for r in _first_rows(json.load(open(path))["rows"], _cp_point) if r["scaling"] == "strong"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in sorted({r["method"] for r in rows}):
         for variant in sorted({r["variant"] for r in rows}):
@@ -70,16 +79,6 @@ def plot_numerics(path: str, out: str) -> None:
     fig.savefig(os.path.join(out, "numerics.png"), dpi=120)
 
 
-def _first_rows(rows: list[dict], key) -> list[dict]:
-    """The first measurement of each point (later calls repeat some)."""
-    seen, out = set(), []
-    for r in rows:
-        if "fwd_bwd_ms" in r and key(r) not in seen:
-            seen.add(key(r))
-            out.append(r)
-    return out
-
-
 def kernel_table(path: str) -> str:
     """Markdown: every op and shape, with the ratio to fla's GDN at the same shape (same run)."""
     data = json.load(open(path))
@@ -96,8 +95,7 @@ def kernel_table(path: str) -> str:
 
 def cp_table(path: str) -> str:
     """Markdown: every CP row with its speed-up (strong) or efficiency (weak) against our one-GPU run."""
-    rows = _first_rows(json.load(open(path))["rows"],
-                       lambda r: (r["method"], r["variant"], r["scaling"], r["T_global"], r["ranks"]))
+    rows = _first_rows(json.load(open(path))["rows"], _cp_point)
 
     def per_gpu_key(r):  # strong scaling compares equal totals, weak scaling equal tokens per GPU
         return r["variant"], r["T_global"] // r["ranks"] if r["scaling"] == "weak" else r["T_global"]

@@ -109,8 +109,8 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
     def apply(k_hat, p, v, beta, gamma):
         """float32 everywhere, except that 16-bit V is passed as it is (the kernels promote it when loading)."""
         v = v.contiguous() if v.dtype in (torch.bfloat16, torch.float16) else v.contiguous().float()
-        return Stage.apply(*[t.contiguous().float() for t in (k_hat, p)], v, *[t.contiguous().float() for t in (
-            beta, gamma)])
+        k_hat, p, beta, gamma = (t.contiguous().float() for t in (k_hat, p, beta, gamma))
+        return Stage.apply(k_hat, p, v, beta, gamma)
 
     return apply
 
