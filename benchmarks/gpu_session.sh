@@ -13,8 +13,12 @@ BENCH=benchmarks/bench_cp.py
 # (git-ignored) and carry it, and the next machine starts warm.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}; mkdir -p "$TRITON_CACHE_DIR"
 [ -d .triton_autotune ] && cp -r .triton_autotune/. "$TRITON_CACHE_DIR"/
-save_autotune() { (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/triton_autotune.tgz" -T -); }
-trap save_autotune EXIT
+# At most 8 files come back: the logs travel as one archive (logs.tgz), packed when the script exits.
+pack_outputs() {
+  (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/triton_autotune.tgz" -T -)
+  (cd "$OUT" && ls *.log > /dev/null 2>&1 && tar czf logs.tgz *.log && rm -f *.log)
+}
+trap pack_outputs EXIT
 { nvidia-smi --query-gpu=name,memory.total --format=csv; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/gpu.txt" 2>&1
 case "$1" in
 cp)  # our CP: GPU tests, strong/weak scaling on N GPUs (up to 1M tokens), then 2 and 1 GPU; K=256 kernel tests
@@ -35,6 +39,24 @@ cp)  # our CP: GPU tests, strong/weak scaling on N GPUs (up to 1M tokens), then 
   CUDA_VISIBLE_DEVICES=$LAST timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k k256 -s \
       > "$OUT/gpu_tests.log" 2>&1 &
   wait; echo "cp done"
+  ;;
+four)  # 4 GPUs, one call: CP tests at 2 and 4 with the kernel tests beside them; scaling on 4, then 2 and 1 side by side
+  timeout 200 $TR --nproc-per-node $N -m pytest -q -p no:cacheprovider -m gpu tests/distributed/test_cp_gpu.py \
+      > "$OUT/cp_tests.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$LAST timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "not k256" -s \
+      > "$OUT/gpu_tests.log" 2>&1 &
+  wait; echo "tests done"; tail -1 "$OUT/cp_tests.log"; tail -1 "$OUT/gpu_tests.log"
+  timeout 200 $TR --nproc-per-node $N $BENCH --T 131072 524288 1048576 --weak 32768 --methods ours ulysses \
+      --out "$OUT/cp$N.json" >> "$OUT/bench.log" 2>&1; echo "cp$N rc=$?"
+  CUDA_VISIBLE_DEVICES=1,2 timeout 150 $TR --nproc-per-node 2 $BENCH --T 131072 524288 --weak 32768 \
+      --methods ours ulysses --out "$OUT/cp2.json" >> "$OUT/bench2.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=0 timeout 150 $TR --nproc-per-node 1 $BENCH --T 131072 --weak 32768 --methods ours \
+      --out "$OUT/cp1.json" >> "$OUT/bench1.log" 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=$LAST
+   timeout 80 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k k256 -s >> "$OUT/gpu_tests.log" 2>&1
+   timeout 65 python3 benchmarks/bench_kernels.py --T 32768 131072 --warmup 5 --rep 20 --ops pgdn pkda \
+       --out "$OUT/kernels_ours.json" > "$OUT/kernels.log" 2>&1) &
+  wait; echo "four done"
   ;;
 peers)  # fla-core KCP at the same sizes (all GPUs first), then 1 GPU, and the kernel benchmark on the last GPU
   timeout 200 $TR --nproc-per-node $N $BENCH --T 131072 524288 --weak 32768 --methods fla \
