@@ -123,6 +123,7 @@ million)  # issue 6: 340M PGDN trained at CP = N on the longest of $TS (default 
   [ -f /tmp/corpus/meta.json ] || python3 -m pdelta_cp.cli preprocess \
       $(for i in $(seq ${REPEAT:-16}); do echo $files; done) --out /tmp/corpus > "$OUT/prep.log" 2>&1 \
       || { echo "preprocess failed"; exit 1; }
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # long runs: no fragmentation between chunk sizes
   for T in ${TS:-1048576 524288 262144}; do
     RUN=.runs/run$T; RESUME=""; [ -f $RUN/checkpoint.json ] && RESUME="--resume"
     timeout ${LIMIT:-540} $TR --nproc-per-node $N -m pdelta_cp.cli train --config ${CONFIG:-340m} --out $RUN $RESUME \

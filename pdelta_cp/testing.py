@@ -1,6 +1,8 @@
 """Helpers shared by the tests, the demo and the benchmarks: random inputs and error metrics."""
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -81,3 +83,47 @@ def outputs_and_grads(fn, inputs: dict[str, Tensor], weights=None, **kw):
     names = [n for n, t in inputs.items() if t.requires_grad]
     grads = torch.autograd.grad(weighted_loss(outs, weights), [inputs[n] for n in names], allow_unused=True)
     return outs, {n: (torch.zeros_like(inputs[n]) if gr is None else gr) for n, gr in zip(names, grads)}
+
+
+_NOT_STATE = (type, types.FunctionType, types.MethodType, types.ModuleType)  # code, not data a ctx could hold
+
+
+def _tensors_held(obj, depth: int = 0):
+    """Tensors reachable from ``obj`` through containers and plain objects' attributes (a few levels deep)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 4:
+        if isinstance(obj, (list, tuple, set)):
+            items = obj
+        elif isinstance(obj, dict):
+            items = obj.values()
+        elif hasattr(obj, "__dict__") and not isinstance(obj, _NOT_STATE):
+            items = vars(obj).values()
+        else:
+            items = ()
+        for item in items:
+            yield from _tensors_held(item, depth + 1)
+
+
+def custom_autograd_nodes(output: Tensor) -> list:
+    """Every custom autograd Function's backward node (its ``ctx``) in the graph below ``output``."""
+    found, seen, stack = [], set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            found.append(node)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return found
+
+
+def tensors_on_ctx(output: Tensor) -> list[tuple[str, str, tuple]]:
+    """(Function, attribute, shape) of every tensor that a custom autograd Function below ``output`` keeps as an
+    attribute of its ``ctx`` instead of through ``save_for_backward``.
+
+    Activation checkpointing frees saved tensors after forward and remakes them in backward; a tensor on ``ctx``
+    escapes that and stays alive until backward, in every checkpointed layer. Empty means none escapes."""
+    return [(type(node).__name__, name, tuple(t.shape)) for node in custom_autograd_nodes(output)
+            for name, value in vars(node).items() for t in _tensors_held(value)]

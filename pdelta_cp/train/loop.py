@@ -269,6 +269,8 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
             loss_sum, scored, correct = lm_loss_sums(hidden.reshape(-1, hidden.shape[-1]), model.embed.weight,
                                                      labels.reshape(-1), ignore_index=IGNORE,
                                                      chunk_tokens=cfg.loss_chunk_tokens)
+        if step == start and device.type == "cuda":
+            forward_peak = _memory_gb(device)  # reported with the backward's peak after the first step
         if fault == "nan":
             loss_sum = loss_sum * float("nan")
         stats = torch.stack([loss_sum.detach(), scored, correct])
@@ -279,6 +281,9 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
             engine.backward(loss * groups.world)
         else:
             loss.backward()
+        if step == start and device.type == "cuda" and is_main:  # where memory goes, for long-context sizing
+            print(f"memory after the first step: forward peak {forward_peak:.2f} GB, "
+                  f"forward + backward peak {_memory_gb(device):.2f} GB", flush=True)
         # which ranks produced a non-finite loss (the origin) or hold non-finite gradients (CP spreads them)
         loss_ok = bool(torch.isfinite(loss_sum))
         bad_param = None if engine is not None else _first_nonfinite(model)

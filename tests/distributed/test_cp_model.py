@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from pdelta_cp.cp.layout import shard
 from pdelta_cp.model import LanguageModel, ModelConfig
-from pdelta_cp.testing import rel_rms
+from pdelta_cp.testing import rel_rms, tensors_on_ctx
 
 pytestmark = pytest.mark.distributed
 
@@ -35,3 +35,22 @@ def test_model_cp_matches_single_process(cp_groups, cp, layout, variant, attenti
         errors[name] = rel_rms(g, r)
     bad = {n: e for n, e in errors.items() if not e < 1e-9}
     assert not bad, bad
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_model_cp_keeps_no_tensor_on_ctx(cp_groups, backend):
+    """Per-block recompute frees only what goes through save_for_backward: no custom Function of the model under
+    CP (op, CP hand-off, convolution halo, collectives) may keep a tensor on ctx (tensors_on_ctx)."""
+    if 2 not in cp_groups:
+        pytest.skip("world size does not hold CP=2")
+    if backend == "triton":
+        pytest.importorskip("triton")
+    group, rank = cp_groups[2]
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, d_model=32, num_layers=1, num_heads=2, head_dim=16, variant="pgdn")
+    model = LanguageModel(cfg)
+    tokens = torch.randint(0, 50, (1, 256), generator=torch.Generator().manual_seed(1))
+    logits = model(shard(tokens, 2, rank, "zigzag"), cp_group=group, cp_layout="zigzag", backend=backend)
+    leaks = tensors_on_ctx(logits)
+    logits.sum().backward()  # every rank joins the backward collectives before any assert
+    assert not leaks, leaks
