@@ -108,9 +108,32 @@ def timed(fn, steps, warmup, device):
     return statistics.median(times)
 
 
+def profile_step(step, path: str, write: bool, device) -> None:
+    """One more step under torch.profiler on every rank (the collectives need all); ``write``: save the table of
+    kernels and ops by device time (CPU time on CPU) to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    if write:
+        events = prof.key_averages()
+        busy_us = sum(getattr(e, "self_device_time_total", 0) for e in events)  # kernels only (no CPU ops)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            f.write(f"step wall {wall_ms:.2f} ms (profiled), device busy {busy_us / 1e3:.2f} ms\n")
+            f.write(events.table(sort_by="cuda_time_total" if cuda else "cpu_time_total",
+                                              row_limit=45, max_name_column_width=70))
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--T", type=int, nargs="+", default=[131072], help="global tokens (strong scaling)")
+    ap.add_argument("--T", type=int, nargs="*", default=[131072], help="global tokens (strong scaling)")
     ap.add_argument("--weak", type=int, nargs="*", default=[], help="tokens per rank (weak scaling)")
     ap.add_argument("--variants", nargs="+", default=["pgdn", "pkda"])
     ap.add_argument("--methods", nargs="+", default=["ours", "ulysses", "fla"])
@@ -127,6 +150,8 @@ def main():
                     help="skip the one-device check above this many global tokens (it must fit one device)")
     ap.add_argument("--timeout", type=int, default=300, help="seconds a collective may wait before failing")
     ap.add_argument("--out", default="cp.json")
+    ap.add_argument("--profile", default="", help="folder: rank 0 writes a torch.profiler table of one step of "
+                                                    "every 'ours' row there (where CP's extra time goes)")
     args = ap.parse_args()
     cuda = args.device == "cuda"
     # a rank stuck in a collective its peers left (a peer's error) fails after this instead of hanging
@@ -183,6 +208,9 @@ def main():
                     row["fwd_bwd_ms"] = timed(step, args.steps, args.warmup, device)
                     if cuda:
                         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    if args.profile and method == "ours":
+                        profile_step(step, os.path.join(args.profile, f"profile_{variant}_{kind}_{T}_{W}.txt"),
+                                     rank == 0, device)
                     pieces = 2 if args.layout == "zigzag" else 1
                     if method.startswith("ours"):
                         row["bytes_per_layer_per_rank"] = bytes_per_layer(args.H, args.K, args.V, pieces)

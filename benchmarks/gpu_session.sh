@@ -58,6 +58,14 @@ four)  # 4 GPUs, one call: CP tests at 2 and 4 with the kernel tests beside them
        --out "$OUT/kernels_ours.json" > "$OUT/kernels.log" 2>&1) &
   wait; echo "four done"
   ;;
+cpprofile)  # issue 4's PGDN gap: one profiled fwd+bwd step at 32K tokens per GPU, on 1 GPU and on N (weak scaling)
+  mkdir -p "$OUT/prof"
+  for n in 1 $N; do
+    CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) timeout 150 $TR --nproc-per-node $n $BENCH --T --weak 32768 \
+        --methods ours --variants pgdn pkda --check 0 --profile "$OUT/prof" --out "$OUT/prof/cp$n.json" \
+        >> "$OUT/bench.log" 2>&1; echo "profile on $n rc=$?"
+  done
+  ;;
 peers)  # fla-core KCP at the same sizes (all GPUs first), then 1 GPU, and the kernel benchmark on the last GPU
   timeout 200 $TR --nproc-per-node $N $BENCH --T 131072 524288 --weak 32768 --methods fla \
       --out "$OUT/fla$N.json" >> "$OUT/bench.log" 2>&1; echo "fla$N rc=$?"
