@@ -148,14 +148,20 @@ numerics)  # issue 8: CP-vs-one-GPU error against T (to 1M) and ranks (2..N), wi
   timeout ${LIMIT:-400} $TR --nproc-per-node $N benchmarks/numerics_cp.py --T ${TS:-65536 262144 1048576} \
       --out "$OUT/numerics.json" > "$OUT/numerics.log" 2>&1; echo "numerics rc=$?"
   ;;
-wyblock)  # one GPU: the opt-in blocked WY forward (PDELTA_WY_BLOCKED=1) — GPU tests, then A/B timing and profile
-  CUDA_VISIBLE_DEVICES=0 PDELTA_WY_BLOCKED=1 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-      -k "not k256 and not pkda" -s > "$OUT/gpu_tests_wyblock.log" 2>&1; echo "wyblock tests rc=$?"
-  for flag in 0 1; do
-    CUDA_VISIBLE_DEVICES=0 PDELTA_WY_BLOCKED=$flag timeout 100 python3 benchmarks/bench_kernels.py --T 32768 131072 \
-        --warmup 10 --rep 50 --ops pgdn --out "$OUT/kernels_wyblock$flag.json" >> "$OUT/kernels.log" 2>&1
+optin)  # one GPU: the opt-in kernel paths (CPU-tested) — GPU tests with each, then A/B timings and profiles
+  # PDELTA_STATE_BWD_SPLIT=1: reverse state pass stores adjoints, a parallel kernel forms dW, dU, dP̃, dd
+  # PDELTA_WY_BLOCKED=1: WY forward in 16-row blocks
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 100 python3 benchmarks/bench_kernels.py --T 32768 131072 --warmup 10 --rep 30 --ops pgdn pkda \
+      --out "$OUT/kernels_base.json" >> "$OUT/kernels.log" 2>&1
+  for flag in ${FLAGS:-PDELTA_STATE_BWD_SPLIT PDELTA_WY_BLOCKED}; do
+    env $flag=1 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "not k256" -s \
+        > "$OUT/gpu_tests_$flag.log" 2>&1; echo "$flag tests rc=$?"
+    env $flag=1 timeout 100 python3 benchmarks/bench_kernels.py --T 32768 131072 --warmup 10 --rep 30 \
+        --ops pgdn pkda --out "$OUT/kernels_$flag.json" >> "$OUT/kernels.log" 2>&1; echo "$flag timing rc=$?"
+    env $flag=1 timeout 60 python3 benchmarks/profile_op.py --variant pgdn --T 32768 \
+        --out "$OUT/profile_pgdn_$flag.txt" > /dev/null 2>&1
   done
-  CUDA_VISIBLE_DEVICES=0 PDELTA_WY_BLOCKED=1 timeout 60 python3 benchmarks/profile_op.py --variant pgdn --T 32768 \
-      --out "$OUT/profile_pgdn_wyblock.txt" > /dev/null 2>&1
+  unset CUDA_VISIBLE_DEVICES
   ;;
 esac

@@ -77,6 +77,8 @@ def load_wy(ctx) -> tuple[tuple, tuple]:
 def _fold_groups(t: torch.Tensor, H: int) -> torch.Tensor:
     """[Nc, HV, C, K] per value head -> [Nc, H, C, K] summed over each key head's group."""
     Nc, HV = t.shape[:2]
+    if HV == H:  # one value head per key head: nothing to sum (a sum over a size-1 dim would still copy)
+        return t
     return t.view(Nc, H, HV // H, *t.shape[2:]).sum(2)
 
 

@@ -17,6 +17,8 @@ Reverse kernel (adjoint Λ_c = dL/dS_c, carried transposed as X = Λᵀ so no do
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -67,10 +69,12 @@ def _state_fwd_kernel(W, U, P, D, S0, FIRST, LENGTH, STARTS, FINAL, HV,
 
 @triton.jit
 def _state_bwd_kernel(W, U, P, D, STARTS, G, TERMINAL, FIRST, LENGTH,
-                      DW, DU, DP, DD, DS0, HV, NCH,
+                      DW, DU, DP, DD, DS0, LAM, HV, NCH,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      STORE_GRADS: tl.constexpr, PRECISION: tl.constexpr):
-    """DW, DP [NV, Nc, HV, C, K] and DD [NV, Nc, HV, K] receive per-V-block partial sums (slot i_v)."""
+                      STORE_GRADS: tl.constexpr, STORE_LAM: tl.constexpr, PRECISION: tl.constexpr):
+    """DW, DP [NV, Nc, HV, C, K] and DD [NV, Nc, HV, K] receive per-V-block partial sums (slot i_v).
+    STORE_LAM (with STORE_GRADS off): LAM [Nc, HV, K, V] receives Λ_{c+1}, the adjoint leaving every chunk, for
+    :func:`_state_grads_kernel` — the sequential loop then does only what the recurrence needs."""
     i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first = tl.load(FIRST + i_s).to(tl.int64)
     n = tl.load(LENGTH + i_s)
@@ -89,6 +93,8 @@ def _state_bwd_kernel(W, U, P, D, STARTS, G, TERMINAL, FIRST, LENGTH,
         d = tl.load(D + base * K + rk, mask=mk, other=0.0)
         g_t = tl.load(G + (base * K + rk[None, :]) * V + cols[:, None], mask=tmask, other=0.0)
         d_delta_t = tl.dot(X, p_t, input_precision=PRECISION)  # [BV, C] = (P̃ Λ)ᵀ
+        if STORE_LAM:
+            tl.store(LAM + (base * K + rk[None, :]) * V + cols[:, None], X, mask=tmask)
         if STORE_GRADS:
             s = tl.load(STARTS + (base * K + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :],
                         other=0.0)
@@ -103,6 +109,49 @@ def _state_bwd_kernel(W, U, P, D, STARTS, G, TERMINAL, FIRST, LENGTH,
             tl.store(DU + (base * C + rc[None, :]) * V + cols[:, None], d_delta_t, mask=mv[:, None])
         X = g_t + X * d[None, :] - tl.dot(d_delta_t, w, input_precision=PRECISION)
     tl.store(DS0 + ((i_s * HV + i_h) * K + rk[None, :]) * V + cols[:, None], X, mask=tmask)
+
+
+@triton.jit
+def _state_grads_kernel(W, U, P, STARTS, LAM, DW, DU, DP, DD, HV,
+                        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """Per (chunk, value head), all of V in a loop of BV-wide tiles, from S_c (STARTS) and Λ_{c+1} (LAM):
+    dU = P̃ Λ, dW = −dU Sᵀ, dP̃ = (U − W S) Λᵀ, dd = Σ_v S ⊙ Λ — complete sums, no per-V-block copies."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    base = i_c.to(tl.int64) * HV + i_h
+    rk = tl.arange(0, BK)
+    rc = tl.arange(0, C)
+    mk = rk < K
+    w = tl.load(W + (base * C + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)  # [C, BK]
+    p = tl.load(P + (base * C + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)  # [C, BK]
+    d_w = tl.zeros((C, BK), dtype=tl.float32)
+    d_p = tl.zeros((C, BK), dtype=tl.float32)
+    d_d = tl.zeros((BK,), dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        mv = cols < V
+        kv = (base * K + rk[:, None]) * V + cols[None, :]  # [BK, BV] tile of a [K, V] matrix
+        vk = (base * K + rk[None, :]) * V + cols[:, None]  # the same tile read transposed, [BV, BK]
+        m_kv = mk[:, None] & mv[None, :]
+        m_vk = mv[:, None] & mk[None, :]
+        s = tl.load(STARTS + kv, mask=m_kv, other=0.0)
+        lam = tl.load(LAM + kv, mask=m_kv, other=0.0)
+        u = tl.load(U + (base * C + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        d_u = tl.dot(p, lam, input_precision=PRECISION)  # [C, BV]
+        tl.store(DU + (base * C + rc[:, None]) * V + cols[None, :], d_u, mask=mv[None, :])
+        delta = u - tl.dot(w, s, input_precision=PRECISION)  # [C, BV]
+        d_p += tl.dot(delta, tl.load(LAM + vk, mask=m_vk, other=0.0), input_precision=PRECISION)
+        d_w -= tl.dot(d_u, tl.load(STARTS + vk, mask=m_vk, other=0.0), input_precision=PRECISION)
+        d_d += tl.sum(s * lam, axis=1)
+    tl.store(DW + (base * C + rc[:, None]) * K + rk[None, :], d_w, mask=mk[None, :])
+    tl.store(DP + (base * C + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
+    tl.store(DD + base * K + rk, d_d, mask=mk)
+
+
+def split_backward_enabled(K: int) -> bool:
+    """PDELTA_STATE_BWD_SPLIT=1 (opt-in until timed on a GPU): the reverse pass stores the adjoints and a
+    parallel kernel forms dW, dU, dP̃, dd from them (K <= 128: two [C, K] float32 accumulators per program)."""
+    return os.environ.get("PDELTA_STATE_BWD_SPLIT") == "1" and K <= 128
 
 
 def _config(K: int, ncol: int, narrow: bool = False) -> tuple[int, int, int, int]:
@@ -165,16 +214,25 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
     BK, BV, warps, stages = _config(K, V, narrow)
     NV = triton.cdiv(V, BV)
     nseg = len(first)
-    if store_grads:
+    split = store_grads and split_backward_enabled(K)
+    if store_grads and not split:
         dW, dP = W.new_empty((NV, Nc, HV, C, K)), W.new_empty((NV, Nc, HV, C, K))
         dD, dU = W.new_empty((NV, Nc, HV, K)), W.new_empty((Nc, HV, C, V))
     else:
         dW = dP = dD = dU = W.new_empty(1)
+    lam = W.new_empty((Nc, HV, K, V)) if split else W.new_empty(1)
     dS0 = W.new_empty((nseg, HV, K, V))
     _state_bwd_kernel[(NV, HV, nseg)](W, U, P, D, starts, G, terminal, _segments_tensor(first, W.device),
-                                       _segments_tensor(length, W.device), dW, dU, dP, dD, dS0, HV, Nc * HV,
-                                       K=K, V=V, C=C, BK=BK, BV=BV, STORE_GRADS=store_grads,
-                                       PRECISION=_precision(False), num_warps=warps, num_stages=stages)
+                                       _segments_tensor(length, W.device), dW, dU, dP, dD, dS0, lam, HV, Nc * HV,
+                                       K=K, V=V, C=C, BK=BK, BV=BV, STORE_GRADS=store_grads and not split,
+                                       STORE_LAM=split, PRECISION=_precision(False), num_warps=warps,
+                                       num_stages=stages)
+    if split:
+        dW, dP = W.new_empty((Nc, HV, C, K)), W.new_empty((Nc, HV, C, K))
+        dU, dD = W.new_empty((Nc, HV, C, V)), W.new_empty((Nc, HV, K))
+        _state_grads_kernel[(Nc, HV)](W, U, P, starts, lam, dW, dU, dP, dD, HV, K=K, V=V, C=C, BK=BK, BV=BV,
+                                      PRECISION=_precision(False), num_warps=warps, num_stages=stages)
+        return dW, dU, dP, dD, dS0
     if not store_grads:
         return None, None, None, None, dS0
     if NV == 1:  # one V block: the partial slots are the gradients (a sum would copy them)

@@ -87,10 +87,13 @@ def test_recomputing_wy_in_backward_changes_nothing(monkeypatch, variant):
                                                                          if not torch.equal(grads_r[n], grads_k[n])]
 
 
-@pytest.mark.parametrize("variant", ["pdn", "pgdn"])
-def test_blocked_wy_forward_matches_reference(variant, monkeypatch):
-    """PDELTA_WY_BLOCKED=1: the WY forward in 16-row blocks (opt-in until timed on a GPU) gives the same op."""
-    monkeypatch.setenv("PDELTA_WY_BLOCKED", "1")
+@pytest.mark.parametrize("flag,variant", [("PDELTA_WY_BLOCKED", "pdn"), ("PDELTA_WY_BLOCKED", "pgdn"),
+                                          ("PDELTA_STATE_BWD_SPLIT", "pgdn"), ("PDELTA_STATE_BWD_SPLIT", "pkda")])
+def test_opt_in_kernel_paths_match_reference(flag, variant, monkeypatch):
+    """Opt-in paths (until timed on a GPU) give the same op: PDELTA_WY_BLOCKED=1, the WY forward in 16-row
+    blocks; PDELTA_STATE_BWD_SPLIT=1, the reverse state pass stores adjoints and a parallel kernel forms the
+    chunk gradients. Every output and gradient against float64."""
+    monkeypatch.setenv(flag, "1")
     inp = make_inputs(T=150, H=2, HV=4, K=12, V=72, variant=variant, dtype=torch.float32, device=DEVICE)
     ref_inp = {n: t.detach().double().requires_grad_(True) for n, t in inp.items()}
     ref_out, ref_grads = outputs_and_grads(naive_precond_delta_rule, ref_inp, output_final_state=True)

@@ -33,9 +33,12 @@ def _out_of_resources(stage: str, narrow_fits: bool):
     return launch
 
 
-@pytest.mark.parametrize("K,V", [(16, 32), (20, 12)])
+@pytest.mark.parametrize("split_backward", [False, True], ids=["partials", "split"])
+@pytest.mark.parametrize("K,V", [(16, 32), (20, 12), (16, 72)])  # V=72: several V tiles, the last one masked
 @pytest.mark.parametrize("sub_len", [100, 2])
-def test_state_pass_matches_scan(K, V, sub_len):
+def test_state_pass_matches_scan(K, V, sub_len, split_backward, monkeypatch):
+    """split: PDELTA_STATE_BWD_SPLIT=1, the reverse pass stores adjoints and a parallel kernel forms dW, dU, dP̃, dd."""
+    monkeypatch.setenv("PDELTA_STATE_BWD_SPLIT", "1" if split_backward else "0")
     _check_state_pass(K, V, sub_len)
 
 
