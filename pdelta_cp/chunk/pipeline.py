@@ -64,7 +64,27 @@ class StreamOutputs:
 def _heads_first(plan: ChunkPlan, x: Tensor, dtype: torch.dtype) -> Tensor:
     """[L, heads, *rest] -> [Nc, heads, C, *rest] in ``dtype``, contiguous: one copy (the gather is a view when
     the plan has no padding), shared by every consumer and by what they save for backward."""
+    if plan.dense and x.dim() >= 2:
+        return _DenseHeadsFirst.apply(x, plan.num_chunks, plan.chunk_size, dtype)
     return plan.gather(x).movedim(1, 2).to(dtype=dtype, memory_format=torch.contiguous_format)
+
+
+class _DenseHeadsFirst(torch.autograd.Function):
+    """:func:`_heads_first` for plans without padding, whose backward changes layout and dtype in one copy
+    (autograd of the plain form casts, then copies into the stream layout: two passes over every gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, num_chunks: int, chunk_size: int, dtype: torch.dtype) -> Tensor:
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        out = x.reshape((num_chunks, chunk_size) + x.shape[1:]).movedim(1, 2)
+        out = out.to(dtype=dtype, memory_format=torch.contiguous_format)
+        return out.clone() if out.data_ptr() == x.data_ptr() else out  # never hand autograd a view of x
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        dx = g.new_empty(ctx.x_shape, dtype=ctx.x_dtype)
+        dx.view((g.shape[0], g.shape[2], g.shape[1]) + tuple(g.shape[3:])).copy_(g.movedim(1, 2))
+        return dx, None, None, None
 
 
 class _L2Normalize(torch.autograd.Function):
