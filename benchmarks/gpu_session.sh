@@ -124,6 +124,7 @@ verify)  # 2 GPUs: Megatron bf16 check; kernel GPU tests, profiles and our kerne
   wait; echo "verify done"
   ;;
 million)  # issue 6: 340M PGDN trained at CP = N on the longest of $TS (default 1M, then 512K, 256K) that fits
+  # PROBE=1 TS="2097152 4194304" STEPS=3: climb instead — train a few steps at each size until one fails
   # Data: a byte-level corpus of this repository's sources and docs, repeated (long-range copying is learnable).
   # Runs live in .runs/ (git-ignored: kept on a warm machine between calls) with a checkpoint every 10 steps, so
   # a run cut by the call's time limit resumes in the next call on the same machine.
@@ -141,7 +142,9 @@ million)  # issue 6: 340M PGDN trained at CP = N on the longest of $TS (default 
     rc=$?; echo "T=$T rc=$rc"
     cp $RUN/metrics.jsonl "$OUT/metrics_$T.jsonl" 2>/dev/null
     [ -f $RUN/loss.png ] && cp $RUN/loss.png "$OUT/loss_$T.png"
-    if [ $rc -eq 0 ] || [ -f $RUN/checkpoint.json ]; then break; fi  # done, or cut by time: resume next call
+    if [ -n "${PROBE:-}" ]; then  # longest context that trains: go up the ladder until a size fails
+      [ $rc -eq 0 ] || break
+    elif [ $rc -eq 0 ] || [ -f $RUN/checkpoint.json ]; then break; fi  # done, or cut by time: resume next call
   done
   ;;
 numerics)  # issue 8: CP-vs-one-GPU error against T (to 1M) and ranks (2..N), with summary-chain amplification
