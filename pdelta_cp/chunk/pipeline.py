@@ -112,16 +112,18 @@ class _Forms:
     normalize: Callable  # (x [..., K], scale) -> scale · x / |x|
     weighted_squares: Callable  # (w [Nc,H,C], k [Nc,H,C,K]) -> Σ_c w_c k_c² [Nc,H,K]
     write_keys: Callable  # see chunk.preconditioner.write_keys
+    diagonal_scan: Callable  # see chunk.plan.diagonal_scan
 
 
 def _forms(backend: str) -> _Forms:
     if backend == "triton":
         from ..kernels.l2norm import l2_normalize_triton
         from ..kernels.precond_summary import weighted_squares_triton
+        from ..kernels.diagonal_scan import diagonal_scan_triton
         from ..kernels.preconditioner import write_keys_triton
 
-        return _Forms(l2_normalize_triton, weighted_squares_triton, write_keys_triton)
-    return _Forms(_L2Normalize.apply, _WeightedSquares.apply, write_keys)
+        return _Forms(l2_normalize_triton, weighted_squares_triton, write_keys_triton, diagonal_scan_triton)
+    return _Forms(_L2Normalize.apply, _WeightedSquares.apply, write_keys, diagonal_scan)
 
 
 def _keys_and_queries(plan: ChunkPlan, inp: StreamInputs, normalize: Callable) -> tuple[Tensor, Tensor]:
@@ -264,7 +266,7 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
     A_init = _initial(inp.initial_A_state, (H, K), k_hat)
     A_enter, A_gathered = _entering_states(layout, group, plan, DIAGONAL, lambda ids: (pre.decay[ids], pre.end[ids]),
                                            A_init, None, inp.initial_A_state)
-    A_start, A_final = diagonal_scan(plan, A_enter, pre.decay, pre.end)
+    A_start, A_final = forms.diagonal_scan(plan, A_enter, pre.decay, pre.end)
 
     # 2. write keys
     p = forms.write_keys(k_hat, g_atk, beta_atk, A_start, inp.centre, inp.x, inp.eps)
