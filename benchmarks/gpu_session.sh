@@ -129,7 +129,7 @@ million)  # issue 6: 340M PGDN trained at CP = N on the longest of $TS (default 
   # Runs live in .runs/ (git-ignored: kept on a warm machine between calls) with a checkpoint every 10 steps, so
   # a run cut by the call's time limit resumes in the next call on the same machine.
   # preflight: kernels changed since their last GPU check must match PyTorch here before hours of training
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_diagonal_scan.py \
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_diagonal_scan.py \
       tests/test_activation_checkpointing.py > "$OUT/preflight.log" 2>&1 || { echo "preflight failed"; exit 1; }
   files=$(ls pdelta_cp/*.py pdelta_cp/*/*.py kernels/*.py megatron_patches/*.py docs/*.md README.md)
   [ -f /tmp/corpus/meta.json ] || python3 -m pdelta_cp.cli preprocess \
