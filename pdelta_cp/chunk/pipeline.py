@@ -76,9 +76,11 @@ class _DenseHeadsFirst(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, num_chunks: int, chunk_size: int, dtype: torch.dtype) -> Tensor:
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        out = x.reshape((num_chunks, chunk_size) + x.shape[1:]).movedim(1, 2)
-        out = out.to(dtype=dtype, memory_format=torch.contiguous_format)
-        return out.clone() if out.data_ptr() == x.data_ptr() else out  # never hand autograd a view of x
+        view = x.reshape((num_chunks, chunk_size) + x.shape[1:]).movedim(1, 2)
+        out = view.to(dtype=dtype, memory_format=torch.contiguous_format)  # cast and layout in one copy
+        if out.data_ptr() == x.data_ptr():  # same dtype: .to() handed back the view itself; copy it once
+            out = view.clone(memory_format=torch.contiguous_format)
+        return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
