@@ -118,17 +118,18 @@ def agree(error: Exception | None, sig: int, group, device, what: str) -> None:
             raise error
         return
     world, rank = world_and_rank(group)
-    mine = torch.tensor([1 if error is not None else 0, sig], dtype=torch.int64, device=device)
+    mine = torch.empty(2, dtype=torch.int64, device=device)  # filled in place: torch.tensor(list) on a GPU
+    mine[0], mine[1] = (1 if error is not None else 0), sig  # would wait for the stream (a second sync)
     everyone = torch.empty(world * 2, dtype=torch.int64, device=device)
     _all_gather_flat(everyone, mine, group=group)
-    everyone = everyone.view(world, 2)
-    failed = [r for r in range(world) if int(everyone[r, 0]) != 0]
+    rows = everyone.view(world, 2).tolist()  # one device-to-host copy (a GPU sync) for all ranks' entries
+    failed = [r for r, (flag, _) in enumerate(rows) if flag != 0]
     if error is not None:
         raise error
     if failed:
         raise RuntimeError(f"{what}: CP rank(s) {failed} of {world} rejected their arguments (see their error); "
                            f"rank {rank} stops too so that no rank waits in a collective.")
-    sigs = everyone[:, 1].tolist()
+    sigs = [sig for _, sig in rows]
     if len(set(sigs)) > 1:
         raise ValueError(f"{what}: the CP ranks were called with different shapes, dtypes, options or "
                          f"requires_grad settings (argument digests per rank: {sigs}); every rank of cp_group "
