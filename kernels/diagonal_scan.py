@@ -11,6 +11,8 @@ between tiles joins them. Backward runs the adjoint recurrence the same way with
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -92,7 +94,7 @@ class DiagonalScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, init: Tensor, decay: Tensor, end: Tensor, seg_first: tuple, seg_len: tuple):
         shape = end.shape
-        F = end[0].numel() if end.shape[0] else init[0].numel()
+        F = math.prod(shape[1:])  # features per chunk
         init, decay, end = (t.reshape(t.shape[0], F).contiguous() for t in (init, decay.expand(shape), end))
         before, final = torch.empty_like(end), torch.empty_like(init)
         first, length = index_tensor(seg_first, end.device), index_tensor(seg_len, end.device)

@@ -20,8 +20,8 @@ def test_diagonal_scan_matches_pytorch(bounds, per_head_decay):
     gen = torch.Generator().manual_seed(0)
     plan = make_chunk_plan(bounds, bounds[-1][1], 64, DEVICE)
     Nc, H, K = plan.num_chunks, 3, 20
-    decay = torch.rand(Nc, H, 1 if per_head_decay else K, generator=gen).to(DEVICE) * 0.5 + 0.5
-    decay = decay.expand(Nc, H, K).requires_grad_(True) if not per_head_decay else decay.requires_grad_(True)
+    decay = (torch.rand(Nc, H, 1 if per_head_decay else K, generator=gen) * 0.5 + 0.5).to(DEVICE)
+    decay.requires_grad_(True)
     end = torch.rand(Nc, H, K, generator=gen).to(DEVICE).requires_grad_(True)
     init = torch.rand(len(bounds), H, K, generator=gen).to(DEVICE).requires_grad_(True)
     leaves = (init, decay, end)
