@@ -65,6 +65,7 @@ cpprofile)  # issue 4's PGDN gap: one profiled fwd+bwd step at 32K tokens per GP
         --methods ours --variants pgdn pkda --check 0 --profile "$OUT/prof" --out "$OUT/prof/cp$n.json" \
         >> "$OUT/bench.log" 2>&1; echo "profile on $n rc=$?"
   done
+  (cd "$OUT" && tar czf prof.tgz prof && rm -rf prof)  # six files: over the 8-file limit with the rest
   ;;
 peers)  # fla-core KCP at the same sizes (all GPUs first), then 1 GPU, and the kernel benchmark on the last GPU
   timeout 200 $TR --nproc-per-node $N $BENCH --T 131072 524288 --weak 32768 --methods fla \
@@ -155,12 +156,12 @@ numerics)  # issue 8: CP-vs-one-GPU error against T (to 1M) and ranks (2..N), wi
       --out "$OUT/numerics.json" > "$OUT/numerics.log" 2>&1; echo "numerics rc=$?"
   ;;
 optin)  # one GPU: the opt-in kernel paths (CPU-tested) — GPU tests with each, then A/B timings and profiles
-  # PDELTA_STATE_BWD_SPLIT=1: reverse state pass stores adjoints, a parallel kernel forms dW, dU, dP̃, dd
+  # (PDELTA_STATE_BWD_SPLIT, the split state backward, became the default on 2026-11-27)
   # PDELTA_WY_BLOCKED=1: WY forward in 16-row blocks
   export CUDA_VISIBLE_DEVICES=0
   timeout 100 python3 benchmarks/bench_kernels.py --T 32768 131072 --warmup 10 --rep 30 --ops pgdn pkda \
       --out "$OUT/kernels_base.json" >> "$OUT/kernels.log" 2>&1
-  for flag in ${FLAGS:-PDELTA_STATE_BWD_SPLIT PDELTA_WY_BLOCKED}; do
+  for flag in ${FLAGS:-PDELTA_WY_BLOCKED}; do
     env $flag=1 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "not k256" -s \
         > "$OUT/gpu_tests_$flag.log" 2>&1; echo "$flag tests rc=$?"
     env $flag=1 timeout 100 python3 benchmarks/bench_kernels.py --T 32768 131072 --warmup 10 --rep 30 \

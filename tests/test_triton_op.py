@@ -87,13 +87,14 @@ def test_recomputing_wy_in_backward_changes_nothing(monkeypatch, variant):
                                                                          if not torch.equal(grads_r[n], grads_k[n])]
 
 
-@pytest.mark.parametrize("flag,variant", [("PDELTA_WY_BLOCKED", "pdn"), ("PDELTA_WY_BLOCKED", "pgdn"),
-                                          ("PDELTA_STATE_BWD_SPLIT", "pgdn"), ("PDELTA_STATE_BWD_SPLIT", "pkda")])
-def test_opt_in_kernel_paths_match_reference(flag, variant, monkeypatch):
-    """Opt-in paths (until timed on a GPU) give the same op: PDELTA_WY_BLOCKED=1, the WY forward in 16-row
-    blocks; PDELTA_STATE_BWD_SPLIT=1, the reverse state pass stores adjoints and a parallel kernel forms the
-    chunk gradients. Every output and gradient against float64."""
-    monkeypatch.setenv(flag, "1")
+@pytest.mark.parametrize("flag,value,variant", [("PDELTA_WY_BLOCKED", "1", "pdn"), ("PDELTA_WY_BLOCKED", "1", "pgdn"),
+                                                ("PDELTA_STATE_BWD_SPLIT", "0", "pgdn"),
+                                                ("PDELTA_STATE_BWD_SPLIT", "0", "pkda")])
+def test_switchable_kernel_paths_match_reference(flag, value, variant, monkeypatch):
+    """Non-default paths give the same op: PDELTA_WY_BLOCKED=1 (opt-in), the WY forward in 16-row blocks;
+    PDELTA_STATE_BWD_SPLIT=0 (opt-out), the reverse state pass forms the chunk gradients itself as per-V-block
+    partials. Every output and gradient against float64."""
+    monkeypatch.setenv(flag, value)
     inp = make_inputs(T=150, H=2, HV=4, K=12, V=72, variant=variant, dtype=torch.float32, device=DEVICE)
     ref_inp = {n: t.detach().double().requires_grad_(True) for n, t in inp.items()}
     ref_out, ref_grads = outputs_and_grads(naive_precond_delta_rule, ref_inp, output_final_state=True)
