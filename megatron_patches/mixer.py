@@ -20,7 +20,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .layout import check_layout
-from ..layers import _DECAY, VARIANTS, MixerConfig, MixerProjections, RMSNorm, _inverse_softplus_dt, mixer_core
+from ..layers import (_DECAY, VARIANTS, MixerConfig, MixerProjections, RMSNorm, _inverse_softplus_dt, mixer_core,
+                      rms_norm)
 
 
 def _local(full: torch.Tensor, rank: int, size: int) -> nn.Parameter:
@@ -38,9 +39,8 @@ class _TPSharedRMSNorm(RMSNorm):
         self.tp_group = tp_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         weight = tensor_parallel.copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * weight
+        return rms_norm(x, weight, self.eps)
 
 
 def _group_or_none(group):

@@ -55,6 +55,36 @@ def _inverse_softplus_dt(n: int, lo: float = 1e-3, hi: float = 0.1, floor: float
     return dt + torch.log(-torch.expm1(-dt))
 
 
+class _RMSNorm(torch.autograd.Function):
+    """Keeps only x (usually alive anyway: a residual or the op's output) and the per-row 1/rms for backward;
+    autograd of the plain formula keeps a float32 copy of x and of x/rms — 4x a bf16 x per norm."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        x32 = _at_least_fp32(x)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x32 * rstd * weight.to(x32.dtype)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = _at_least_fp32(x) * rstd
+        dy32 = dy.to(x_hat.dtype)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:  # d/dx of w ⊙ x r: r (dy w - x̂ mean(dy w ⊙ x̂))
+            dyw = dy32 * weight.to(x_hat.dtype)
+            dx = (rstd * (dyw - x_hat * (dyw * x_hat).mean(-1, keepdim=True))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (dy32 * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return dx, dw, None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x [..., D] / rms(x) * weight [D], computed in (at least) float32 and returned in x's dtype."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -62,8 +92,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = _at_least_fp32(x)
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class PrecondDeltaMixer(nn.Module):

@@ -43,6 +43,28 @@ class ModelConfig:
         return 256 * -(-int(self.d_model * self.hidden_ratio * 2 / 3) // 256)
 
 
+class _SiluGate(torch.autograd.Function):
+    """[gate | up] [..., 2H] -> silu(gate) * up [..., H] with the same kernels (and numerics) as autograd of that
+    formula, keeping only the input for backward (autograd also keeps silu(gate)) and writing both gradient
+    halves into one buffer (autograd would concatenate them: one more copy of the input's size)."""
+
+    @staticmethod
+    def forward(ctx, gate_up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        d = torch.empty_like(gate_up)
+        d_gate, d_up = d.chunk(2, dim=-1)
+        d_gate.copy_(torch.ops.aten.silu_backward(dy * up, gate))
+        d_up.copy_(dy * F.silu(gate))
+        return d
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d: int, hidden: int):
         super().__init__()
@@ -50,8 +72,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, d, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(_SiluGate.apply(self.gate_up(x)))
 
 
 class Block(nn.Module):

@@ -30,3 +30,42 @@ def test_conv_bad_input():
         short_conv(torch.randn(1, 8, 4), torch.randn(3, 4))
     with pytest.raises(ValueError, match="activation"):
         short_conv(torch.randn(1, 8, 4), torch.randn(4, 4), activation="gelu")
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_conv_keeps_only_its_input_for_backward(activation):
+    """Saved for backward: the input (with its halo rows) and the small index/weights — not a [L, width, D]
+    tap tensor or the pre-activation (5x the input per layer at long context)."""
+    x = torch.randn(1, 512, 64, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(64, 4, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        if t.is_floating_point():
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = short_conv(x, w, None, activation)
+    x_bytes = x.numel() * x.element_size()
+    assert sum(saved.values()) <= x_bytes + 2 * w.numel() * 4 + 64 * 2, (sum(saved.values()), x_bytes)
+    y.float().sum().backward()
+    assert x.grad is not None and w.grad is not None
+
+
+def test_conv_bf16_close_to_float64():
+    """16-bit input: float32 accumulation, one rounding of the output; every gradient near float64."""
+    gen = torch.Generator().manual_seed(3)
+    x64 = torch.randn(1, 300, 32, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(32, 4, generator=gen, dtype=torch.float64) * 0.5
+    dy = torch.randn(1, 300, 32, generator=gen, dtype=torch.float64)
+    x = x64.to(torch.bfloat16).requires_grad_(True)
+    w = w64.float().requires_grad_(True)
+    xr = x.detach().double().requires_grad_(True)
+    wr = w.detach().double().requires_grad_(True)
+    y = short_conv(x, w, None, "silu")
+    y_ref = naive_short_conv(xr, wr, None, "silu")
+    (y.double() * dy).sum().backward()
+    (y_ref * dy).sum().backward()
+    assert y.dtype == torch.bfloat16 and rel_rms(y.double(), y_ref) < 5e-3
+    assert rel_rms(x.grad.double(), xr.grad) < 5e-3 and rel_rms(w.grad.double(), wr.grad) < 5e-3
