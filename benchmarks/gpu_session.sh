@@ -131,13 +131,13 @@ million)  # issue 6: 340M PGDN trained at CP = N on the longest of $TS (default 
   # a run cut by the call's time limit resumes in the next call on the same machine.
   # preflight: kernels changed since their last GPU check must match PyTorch here before hours of training
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_diagonal_scan.py \
-      tests/test_activation_checkpointing.py > "$OUT/preflight.log" 2>&1 || { echo "preflight failed"; exit 1; }
+      tests/test_activation_checkpointing.py tests/test_conv.py tests/test_model_parts.py > "$OUT/preflight.log" 2>&1 || { echo "preflight failed"; exit 1; }
   files=$(ls pdelta_cp/*.py pdelta_cp/*/*.py kernels/*.py megatron_patches/*.py docs/*.md README.md)
   [ -f /tmp/corpus/meta.json ] || python3 -m pdelta_cp.cli preprocess \
       $(for i in $(seq ${REPEAT:-16}); do echo $files; done) --out /tmp/corpus > "$OUT/prep.log" 2>&1 \
       || { echo "preprocess failed"; exit 1; }
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # long runs: no fragmentation between chunk sizes
-  for T in ${TS:-1048576 524288 262144}; do
+  for T in ${TS:-1048576 524288 262144}; do  # PROBE=1 TS="1048576 2097152 3145728": the longest that trains
     RUN=.runs/run$T; RESUME=""; [ -f $RUN/checkpoint.json ] && RESUME="--resume"
     timeout ${LIMIT:-540} $TR --nproc-per-node $N -m pdelta_cp.cli train --config ${CONFIG:-340m} --out $RUN $RESUME \
         --set parallel.cp=$N --set data.task=tokens --set data.path=/tmp/corpus --set data.seq_len=$T \

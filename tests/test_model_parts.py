@@ -8,6 +8,8 @@ from pdelta_cp.layers import rms_norm
 from pdelta_cp.model import _SiluGate
 from pdelta_cp.testing import rel_rms
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the GPU preflight of `million` runs these on CUDA
+
 
 def _saved_float_bytes(fn, *args):
     saved = {}
@@ -28,9 +30,9 @@ def _plain_rms_norm(x, w, eps):
 
 def test_rms_norm_matches_formula_float64():
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, 3, 16, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(16, generator=gen, dtype=torch.float64, requires_grad=True)
-    dy = torch.randn(2, 5, 3, 16, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 5, 3, 16, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(True)
+    w = torch.randn(16, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(True)
+    dy = torch.randn(2, 5, 3, 16, generator=gen, dtype=torch.float64).to(DEVICE)
     y, y_ref = rms_norm(x, w, 1e-6), _plain_rms_norm(x, w, 1e-6)
     grads = torch.autograd.grad((y * dy).sum(), (x, w))
     grads_ref = torch.autograd.grad((y_ref * dy).sum(), (x, w))
@@ -40,8 +42,8 @@ def test_rms_norm_matches_formula_float64():
 
 
 def test_rms_norm_16bit_keeps_input_dtype_and_only_x():
-    x = torch.randn(256, 64, dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(64, requires_grad=True)
+    x = torch.randn(256, 64, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    w = torch.randn(64, device=DEVICE, requires_grad=True)
     y, saved = _saved_float_bytes(rms_norm, x, w, 1e-6)
     assert y.dtype == torch.bfloat16
     assert saved <= x.numel() * 2 + 256 * 4 + 64 * 4  # x, one float32 per row, the weight
@@ -52,8 +54,8 @@ def test_rms_norm_16bit_keeps_input_dtype_and_only_x():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_silu_gate_matches_formula(dtype):
     gen = torch.Generator().manual_seed(1)
-    gu64 = torch.randn(3, 7, 2 * 24, generator=gen, dtype=torch.float64) * 2
-    dy = torch.randn(3, 7, 24, generator=gen, dtype=torch.float64)
+    gu64 = torch.randn(3, 7, 2 * 24, generator=gen, dtype=torch.float64).to(DEVICE) * 2
+    dy = torch.randn(3, 7, 24, generator=gen, dtype=torch.float64).to(DEVICE)
     gu = gu64.to(dtype).requires_grad_(True)
     ref_in = gu.detach().double().requires_grad_(True)
     y, saved = _saved_float_bytes(_SiluGate.apply, gu)
