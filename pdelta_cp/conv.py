@@ -140,47 +140,39 @@ def short_conv(
 
 
 class _TapConv(torch.autograd.Function):
-    """y [L, D] = act(sum_w table[index[:, w]] * weight[:, w] + bias), accumulated in (at least) float32.
-
-    Keeps only ``table`` (the input with its halo rows) for backward and remakes the pre-activation there: a
-    gathered [L, width, D] tap tensor and the pre-activation would keep 5x the input per layer.
+    """y [L, D] = act(sum_w table[index[:, w]] * weight[:, w] + bias), computed as autograd of that formula would
+    (a gathered [L, width, D] tap tensor and one einsum, in the input's dtype), but keeping only ``table`` (the
+    input with its halo rows) for backward, where the taps and the pre-activation are remade: kept, they are
+    5x the input per layer.
     """
 
     @staticmethod
     def forward(ctx, table: Tensor, index: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
         ctx.save_for_backward(table, index, weight, bias)
         ctx.silu = silu
-        pre = _tap_sum(table, index, weight, bias)
-        return (F.silu(pre) if silu else pre).to(table.dtype)
+        pre = _pre_activation(table, index, weight, bias)
+        return F.silu(pre) if silu else pre
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         table, index, weight, bias = ctx.saved_tensors
+        d_pre = dy
+        if ctx.silu:
+            d_pre = torch.ops.aten.silu_backward(dy, _pre_activation(table, index, weight, bias))
         acc = torch.promote_types(table.dtype, torch.float32)
-        d_pre = dy.to(acc)
-        if ctx.silu:  # silu'(z) = s (1 + z (1 - s)), s = sigmoid(z)
-            pre = _tap_sum(table, index, weight, bias)
-            s = torch.sigmoid(pre)
-            d_pre = d_pre * s * (1 + pre * (1 - s))
-            del pre, s
         d_table = torch.zeros(table.shape, dtype=acc, device=table.device) if ctx.needs_input_grad[0] else None
         d_weight = torch.empty(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[2] else None
-        w32 = weight.to(acc)
-        for w in range(weight.shape[1]):
+        w_cast = weight.to(table.dtype)
+        for w in range(weight.shape[1]):  # one [L, D] tap at a time: a [L, width, D] gradient would be the peak
             if d_weight is not None:
-                d_weight[:, w] = (table[index[:, w]].to(acc) * d_pre).sum(0)
-            if d_table is not None:
-                d_table.index_add_(0, index[:, w], d_pre * w32[:, w])
-        d_bias = d_pre.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
+                d_weight[:, w] = (table[index[:, w]] * d_pre).sum(0, dtype=acc)
+            if d_table is not None:  # each table row feeds up to `width` taps: summed in float32
+                d_table.index_add_(0, index[:, w], (d_pre * w_cast[:, w]).to(acc))
+        d_bias = d_pre.sum(0, dtype=acc).to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
         return (None if d_table is None else d_table.to(table.dtype), None,
                 None if d_weight is None else d_weight.to(weight.dtype), d_bias, None)
 
 
-def _tap_sum(table: Tensor, index: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Pre-activation [L, D] in float32 (float64 for float64 input): one gathered [L, D] tap at a time."""
-    acc = torch.promote_types(table.dtype, torch.float32)
-    w32 = weight.to(acc)
-    pre = table[index[:, 0]].to(acc) * w32[:, 0]
-    for w in range(1, weight.shape[1]):
-        pre.addcmul_(table[index[:, w]].to(acc), w32[:, w])
-    return pre if bias is None else pre + bias.to(acc)
+def _pre_activation(table: Tensor, index: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    pre = torch.einsum("lwd,dw->ld", table[index], weight.to(table.dtype))
+    return pre if bias is None else pre + bias.to(table.dtype)
