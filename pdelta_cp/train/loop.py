@@ -72,6 +72,7 @@ def _all_reduce_grads(model: torch.nn.Module, world: int) -> None:
 
 
 def _memory_gb(device: torch.device) -> float:
+    """Peak memory in GiB (2**30 bytes; the metrics key is ``mem_gb``): CUDA allocations, else the process RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -282,8 +283,8 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
         else:
             loss.backward()
         if step == start and device.type == "cuda" and is_main:  # where memory goes, for long-context sizing
-            print(f"memory after the first step: forward peak {forward_peak:.2f} GB, "
-                  f"forward + backward peak {_memory_gb(device):.2f} GB", flush=True)
+            print(f"memory after the first step: forward peak {forward_peak:.2f} GiB, "
+                  f"forward + backward peak {_memory_gb(device):.2f} GiB", flush=True)
         # which ranks produced a non-finite loss (the origin) or hold non-finite gradients (CP spreads them)
         loss_ok = bool(torch.isfinite(loss_sum))
         bad_param = None if engine is not None else _first_nonfinite(model)
@@ -328,7 +329,7 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
                     f.write(json.dumps(row) + "\n")
                 sinks.log(row)
                 bar.update(done, f"loss {row['loss']:.3f} acc {row['accuracy']:.2f} | "
-                                 f"{row['tokens_per_s'] / 1e3:.1f}k tok/s | mem {row['mem_gb']:.2f} GB")
+                                 f"{row['tokens_per_s'] / 1e3:.1f}k tok/s | mem {row['mem_gb']:.2f} GiB")
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < last:
             if engine is not None:  # every rank writes its ZeRO partition
                 engine.save_checkpoint(os.path.join(out_dir, "deepspeed"), tag=f"step{done}",
