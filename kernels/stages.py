@@ -45,7 +45,9 @@ class _WYCache:
 
     Dropped as soon as the last registered stage has read them: the autograd nodes (and so this cache) live
     until the whole backward ends, so a kept copy would pile up over all layers (12 KB per token per layer at
-    the 340M shape: ~70 GiB at 1M tokens on 4 GPUs). A second backward through the graph remakes them.
+    the 340M shape: ~69 GiB per GPU at 1M tokens on 4 GPUs). A second backward through the graph remakes them.
+    If autograd prunes a registered stage (a loss on the final state only), the outputs stay until the graph is
+    freed — correct, only not early.
     """
 
     def __init__(self, fn: Callable):

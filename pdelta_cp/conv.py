@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .cp.comm import agree, all_gather, signature, tie, world_and_rank
 from .cp.layout import LAYOUTS, StreamLayout, pieces_per_sample, rank_pieces, stream_layout
@@ -142,8 +143,9 @@ def short_conv(
 class _TapConv(torch.autograd.Function):
     """y [L, D] = act(sum_w table[index[:, w]] * weight[:, w] + bias), computed as autograd of that formula would
     (a gathered [L, width, D] tap tensor and one einsum, in the input's dtype), but keeping only ``table`` (the
-    input with its halo rows) for backward, where the taps and the pre-activation are remade: kept, they are
-    5x the input per layer.
+    input with its halo rows) for backward: kept, the taps and the pre-activation are 5x the input per layer.
+    Backward remakes the pre-activation (the taps live only for that einsum), then forms the gradients one
+    [L, D] tap at a time in float32. Not twice differentiable.
     """
 
     @staticmethod
@@ -154,21 +156,23 @@ class _TapConv(torch.autograd.Function):
         return F.silu(pre) if silu else pre
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy: Tensor):
         table, index, weight, bias = ctx.saved_tensors
         d_pre = dy
         if ctx.silu:
             d_pre = torch.ops.aten.silu_backward(dy, _pre_activation(table, index, weight, bias))
         acc = torch.promote_types(table.dtype, torch.float32)
+        d_pre = d_pre.to(acc)  # float32 products: no 16-bit rounding (or fp16 overflow) before the sums
         d_table = torch.zeros(table.shape, dtype=acc, device=table.device) if ctx.needs_input_grad[0] else None
         d_weight = torch.empty(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[2] else None
-        w_cast = weight.to(table.dtype)
+        w32 = weight.to(table.dtype).to(acc)  # the forward used the weight in the input's dtype
         for w in range(weight.shape[1]):  # one [L, D] tap at a time: a [L, width, D] gradient would be the peak
             if d_weight is not None:
-                d_weight[:, w] = (table[index[:, w]] * d_pre).sum(0, dtype=acc)
+                d_weight[:, w] = (table[index[:, w]] * d_pre).sum(0)
             if d_table is not None:  # each table row feeds up to `width` taps: summed in float32
-                d_table.index_add_(0, index[:, w], (d_pre * w_cast[:, w]).to(acc))
-        d_bias = d_pre.sum(0, dtype=acc).to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
+                d_table.index_add_(0, index[:, w], d_pre * w32[:, w])
+        d_bias = d_pre.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
         return (None if d_table is None else d_table.to(table.dtype), None,
                 None if d_weight is None else d_weight.to(weight.dtype), d_bias, None)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .conv import short_conv
 from .ops import precond_delta_rule
@@ -57,7 +58,8 @@ def _inverse_softplus_dt(n: int, lo: float = 1e-3, hi: float = 0.1, floor: float
 
 class _RMSNorm(torch.autograd.Function):
     """Keeps only x (usually alive anyway: a residual or the op's output) and the per-row 1/rms for backward;
-    autograd of the plain formula keeps a float32 copy of x and of x/rms — 4x a bf16 x per norm."""
+    autograd of the plain formula keeps a float32 copy of x and of x/rms — 4x a bf16 x per norm. Not twice
+    differentiable (backward uses the saved 1/rms as a constant)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -67,6 +69,7 @@ class _RMSNorm(torch.autograd.Function):
         return (x32 * rstd * weight.to(x32.dtype)).to(x.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy: Tensor):
         x, weight, rstd = ctx.saved_tensors
         x_hat = _at_least_fp32(x) * rstd

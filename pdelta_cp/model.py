@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .attention import CausalSelfAttention
@@ -55,6 +56,7 @@ class _SiluGate(torch.autograd.Function):
         return F.silu(gate) * up
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy: Tensor):
         (gate_up,) = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)

@@ -67,3 +67,17 @@ def test_silu_gate_matches_formula(dtype):
     assert y.dtype == dtype and rel_rms(y.double(), y_ref) < tol
     assert rel_rms(gu.grad.double(), ref_in.grad) < tol
     assert saved == gu.numel() * gu.element_size()  # only the input
+
+
+def test_hand_written_backwards_refuse_double_backward():
+    """Their backwards treat saved values (1/rms, the remade pre-activation) as constants: a second derivative
+    would be silently wrong, so asking for one raises."""
+    from pdelta_cp.conv import short_conv
+
+    x = torch.randn(1, 12, 8, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    cw = torch.randn(8, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    for fn in (lambda: rms_norm(x, w, 1e-6), lambda: _SiluGate.apply(x), lambda: short_conv(x, cw, None, "silu")):
+        (g,) = torch.autograd.grad(fn().square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError):
+            g.sum().backward()
