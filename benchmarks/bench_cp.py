@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gzip
 import json
 import os
 import statistics
@@ -108,27 +109,43 @@ def timed(fn, steps, warmup, device):
     return statistics.median(times)
 
 
-def profile_step(step, path: str, write: bool, device) -> None:
-    """One more step under torch.profiler on every rank (the collectives need all); ``write``: save the table of
-    kernels and ops by device time (CPU time on CPU) to ``path``."""
-    from torch.profiler import ProfilerActivity, profile
+def profile_step(step, path: str, write: bool, device, warmup: int = 2, active: int = 3) -> None:
+    """``active`` more steps under torch.profiler on every rank (the collectives need all), after ``warmup``
+    profiled-but-discarded ones, each started in step with the other ranks (barrier + synchronize): profiling a
+    single cold step lets the profiler's own start-up skew the ranks, so the collectives show waits that do not
+    occur in the timed steps. ``write``: save the table of kernels and ops by device time (CPU time on CPU) per
+    step to ``path`` and the rank's timeline (Chrome trace, gzip) next to it."""
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - t0) * 1e3
+    walls = []
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=active, repeat=1)) as prof:
+        for i in range(warmup + active):
+            if cuda:
+                torch.cuda.synchronize()
+            dist.barrier()
+            t0 = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                walls.append((time.perf_counter() - t0) * 1e3)
+            prof.step()
     if write:
         events = prof.key_averages()
-        busy_us = sum(getattr(e, "self_device_time_total", 0) for e in events)  # kernels only (no CPU ops)
+        busy_us = sum(getattr(e, "self_device_time_total", 0) for e in events) / active  # kernels only
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w") as f:
-            f.write(f"step wall {wall_ms:.2f} ms (profiled), device busy {busy_us / 1e3:.2f} ms\n")
+            f.write(f"step wall {statistics.median(walls):.2f} ms (profiled, median of {active}), "
+                    f"device busy {busy_us / 1e3:.2f} ms per step; table totals are over {active} steps\n")
             f.write(events.table(sort_by="cuda_time_total" if cuda else "cpu_time_total",
-                                              row_limit=45, max_name_column_width=70))
+                                 row_limit=60, max_name_column_width=70))
+        trace = path.rsplit(".", 1)[0] + ".trace.json"
+        prof.export_chrome_trace(trace)
+        with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+            dst.write(src.read())
+        os.remove(trace)
 
 
 def main():
