@@ -24,6 +24,7 @@ from torch import Tensor
 from ..cp.comm import all_gather_plain
 from ..cp.exchange import fold_in_stream_order
 from ..cp.layout import StreamLayout
+from ..indices import put_rows, take_rows
 from ..chunk.summary import DENSE
 from .stages import Recompute, load_wy, save_wy
 from .state_pass import _fold_backward, _fold_forward, _with_narrow_retry, last_subs, split_segments, \
@@ -65,7 +66,7 @@ class CPStatePass(torch.autograd.Function):
         last_sub = last_subs(subs)
         save_wy(ctx, recompute, (W, U, P), D, starts, M_sub, gathered[..., :K])
         ctx.meta = (layout, group, subs, last_sub, narrow, init_all.shape)
-        return starts, finals[last_sub]
+        return starts, take_rows(finals, last_sub)
 
     @staticmethod
     def backward(ctx, g_starts, g_final):
@@ -77,7 +78,7 @@ class CPStatePass(torch.autograd.Function):
         g_starts = torch.zeros_like(starts) if g_starts is None else g_starts.contiguous()
         terminal = W.new_zeros((len(subs), HV, K, V))
         if g_final is not None:
-            terminal[last_sub] = g_final
+            put_rows(terminal, last_sub, g_final)
         # (a) adjoint at every sub-segment start from the local gradients only; ν at every piece start
         *_, local = state_backward(W, U, P, D, starts, g_starts, torch.zeros_like(terminal), first, length,
                                    store_grads=False, narrow=narrow)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..indices import index_tensor
+from ..indices import index_tensor, put_rows, take_rows
 from ._triton_utils import INTERPRET, next_pow2, num_sms, warn_fallback
 from .stages import Recompute, load_wy, save_wy, torch_form_grads
 
@@ -291,7 +291,7 @@ class StatePass(torch.autograd.Function):
         last = last_subs(subs)
         save_wy(ctx, recompute, (W, U, P), D, S_enter, starts, M)
         ctx.subs, ctx.last, ctx.segments = subs, last, (seg_first, seg_len)
-        return starts, finals[last]
+        return starts, take_rows(finals, last)
 
     @staticmethod
     def backward(ctx, g_starts, g_final):
@@ -311,7 +311,7 @@ def _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final, narrow):
     g_starts = torch.zeros_like(starts) if g_starts is None else g_starts.contiguous()
     g_final = W.new_zeros((len(last), HV, K, V)) if g_final is None else g_final
     terminal = W.new_zeros((len(subs), HV, K, V))
-    terminal[last] = g_final
+    put_rows(terminal, last, g_final)
     if M is not None:
         *_, local = state_backward(W, U, P, D, starts, g_starts, torch.zeros_like(terminal), first, length,
                                    store_grads=False, narrow=narrow)
@@ -319,7 +319,7 @@ def _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final, narrow):
     dW, dU, dP, dD, dS0 = state_backward(W, U, P, D, starts, g_starts, terminal.contiguous(), first, length,
                                          narrow=narrow)
     first_sub = [i for i, s in enumerate(subs) if s[3] == 0]
-    return dW, dU, dP, dD, dS0[first_sub]
+    return dW, dU, dP, dD, take_rows(dS0, first_sub)
 
 
 def state_pass_torch(W: Tensor, U: Tensor, P: Tensor, D: Tensor, S_enter: Tensor, seg_first, seg_len):

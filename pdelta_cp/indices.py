@@ -20,3 +20,17 @@ def _cached(values: tuple[int, ...], device: torch.device, dtype: torch.dtype) -
 def index_tensor(values, device, dtype: torch.dtype = torch.long) -> Tensor:
     """``torch.tensor(values, dtype, device)``, cached: never modify the result in place."""
     return _cached(tuple(int(v) for v in values), torch.device(device), dtype)
+
+
+def take_rows(t: Tensor, rows) -> Tensor:
+    """``t[rows]`` for a host list of row numbers through a cached index (a list index is copied to the GPU, and
+    synchronises, at every call). All rows in order: ``t`` itself."""
+    rows = tuple(int(r) for r in rows)
+    if rows == tuple(range(t.shape[0])):
+        return t
+    return t.index_select(0, index_tensor(rows, t.device))
+
+
+def put_rows(t: Tensor, rows, src: Tensor) -> Tensor:
+    """``t[rows] = src`` (in place) for a host list of distinct row numbers, through a cached index."""
+    return t.index_copy_(0, index_tensor(rows, t.device), src)
