@@ -125,7 +125,7 @@ verify)  # 2 GPUs: Megatron bf16 check; kernel GPU tests, profiles and our kerne
   wait; echo "verify done"
   ;;
 million)  # issue 6: 340M PGDN trained at CP = N on the longest of $TS (default 1M, then 512K, 256K) that fits
-  # PROBE=1 TS="2097152 4194304" STEPS=3: climb instead — train a few steps at each size until one fails
+  # PROBE=1 TS="1048576 2097152 3145728" STEPS=3: climb instead — train a few steps at each size until one fails
   # Data: a byte-level corpus of this repository's sources and docs, repeated (long-range copying is learnable).
   # Runs live in .runs/ (git-ignored: kept on a warm machine between calls) with a checkpoint every 10 steps, so
   # a run cut by the call's time limit resumes in the next call on the same machine.
@@ -137,7 +137,7 @@ million)  # issue 6: 340M PGDN trained at CP = N on the longest of $TS (default 
       $(for i in $(seq ${REPEAT:-16}); do echo $files; done) --out /tmp/corpus > "$OUT/prep.log" 2>&1 \
       || { echo "preprocess failed"; exit 1; }
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # long runs: no fragmentation between chunk sizes
-  for T in ${TS:-1048576 524288 262144}; do  # PROBE=1 TS="1048576 2097152 3145728": the longest that trains
+  for T in ${TS:-1048576 524288 262144}; do
     RUN=.runs/run$T; RESUME=""; [ -f $RUN/checkpoint.json ] && RESUME="--resume"
     timeout ${LIMIT:-540} $TR --nproc-per-node $N -m pdelta_cp.cli train --config ${CONFIG:-340m} --out $RUN $RESUME \
         --set parallel.cp=$N --set data.task=tokens --set data.path=/tmp/corpus --set data.seq_len=$T \

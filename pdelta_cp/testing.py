@@ -127,3 +127,17 @@ def tensors_on_ctx(output: Tensor) -> list[tuple[str, str, tuple]]:
     escapes that and stays alive until backward, in every checkpointed layer. Empty means none escapes."""
     return [(type(node).__name__, name, tuple(t.shape)) for node in custom_autograd_nodes(output)
             for name, value in vars(node).items() for t in _tensors_held(value)]
+
+
+def saved_float_bytes(fn, *args):
+    """(``fn(*args)``, bytes of the distinct floating-point storages autograd saves for its backward)."""
+    saved = {}
+
+    def pack(t: Tensor) -> Tensor:
+        if t.is_floating_point():
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, sum(saved.values())

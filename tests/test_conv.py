@@ -4,7 +4,7 @@ import torch
 
 from pdelta_cp.conv import short_conv
 from pdelta_cp.reference import naive_short_conv
-from pdelta_cp.testing import rel_rms
+from pdelta_cp.testing import rel_rms, saved_float_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the GPU preflight of `million` runs these on CUDA
 
@@ -40,17 +40,9 @@ def test_conv_keeps_only_its_input_for_backward(activation):
     tap tensor or the pre-activation (5x the input per layer at long context)."""
     x = torch.randn(1, 512, 64, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
     w = torch.randn(64, 4, device=DEVICE, requires_grad=True)
-    saved = {}
-
-    def pack(t):
-        if t.is_floating_point():
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = short_conv(x, w, None, activation)
+    y, saved = saved_float_bytes(short_conv, x, w, None, activation)
     x_bytes = x.numel() * x.element_size()
-    assert sum(saved.values()) <= x_bytes + 2 * w.numel() * 4 + 64 * 2, (sum(saved.values()), x_bytes)
+    assert saved <= x_bytes + 2 * w.numel() * 4 + 64 * 2, (saved, x_bytes)
     y.float().sum().backward()
     assert x.grad is not None and w.grad is not None
 

@@ -6,22 +6,9 @@ import torch.nn.functional as F
 
 from pdelta_cp.layers import rms_norm
 from pdelta_cp.model import _SiluGate
-from pdelta_cp.testing import rel_rms
+from pdelta_cp.testing import rel_rms, saved_float_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the GPU preflight of `million` runs these on CUDA
-
-
-def _saved_float_bytes(fn, *args):
-    saved = {}
-
-    def pack(t):
-        if t.is_floating_point():
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args)
-    return out, sum(saved.values())
 
 
 def _plain_rms_norm(x, w, eps):
@@ -44,7 +31,7 @@ def test_rms_norm_matches_formula_float64():
 def test_rms_norm_16bit_keeps_input_dtype_and_only_x():
     x = torch.randn(256, 64, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
     w = torch.randn(64, device=DEVICE, requires_grad=True)
-    y, saved = _saved_float_bytes(rms_norm, x, w, 1e-6)
+    y, saved = saved_float_bytes(rms_norm, x, w, 1e-6)
     assert y.dtype == torch.bfloat16
     assert saved <= x.numel() * 2 + 256 * 4 + 64 * 4  # x, one float32 per row, the weight
     ref = _plain_rms_norm(x.detach().double(), w.detach().double(), 1e-6)
@@ -58,7 +45,7 @@ def test_silu_gate_matches_formula(dtype):
     dy = torch.randn(3, 7, 24, generator=gen, dtype=torch.float64).to(DEVICE)
     gu = gu64.to(dtype).requires_grad_(True)
     ref_in = gu.detach().double().requires_grad_(True)
-    y, saved = _saved_float_bytes(_SiluGate.apply, gu)
+    y, saved = saved_float_bytes(_SiluGate.apply, gu)
     gate, up = ref_in.chunk(2, dim=-1)
     y_ref = F.silu(gate) * up
     (y.double() * dy).sum().backward()
