@@ -79,6 +79,12 @@ def step_time(T: int, W: int, kernel: tuple[float, float], H: int, K: int, V: in
     return t + 2 * comm
 
 
+def latest_session(rows: list[dict]) -> list[dict]:
+    """Rows of the newest session when rows carry a ``session`` tag: older rows timed older code."""
+    tags = {r["session"] for r in rows if "session" in r}
+    return [r for r in rows if r.get("session") == max(tags)] if tags else rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernels", help="bench_kernels.py JSON (our op's fwd+bwd at several T)")
@@ -97,15 +103,11 @@ def main():
         rows = data.get("results") or [r for run in data.get("runs", {}).values() for r in run.get("results", [])]
         points = [(r["B"] * r["T"], r["fwd_bwd_ms"] / 1e3) for r in rows
                   if r.get("op") == args.variant and "fwd_bwd_ms" in r]
-    if args.cp:  # one-rank CP runs are kernel timings too
-        points += [(r["T_global"], r["fwd_bwd_ms"] / 1e3) for r in json.load(open(args.cp))["rows"]
-                   if r.get("method") == "ours" and r.get("ranks") == 1 and r.get("variant") == args.variant
-                   and "fwd_bwd_ms" in r]
+    ours = [r for r in latest_session(json.load(open(args.cp))["rows"]) if r.get("method") == "ours"
+            and r.get("variant") == args.variant and "fwd_bwd_ms" in r] if args.cp else []
+    points += [(r["T_global"], r["fwd_bwd_ms"] / 1e3) for r in ours if r.get("ranks") == 1]  # kernel timings too
     kernel = fit_kernel(points) if points else (0.0, 1 / 3e6)  # placeholder: 3 Mtok/s until measured
-    multi = [] if not args.cp else [
-        (r["T_global"], r["ranks"], r["fwd_bwd_ms"] / 1e3) for r in json.load(open(args.cp))["rows"]
-        if r.get("method") == "ours" and r.get("ranks", 1) > 1 and r.get("variant") == args.variant
-        and "fwd_bwd_ms" in r]
+    multi = [(r["T_global"], r["ranks"], r["fwd_bwd_ms"] / 1e3) for r in ours if r.get("ranks", 1) > 1]
     fitted = args.summary_frac is None and bool(multi) and bool(points)
     if args.summary_frac is None:
         args.summary_frac = fit_summary_frac(multi, kernel, args.H, args.K, args.V, LINKS["nvlink"]) if fitted else 0.25
@@ -116,8 +118,7 @@ def main():
              f"({'fitted to the multi-rank rows' if fitted else 'assumed'}); "
              f"links: {LINKS}.", ""]
     if args.cp:
-        rows = [r for r in json.load(open(args.cp))["rows"] if r.get("method") == "ours" and "fwd_bwd_ms" in r
-                and r.get("variant") == args.variant]
+        rows = ours
         lines += ["| measured | ranks | T | measured ms | model ms |", "|---|---|---|---|---|"]
         for r in rows:
             model = step_time(r["T_global"], r["ranks"], kernel, args.H, args.K, args.V,

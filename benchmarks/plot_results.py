@@ -29,22 +29,37 @@ def _cp_point(r: dict) -> tuple:
     return r["method"], r["variant"], r["scaling"], r["T_global"], r["ranks"]
 
 
+def _peer_name(method: str, variant: str) -> str:
+    """fla's CP rows time the un-preconditioned op (fla has no CP for the preconditioned ones)."""
+    return f"fla KCP ({variant[1:].upper()})" if method == "fla" else method
+
+
 def plot_cp(path: str, out: str) -> None:
+    """Strong scaling, one panel per variant: colour = method, line style = T; dotted = ideal from our 1 GPU."""
     rows = [r for r in _first_rows(json.load(open(path))["rows"], _cp_point) if r["scaling"] == "strong"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in sorted({r["method"] for r in rows}):
-        for variant in sorted({r["variant"] for r in rows}):
-            for T in sorted({r["T_global"] for r in rows}):
+    variants = sorted({r["variant"] for r in rows})
+    methods = sorted({r["method"] for r in rows})
+    sizes = sorted({r["T_global"] for r in rows})
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    styles = dict(zip(sizes, ["-", "--", "-.", ":"] * 4))
+    fig, axes = plt.subplots(1, len(variants), figsize=(5.5 * len(variants), 4.5), squeeze=False)
+    for ax, variant in zip(axes[0], variants):
+        for method in methods:
+            for T in sizes:
                 pts = sorted((r["ranks"], r["fwd_bwd_ms"]) for r in rows
                              if (r["method"], r["variant"], r["T_global"]) == (method, variant, T))
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=f"{method} {variant} T={T // 1024}K")
-    ax.set_xlabel("GPUs")
-    ax.set_ylabel("fwd+bwd ms (slowest rank, median)")
-    ax.set_xticks(sorted({r["ranks"] for r in rows}))
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.set_title("one layer, H=16, K=V=128, bf16")
+                    ax.plot(*zip(*pts), marker="o", color=colours[method], linestyle=styles[T],
+                            label=f"{_peer_name(method, variant)} T={T // 1024}K")
+                if method == "ours" and pts and pts[0][0] == 1:
+                    xs = sorted({r["ranks"] for r in rows})
+                    ax.plot(xs, [pts[0][1] / x for x in xs], color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel("GPUs")
+        ax.set_ylabel("fwd+bwd ms (slowest rank, median)")
+        ax.set_xticks(sorted({r["ranks"] for r in rows}))
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.set_title(f"{variant}: one layer, H=16, K=V=128, bf16 (grey: ideal)")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "cp_scaling.png"), dpi=120)
 

@@ -58,6 +58,18 @@ def test_config_errors_are_clear():
         load_config("huge")
     with pytest.raises(ValueError, match="must look like"):
         load_config("tiny", ["optim.lr"])
+    with pytest.raises(ValueError, match="max_gpu_memory_gib must be >= 0"):
+        load_config("tiny", ["max_gpu_memory_gib=-1"])
+
+
+def test_gpu_memory_cap_fraction():
+    """A 143 GB H200 capped at 79 GiB; a cap above the GPU's size is an error naming the setting."""
+    from pdelta_cp.train.loop import gpu_memory_fraction
+
+    total = 143771 * 2**20
+    assert gpu_memory_fraction(79, total) == pytest.approx(79 * 1024 / 143771)
+    with pytest.raises(ValueError, match="max_gpu_memory_gib = 200 is more than this GPU has"):
+        gpu_memory_fraction(200, total)
 
 
 def test_preprocess_and_train_on_a_corpus(tmp_path):

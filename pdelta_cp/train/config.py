@@ -58,6 +58,7 @@ class TrainConfig:
     seed: int = 42
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
     loss_chunk_tokens: int = 0  # > 0: output layer + loss this many tokens at a time, logits remade in backward
+    max_gpu_memory_gib: float = 0.0  # > 0: cap each GPU's allocations (e.g. 79: does it fit an 80 GB H100?)
 
 
     def validate(self) -> None:
@@ -89,6 +90,8 @@ class TrainConfig:
             problems.append(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.loss_chunk_tokens < 0:
             problems.append(f"loss_chunk_tokens must be >= 0 (0: all tokens at once), got {self.loss_chunk_tokens}")
+        if self.max_gpu_memory_gib < 0:
+            problems.append(f"max_gpu_memory_gib must be >= 0 (0: no cap), got {self.max_gpu_memory_gib}")
         if self.steps < 1 or self.log_every < 1:
             problems.append("steps and log_every must be >= 1")
         if problems:

@@ -204,6 +204,14 @@ def _resume_deepspeed(engine, out_dir: str, metrics_path: str, is_main: bool) ->
     return step
 
 
+def gpu_memory_fraction(cap_gib: float, total_bytes: int) -> float:
+    """The allocator fraction that caps one GPU at ``cap_gib`` GiB (a larger GPU standing in for a smaller one)."""
+    if cap_gib * 2**30 > total_bytes:
+        raise ValueError(f"max_gpu_memory_gib = {cap_gib} is more than this GPU has ({total_bytes / 2**30:.1f} GiB); "
+                         "lower it or set 0 for no cap")
+    return cap_gib * 2**30 / total_bytes
+
+
 def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
     groups = ProcessGroups(cfg.parallel.cp)
     corpus = None
@@ -214,6 +222,11 @@ def train_worker(cfg: TrainConfig, out_dir: str, resume: bool = False) -> None:
                              f"{cfg.model.vocab_size}; set --set model.vocab_size={corpus.vocab_size}")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     is_main = groups.rank == 0
+    if cfg.max_gpu_memory_gib and device.type == "cuda":  # an out-of-memory error past the cap, as on that GPU
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction(cfg.max_gpu_memory_gib, total), device)
+    elif cfg.max_gpu_memory_gib and is_main:
+        print(f"max_gpu_memory_gib = {cfg.max_gpu_memory_gib} ignored: no GPU", flush=True)
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = LanguageModel(cfg.model).to(device)
