@@ -99,6 +99,22 @@ def _l_block(KH, P, GAM, BETA, krow, vrow, i0, j0, r16, rk, mk, K: tl.constexpr,
 
 
 @triton.jit
+def _invert_unit_lower_16(L, r16, DOUBLING: tl.constexpr):
+    """(I + L)^-1 of a strictly lower 16×16 L: row substitution, or (DOUBLING) the product
+    (I − L)(I + L²)(I + L⁴)(I + L⁸) (L¹⁶ = 0) — six fp32 products instead of 15 dependent reduction steps."""
+    if DOUBLING:
+        eye = tl.where(r16[:, None] == r16[None, :], 1.0, 0.0).to(tl.float32)
+        L2 = tl.dot(L, L, input_precision="ieee")
+        L4 = tl.dot(L2, L2, input_precision="ieee")
+        L8 = tl.dot(L4, L4, input_precision="ieee")
+        T = tl.dot(eye - L, eye + L2, input_precision="ieee")
+        T = tl.dot(T, eye + L4, input_precision="ieee")
+        return tl.dot(T, eye + L8, input_precision="ieee")
+    else:
+        return _invert_unit_lower(L, r16, 16)
+
+
+@triton.jit
 def _neg_solve(Tii, acc, PRECISION: tl.constexpr):
     """−T_ii · acc, to about fp32 accuracy (errors here enter every later block)."""
     return -_accurate_dot(Tii, acc, PRECISION)
@@ -133,7 +149,7 @@ def _apply_t_rows(T0, T1, T2, T3, B0, B1, B2, B3, N: tl.constexpr, PRECISION: tl
 @triton.jit
 def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
                            K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                           BV: tl.constexpr, PRECISION: tl.constexpr):
+                           BV: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False):
     tl.static_assert(C == 64, "four row blocks of 16")
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
@@ -143,13 +159,14 @@ def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
     rk = tl.arange(0, BK)
     mk = rk < K
     # diagonal blocks of (I + L)^-1
-    T00 = _invert_unit_lower(_l_block(KH, P, GAM, BETA, krow, vrow, 0, 0, r16, rk, mk, K, True, PRECISION), r16, 16)
-    T11 = _invert_unit_lower(_l_block(KH, P, GAM, BETA, krow, vrow, 16, 16, r16, rk, mk, K, True, PRECISION), r16,
-                             16)
-    T22 = _invert_unit_lower(_l_block(KH, P, GAM, BETA, krow, vrow, 32, 32, r16, rk, mk, K, True, PRECISION), r16,
-                             16)
-    T33 = _invert_unit_lower(_l_block(KH, P, GAM, BETA, krow, vrow, 48, 48, r16, rk, mk, K, True, PRECISION), r16,
-                             16)
+    T00 = _invert_unit_lower_16(_l_block(KH, P, GAM, BETA, krow, vrow, 0, 0, r16, rk, mk, K, True, PRECISION), r16,
+                                DOUBLING)
+    T11 = _invert_unit_lower_16(_l_block(KH, P, GAM, BETA, krow, vrow, 16, 16, r16, rk, mk, K, True, PRECISION),
+                                r16, DOUBLING)
+    T22 = _invert_unit_lower_16(_l_block(KH, P, GAM, BETA, krow, vrow, 32, 32, r16, rk, mk, K, True, PRECISION),
+                                r16, DOUBLING)
+    T33 = _invert_unit_lower_16(_l_block(KH, P, GAM, BETA, krow, vrow, 48, 48, r16, rk, mk, K, True, PRECISION),
+                                r16, DOUBLING)
     # off-diagonal blocks, T_ij = −T_ii Σ_{k=j}^{i−1} L_ik T_kj
     L10 = _l_block(KH, P, GAM, BETA, krow, vrow, 16, 0, r16, rk, mk, K, False, PRECISION)
     T10 = _neg_solve(T11, _accurate_dot(L10, T00, PRECISION), PRECISION)
