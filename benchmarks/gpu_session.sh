@@ -176,7 +176,7 @@ wyab)  # one GPU: the WY forward kernels side by side (accuracy against float64,
   export CUDA_VISIBLE_DEVICES=0
   timeout ${LIMIT:-150} python3 benchmarks/wy_forward_ab.py --T 32768 131072 --out "$OUT/wy_ab.json" \
       > "$OUT/wy_ab.log" 2>&1; echo "wy ab rc=$?"
-  PDELTA_WY_BLOCKED=1 timeout ${TLIMIT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "not k256" -s \
+  timeout ${TLIMIT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "not k256" -s \
       > "$OUT/gpu_tests_blocked.log" 2>&1; echo "blocked tests rc=$?"
   unset CUDA_VISIBLE_DEVICES
   ;;

@@ -6,7 +6,7 @@ Stage level (Nc = T/64 chunks, H = HV = 16, K = V = 128): the row-substitution k
 kernel (PDELTA_WY_BLOCKED=1) with its diagonal blocks by substitution or by doubling products, each at 4 and
 8 warps; W, U, P̃, d and the inverse T compared with the PyTorch
 form in float64 (relative RMS). Op level: PGDN forward+backward (bf16 inputs as in bench_kernels.py) with the
-default forward and with PDELTA_WY_BLOCKED=1, in the same process. Rows are written to --out as they come.
+row forward (PDELTA_WY_BLOCKED=0) and the blocked default, in the same process. Rows are written to --out as they come.
 """
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--T", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--H", type=int, default=16)
     ap.add_argument("--out", default="wy_ab.json")
+    ap.add_argument("--op-only", action="store_true", help="skip the stage-level rows")
     args = ap.parse_args()
     rows = []
 
@@ -75,7 +76,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1 accuracy check, no timing
     kernels = {"row": (wy._wy_fwd_kernel, {}), "blocked": (wy._wy_fwd_blocked_kernel, {}),
                "blocked-doubling": (wy._wy_fwd_blocked_kernel, {"DOUBLING": True})}
-    for T in args.T:
+    for T in [] if args.op_only else args.T:
         inputs = stage_inputs(T // C, args.H, K, V, device)
         ref = wy._wy_torch(*(t.double() for t in inputs))
         for name, (kernel, extra) in kernels.items():

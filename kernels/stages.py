@@ -107,7 +107,8 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
     """(K̂, P [Nc,H,C,K]; V [Nc,HV,C,V]; β [Nc,HV,C]; Γ) -> (W, U, P̃, d) as float32 tensors.
 
     decay_shape(Nc, HV, K) gives d's shape; kernel_backward() says whether to use ``bwd_kernel``;
-    pick_fwd(), when given, returns the forward kernel to launch (chosen per call, e.g. by an env switch).
+    pick_fwd(K), when given, returns (forward kernel, its num_warps or None for the tile config's), chosen per
+    call (by the key size, or an env switch).
     """
 
     class Stage(torch.autograd.Function):
@@ -119,10 +120,10 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
             W, P_t = k_hat.new_empty(Nc, HV, C, K), k_hat.new_empty(Nc, HV, C, K)
             U, T, d = k_hat.new_empty(Nc, HV, C, V), k_hat.new_empty(Nc, HV, C, C), k_hat.new_empty(
                 decay_shape(Nc, HV, K))
-            kernel = fwd_kernel if pick_fwd is None else pick_fwd()
+            kernel, fwd_warps = (fwd_kernel, None) if pick_fwd is None else pick_fwd(K)
             ctx.fallback = Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: kernel[(Nc, HV)](
                 k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
-                PRECISION=dot_precision(), num_warps=warps, num_stages=stages))
+                PRECISION=dot_precision(), num_warps=fwd_warps or warps, num_stages=stages))
             if ctx.fallback:
                 W, U, P_t, d = (t.contiguous() for t in torch_form(k_hat, p, v.float(), beta, gamma))
             ctx.save_for_backward(k_hat, p, v, beta, gamma, T)

@@ -77,7 +77,10 @@ def _wy_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
         tl.store(U + (vrow + rc[:, None]) * V + cols[None, :], u, mask=mv[None, :])
 
 
-# --- the same forward in 16-row blocks (opt-in: PDELTA_WY_BLOCKED=1, until a GPU run says it is faster) -------
+# --- the same forward in 16-row blocks: the default (PDELTA_WY_BLOCKED=0 restores the row kernel above) --------
+# On one H200 (Triton 3.6.0, K = V = 128, 32K tokens × 16 heads) the row kernel takes 3.74 ms, this one 2.60 ms
+# at 8 warps and 1.61 ms at 4 (fewer warps: cheaper cross-warp reductions in the 16-row substitutions), with the
+# same error against float64 (docs/benchmarks, session f). Launched with 4 warps, for K <= 128 (_pick_wy_forward).
 # (I + L)⁻¹ with L in 4×4 blocks of 16: each diagonal block inverted by 15 substitution steps on a 16×16 tile
 # (instead of 63 steps on 64×64 tiles that need cross-warp reductions), then the off-diagonal blocks by
 # T_ij = −T_ii Σ_{j<=k<i} L_ik T_kj (small products). W, U from the blocks: W_i = Σ_{j<=i} T_ij B_j.
@@ -338,8 +341,15 @@ def _wy_torch(k_hat, p, v, beta, gamma):
     return W, U, P_t, d[..., 0]
 
 
+def _pick_wy_forward(K: int):
+    """The blocked forward at 4 warps up to K = 128 (GPU-verified there); the row kernel for larger keys, where
+    the blocked kernel's four [16, K] tiles per operand have not been tried on a GPU, or when
+    PDELTA_WY_BLOCKED=0."""
+    if os.environ.get("PDELTA_WY_BLOCKED") == "0" or K > 128:
+        return _wy_fwd_kernel, None
+    return _wy_fwd_blocked_kernel, 4
+
+
 wy_scalar_decay = make_wy_stage("wy", _wy_fwd_kernel, _wy_bwd_kernel, _wy_torch,
                                 decay_shape=lambda Nc, HV, K: (Nc, HV),
-                                kernel_backward=lambda: TRITON_WY_BACKWARD,
-                                pick_fwd=lambda: (_wy_fwd_blocked_kernel if os.environ.get("PDELTA_WY_BLOCKED") == "1"
-                                                  else _wy_fwd_kernel))
+                                kernel_backward=lambda: TRITON_WY_BACKWARD, pick_fwd=_pick_wy_forward)

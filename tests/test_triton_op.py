@@ -87,11 +87,11 @@ def test_recomputing_wy_in_backward_changes_nothing(monkeypatch, variant):
                                                                          if not torch.equal(grads_r[n], grads_k[n])]
 
 
-@pytest.mark.parametrize("flag,value,variant", [("PDELTA_WY_BLOCKED", "1", "pdn"), ("PDELTA_WY_BLOCKED", "1", "pgdn"),
+@pytest.mark.parametrize("flag,value,variant", [("PDELTA_WY_BLOCKED", "0", "pdn"), ("PDELTA_WY_BLOCKED", "0", "pgdn"),
                                                 ("PDELTA_STATE_BWD_SPLIT", "0", "pgdn"),
                                                 ("PDELTA_STATE_BWD_SPLIT", "0", "pkda")])
 def test_switchable_kernel_paths_match_reference(flag, value, variant, monkeypatch):
-    """Non-default paths give the same op: PDELTA_WY_BLOCKED=1 (opt-in), the WY forward in 16-row blocks;
+    """Non-default paths give the same op: PDELTA_WY_BLOCKED=0 (opt-out), the WY forward by 63 row steps;
     PDELTA_STATE_BWD_SPLIT=0 (opt-out), the reverse state pass forms the chunk gradients itself as per-V-block
     partials. Every output and gradient against float64."""
     monkeypatch.setenv(flag, value)
@@ -152,3 +152,26 @@ def test_bf16_values_reach_the_kernels_unconverted(variant):
     assert all(rel_rms(grads[n], ref_grads[n]) < tol for n in grads), {n: rel_rms(grads[n], ref_grads[n])
                                                                       for n in grads}
     assert grads["v"].dtype == torch.bfloat16
+
+
+def test_wy_forward_choice(monkeypatch):
+    """Blocked forward at 4 warps for K <= 128; the row kernel above (not GPU-tried blocked) or when opted out."""
+    from pdelta_cp.kernels import wy
+
+    monkeypatch.delenv("PDELTA_WY_BLOCKED", raising=False)
+    assert wy._pick_wy_forward(128) == (wy._wy_fwd_blocked_kernel, 4)
+    assert wy._pick_wy_forward(136) == (wy._wy_fwd_kernel, None)
+    monkeypatch.setenv("PDELTA_WY_BLOCKED", "0")
+    assert wy._pick_wy_forward(64) == (wy._wy_fwd_kernel, None)
+
+
+def test_keys_above_128_take_the_row_forward_and_match_reference():
+    """K = 136 (tiles of 256): the op through the row WY forward, every output and gradient against float64."""
+    inp = make_inputs(T=70, H=1, HV=1, K=136, V=24, variant="pgdn", dtype=torch.float32, device=DEVICE)
+    ref_inp = {n: t.detach().double().requires_grad_(True) for n, t in inp.items()}
+    ref_out, ref_grads = outputs_and_grads(naive_precond_delta_rule, ref_inp, output_final_state=True)
+    out, grads = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    tol = 2e-5 if DEVICE == "cpu" else 5e-3
+    assert all(rel_rms(a, b) < tol for a, b in zip(out, ref_out))
+    assert all(rel_rms(grads[n], ref_grads[n]) < 10 * tol for n in grads), {
+        n: rel_rms(grads[n], ref_grads[n]) for n in grads}
