@@ -180,4 +180,8 @@ wyab)  # one GPU: the WY forward kernels side by side (accuracy against float64,
       > "$OUT/gpu_tests_blocked.log" 2>&1; echo "blocked tests rc=$?"
   unset CUDA_VISIBLE_DEVICES
   ;;
+warps)  # one GPU: every kernel family at 4 and 8 warps (miscompile check against the default, then timing)
+  CUDA_VISIBLE_DEVICES=0 timeout ${LIMIT:-540} python3 benchmarks/warps_sweep.py --variants pgdn pkda \
+      --out "$OUT/warps.json" > "$OUT/warps.log" 2>&1; echo "warps rc=$?"
+  ;;
 esac

@@ -69,8 +69,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__, "command": " ".join(sys.argv),
-                       "rows": rows}, f, indent=1)
+            json.dump({"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+                       "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
 
     K = V = 128
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1 accuracy check, no timing
@@ -102,7 +102,6 @@ def main() -> None:
             emit({"level": "op", "op": "pgdn", "wy_blocked": flag == "1", "T": T, "H": args.H, "K": K, "V": V,
                   "fwd_ms": fwd, "fwd_bwd_ms": both})
         os.environ.pop("PDELTA_WY_BLOCKED")
-        del x, do
 
 
 if __name__ == "__main__":

@@ -59,6 +59,28 @@ def chunk_tile_config(K: int, V: int) -> tuple[int, int, int, int]:
     return BK, BV, 4 if BK <= 64 else 8, 1
 
 
+WARPS_CHOICES = ("1", "2", "4", "8", "16")
+# The kernel families with a PDELTA_WARPS_<NAME> switch, by the variant that launches them (PDN as PGDN).
+WARPS_SWITCHES = {
+    "pgdn": ("wy_fwd", "wy_bwd", "output_fwd", "output_bwd_state", "output_bwd_qp",
+             "state_fwd", "state_bwd", "state_grads"),
+    "pkda": ("wy_channel_fwd", "wy_channel_bwd", "output_channel_fwd", "output_channel_bwd_state",
+             "output_channel_bwd_qp", "state_fwd", "state_bwd", "state_grads"),
+}
+
+
+def tuned_warps(kernel: str, default: int) -> int:
+    """num_warps for one kernel family: ``default``, unless PDELTA_WARPS_<KERNEL> (e.g. PDELTA_WARPS_WY_BWD=4)
+    overrides it — a tuning switch for GPU A/B runs (benchmarks/warps_sweep.py), read at every launch."""
+    var = f"PDELTA_WARPS_{kernel.upper()}"
+    value = os.environ.get(var)
+    if value is None:
+        return default
+    if value not in WARPS_CHOICES:
+        raise ValueError(f"{var} must be one of {', '.join(WARPS_CHOICES)}, got {value!r}; unset it for the default")
+    return int(value)
+
+
 def dot_precision() -> str:
     """TF32 products on the GPU (like fla); exact fp32 in the interpreter, where it costs nothing."""
     return "ieee" if INTERPRET else "tf32"

@@ -5,6 +5,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from pdelta_cp import precond_delta_rule  # noqa: E402
+from pdelta_cp.kernels._triton_utils import WARPS_SWITCHES  # noqa: E402
 from pdelta_cp.reference import naive_precond_delta_rule  # noqa: E402
 from pdelta_cp.testing import make_inputs, outputs_and_grads, rel_rms  # noqa: E402
 
@@ -175,3 +176,24 @@ def test_keys_above_128_take_the_row_forward_and_match_reference():
     assert all(rel_rms(a, b) < tol for a, b in zip(out, ref_out))
     assert all(rel_rms(grads[n], ref_grads[n]) < 10 * tol for n in grads), {
         n: rel_rms(grads[n], ref_grads[n]) for n in grads}
+
+
+def test_tuned_warps_switch(monkeypatch):
+    from pdelta_cp.kernels._triton_utils import tuned_warps
+
+    monkeypatch.delenv("PDELTA_WARPS_STATE_FWD", raising=False)
+    assert tuned_warps("state_fwd", 8) == 8
+    monkeypatch.setenv("PDELTA_WARPS_STATE_FWD", "4")
+    assert tuned_warps("state_fwd", 8) == 4
+    monkeypatch.setenv("PDELTA_WARPS_STATE_FWD", "3")
+    with pytest.raises(ValueError, match="PDELTA_WARPS_STATE_FWD must be one of 1, 2, 4, 8, 16, got '3'"):
+        tuned_warps("state_fwd", 8)
+
+
+@pytest.mark.parametrize("variant,kernel", [(v, k) for v, names in WARPS_SWITCHES.items() for k in names])
+def test_every_kernel_family_reads_its_warps_switch(variant, kernel, monkeypatch):
+    """The names benchmarks/warps_sweep.py sweeps are the ones the launches read (a bad value must surface)."""
+    monkeypatch.setenv(f"PDELTA_WARPS_{kernel.upper()}", "3")
+    inp = make_inputs(T=70, H=1, HV=1, K=16, V=16, variant=variant, dtype=torch.float32, device=DEVICE)
+    with pytest.raises(ValueError, match=f"PDELTA_WARPS_{kernel.upper()}"):
+        outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")

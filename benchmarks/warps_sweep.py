@@ -1,0 +1,101 @@
+"""num_warps sweep of the chunk kernels on one GPU: each kernel family at 4 and 8 warps, one at a time.
+
+    python benchmarks/warps_sweep.py --out warps.json [--variants pgdn pkda] [--T 32768] [--warps 4 8]
+
+For every kernel family (PDELTA_WARPS_<KERNEL>, kernels/_triton_utils.py `tuned_warps`) and warp count:
+  * a miscompile check — the op's output and every input gradient (T = 4096, H = 4, K = V = 128, float32 inputs)
+    against the same op at the default warps: the math is identical, so anything above 1e-3 relative RMS is a
+    miscompile (Triton 3.6 on Hopper has some), and the row says so;
+  * PGDN/PKDA forward+backward time (B = 1, H = 16, K = V = 128, bf16, as bench_kernels.py) against the default,
+    timed in the same process (the default is re-timed at the end to show drift).
+Rows go to --out as they come. The WY forward of PDN/PGDN launches at 4 warps by default, the rest at the tile
+config's (8 for K = 128).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import make  # noqa: E402
+
+from pdelta_cp import precond_delta_rule  # noqa: E402
+from pdelta_cp.kernels._triton_utils import WARPS_SWITCHES as KERNELS  # noqa: E402
+from pdelta_cp.testing import rel_rms  # noqa: E402
+
+GATE = {"pdn": None, "pgdn": "g", "pkda": "gk"}
+
+
+def run_op(variant: str, x: dict):
+    g = x[GATE[variant]] if GATE[variant] else None
+    return precond_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g_atk"], x["beta_atk"], g, backend="triton")[0]
+
+
+def outputs_and_grads(variant: str, x: dict, do: torch.Tensor) -> list[torch.Tensor]:
+    for t in x.values():
+        t.grad = None
+    o = run_op(variant, x)
+    o.backward(do)
+    return [o.detach().clone()] + [t.grad.clone() for t in x.values() if t.grad is not None]
+
+
+def time_op(variant: str, x: dict, do: torch.Tensor) -> float:
+    return do_bench(lambda: run_op(variant, x).backward(do), warmup=5, rep=25)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", nargs="+", default=["pgdn", "pkda"], choices=sorted(KERNELS))
+    ap.add_argument("--T", type=int, default=32768)
+    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--kernels", nargs="*", default=None, help="only these kernel families")
+    ap.add_argument("--out", default="warps.json")
+    args = ap.parse_args()
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.out, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+
+    for variant in args.variants:
+        check_x = make(1, 4096, 4, 128, 128, dtype=torch.float32, seed=1)
+        check_do = torch.randn(1, 4096, 4, 128, device="cuda")
+        time_x = make(1, args.T, 16, 128, 128)
+        time_do = torch.randn(1, args.T, 16, 128, device="cuda", dtype=torch.bfloat16)
+        reference = outputs_and_grads(variant, check_x, check_do)
+        base = time_op(variant, time_x, time_do)
+        emit({"variant": variant, "kernel": "default", "T": args.T, "fwd_bwd_ms": base})
+        for kernel in KERNELS[variant]:
+            if args.kernels and kernel not in args.kernels:
+                continue
+            for warps in args.warps:
+                var = f"PDELTA_WARPS_{kernel.upper()}"
+                os.environ[var] = str(warps)
+                row = {"variant": variant, "kernel": kernel, "warps": warps, "T": args.T}
+                try:
+                    got = outputs_and_grads(variant, check_x, check_do)
+                    row["max_rel_diff_vs_default"] = max(rel_rms(a, b) for a, b in zip(got, reference))
+                    row["miscompiled"] = row["max_rel_diff_vs_default"] > 1e-3
+                    if not row["miscompiled"]:
+                        row["fwd_bwd_ms"] = time_op(variant, time_x, time_do)
+                        row["vs_default"] = row["fwd_bwd_ms"] / base
+                except Exception as exc:  # a config that does not compile or fit must not lose the others
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                finally:
+                    os.environ.pop(var)
+                emit(row)
+        emit({"variant": variant, "kernel": "default (again)", "T": args.T,
+              "fwd_bwd_ms": time_op(variant, time_x, time_do)})
+        del check_x, check_do, time_x, time_do, reference
+
+
+if __name__ == "__main__":
+    main()
