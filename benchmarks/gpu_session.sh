@@ -171,13 +171,16 @@ optin)  # one GPU: the opt-in kernel paths (CPU-tested) — GPU tests with each,
   done
   unset CUDA_VISIBLE_DEVICES
   ;;
-wyab)  # one GPU: the WY forward kernels side by side (accuracy against float64, time; the op with each), then
-  # the GPU tests with the blocked forward — the evidence needed to make it the default
+wyab)  # one GPU: the WY forward kernels side by side (accuracy against float64, time; the op with each) for the
+  # scalar decay (PDN/PGDN; blocked is the default) and the per-channel decay (PKDA; blocked is opt-in:
+  # PDELTA_WY_CHANNEL_BLOCKED=1), then the GPU tests with the defaults and with the channel opt-in
   export CUDA_VISIBLE_DEVICES=0
-  timeout ${LIMIT:-150} python3 benchmarks/wy_forward_ab.py --T 32768 131072 --out "$OUT/wy_ab.json" \
-      > "$OUT/wy_ab.log" 2>&1; echo "wy ab rc=$?"
-  timeout ${TLIMIT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "not k256" -s \
-      > "$OUT/gpu_tests_blocked.log" 2>&1; echo "blocked tests rc=$?"
+  for decay in ${DECAYS:-channel scalar}; do
+    timeout ${LIMIT:-150} python3 benchmarks/wy_forward_ab.py --decay $decay --T 32768 131072 \
+        --out "$OUT/wy_ab_$decay.json" > "$OUT/wy_ab_$decay.log" 2>&1; echo "wy ab $decay rc=$?"
+  done
+  PDELTA_WY_CHANNEL_BLOCKED=1 timeout ${TLIMIT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+      -k "pkda and not k256" -s > "$OUT/gpu_tests_channel_blocked.log" 2>&1; echo "channel blocked tests rc=$?"
   unset CUDA_VISIBLE_DEVICES
   ;;
 warps)  # one GPU: every kernel family at 4 and 8 warps (miscompile check against the default, then timing)

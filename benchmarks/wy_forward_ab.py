@@ -1,11 +1,12 @@
-"""A/B of the scalar-decay WY forward kernels on one GPU: accuracy against float64 and time, then the whole op.
+"""A/B of the WY forward kernels on one GPU: accuracy against float64 and time, then the whole op.
 
-    python benchmarks/wy_forward_ab.py --out wy_ab.json [--T 32768 131072]
+    python benchmarks/wy_forward_ab.py --out wy_ab.json [--T 32768 131072] [--decay scalar|channel]
 
 Stage level (Nc = T/64 chunks, H = HV = 16, K = V = 128): the row-substitution kernel and the 16-row blocked
 kernel (PDELTA_WY_BLOCKED=1) with its diagonal blocks by substitution or by doubling products, each at 4 and
 8 warps; W, U, P̃, d and the inverse T compared with the PyTorch
-form in float64 (relative RMS). Op level: PGDN forward+backward (bf16 inputs as in bench_kernels.py) with the
+form in float64 (relative RMS). --decay channel: PKDA's row and blocked kernels (PDELTA_WY_CHANNEL_BLOCKED) and
+PKDA at op level. Op level: PGDN forward+backward (bf16 inputs as in bench_kernels.py) with the
 row forward (PDELTA_WY_BLOCKED=0) and the blocked default, in the same process. Rows are written to --out as they come.
 """
 from __future__ import annotations
@@ -23,21 +24,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import make  # noqa: E402
 
 from pdelta_cp import precond_delta_rule  # noqa: E402
-from pdelta_cp.kernels import wy  # noqa: E402
+from pdelta_cp.kernels import channel, wy  # noqa: E402
 from pdelta_cp.kernels._triton_utils import chunk_tile_config, dot_precision  # noqa: E402
 from pdelta_cp.testing import rel_rms  # noqa: E402
 
 C = 64
 
 
-def stage_inputs(Nc: int, H: int, K: int, V: int, device: str, seed: int = 0):
-    """Normalised keys, a preconditioned key within ±30% of them, gains in (0, 1), gates of a GDN layer."""
+def stage_inputs(Nc: int, H: int, K: int, V: int, device: str, seed: int = 0, per_channel: bool = False):
+    """Normalised keys, a preconditioned key within ±30% of them, gains in (0, 1), gates of a GDN layer (or of a
+    KDA layer: one per key channel)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     k = F.normalize(torch.randn(Nc, H, C, K, device=device, generator=gen), dim=-1)
     p = k * (0.7 + 0.6 * torch.rand(Nc, H, C, K, device=device, generator=gen))
     v = torch.randn(Nc, H, C, V, device=device, generator=gen)
     beta = torch.rand(Nc, H, C, device=device, generator=gen)
-    gamma = F.logsigmoid(torch.randn(Nc, H, C, device=device, generator=gen) + 3).cumsum(-1)
+    shape = (Nc, H, C, K) if per_channel else (Nc, H, C)
+    gamma = F.logsigmoid(torch.randn(*shape, device=device, generator=gen) + 3).cumsum(2)
     return k, p, v, beta, gamma
 
 
@@ -47,7 +50,7 @@ def run_kernel(kernel, inputs, warps: int, **extra):
     V = v.shape[-1]
     BK, BV, _, stages = chunk_tile_config(K, V)
     W, P_t = k.new_empty(Nc, H, C, K), k.new_empty(Nc, H, C, K)
-    U, T, d = k.new_empty(Nc, H, C, V), k.new_empty(Nc, H, C, C), k.new_empty(Nc, H)
+    U, T, d = k.new_empty(Nc, H, C, V), k.new_empty(Nc, H, C, C), k.new_empty(gamma.shape[:2] + gamma.shape[3:])
 
     def launch():
         kernel[(Nc, H)](k, p, v, beta, gamma, W, U, P_t, T, d, H, H, 1, K=K, V=V, C=C, BK=BK, BV=BV,
@@ -62,6 +65,8 @@ def main() -> None:
     ap.add_argument("--H", type=int, default=16)
     ap.add_argument("--out", default="wy_ab.json")
     ap.add_argument("--op-only", action="store_true", help="skip the stage-level rows")
+    ap.add_argument("--decay", choices=["scalar", "channel"], default="scalar",
+                    help="scalar: PDN/PGDN's kernels (PDELTA_WY_BLOCKED); channel: PKDA's (PDELTA_WY_CHANNEL_BLOCKED)")
     args = ap.parse_args()
     rows = []
 
@@ -74,14 +79,21 @@ def main() -> None:
 
     K = V = 128
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1 accuracy check, no timing
-    kernels = {"row": (wy._wy_fwd_kernel, {}), "blocked": (wy._wy_fwd_blocked_kernel, {}),
-               "blocked-doubling": (wy._wy_fwd_blocked_kernel, {"DOUBLING": True})}
+    channel_decay = args.decay == "channel"
+    if channel_decay:
+        kernels = {"row": (channel._wy_ch_fwd_kernel, {}), "blocked": (channel._wy_ch_fwd_blocked_kernel, {})}
+        torch_form, flag_name, op, gate = channel._wy_torch, "PDELTA_WY_CHANNEL_BLOCKED", "pkda", "gk"
+    else:
+        kernels = {"row": (wy._wy_fwd_kernel, {}), "blocked": (wy._wy_fwd_blocked_kernel, {}),
+                   "blocked-doubling": (wy._wy_fwd_blocked_kernel, {"DOUBLING": True})}
+        torch_form, flag_name, op, gate = wy._wy_torch, "PDELTA_WY_BLOCKED", "pgdn", "g"
     for T in [] if args.op_only else args.T:
-        inputs = stage_inputs(T // C, args.H, K, V, device)
-        ref = wy._wy_torch(*(t.double() for t in inputs))
+        inputs = stage_inputs(T // C, args.H, K, V, device, per_channel=channel_decay)
+        ref = torch_form(*(t.double() for t in inputs))
         for name, (kernel, extra) in kernels.items():
             for warps in (4, 8):
-                row = {"level": "stage", "kernel": name, "warps": warps, "T": T, "H": args.H, "K": K, "V": V}
+                row = {"level": "stage", "decay": args.decay, "kernel": name, "warps": warps, "T": T, "H": args.H,
+                       "K": K, "V": V}
                 try:
                     launch, outs, _ = run_kernel(kernel, inputs, warps, **extra)
                     row.update({f"rel_rms_{n}": rel_rms(a, b) for n, a, b in zip("W U P_t d".split(), outs, ref)})
@@ -93,15 +105,15 @@ def main() -> None:
     for T in args.T if device == "cuda" else []:
         x = make(1, T, args.H, K, V)
         do = torch.randn(1, T, args.H, V, device="cuda", dtype=torch.bfloat16)
-        fn = lambda: precond_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g_atk"], x["beta_atk"], x["g"],  # noqa
+        fn = lambda: precond_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g_atk"], x["beta_atk"], x[gate],  # noqa
                                         backend="triton")[0]
         for flag in ("0", "1"):
-            os.environ["PDELTA_WY_BLOCKED"] = flag  # read at every call of the stage
+            os.environ[flag_name] = flag  # read at every call of the stage
             fwd = do_bench(fn, warmup=5, rep=30)
             both = do_bench(lambda: fn().backward(do), warmup=5, rep=30)
-            emit({"level": "op", "op": "pgdn", "wy_blocked": flag == "1", "T": T, "H": args.H, "K": K, "V": V,
+            emit({"level": "op", "op": op, "wy_blocked": flag == "1", "T": T, "H": args.H, "K": K, "V": V,
                   "fwd_ms": fwd, "fwd_bwd_ms": both})
-        os.environ.pop("PDELTA_WY_BLOCKED")
+        os.environ.pop(flag_name)
 
 
 if __name__ == "__main__":

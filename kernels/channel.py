@@ -8,6 +8,8 @@ the decay gradient is dΓ = a ⊙ da − b ⊙ db.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton  # noqa: F401  (triton.jit)
 import triton.language as tl
@@ -16,7 +18,7 @@ from ..chunk.delta import wy_form
 from ..chunk.gram import gram
 from .stages import make_output_stage, make_wy_stage
 from .gram_channel import _rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_upper
-from .wy import _invert_unit_lower
+from .wy import _blocked_inverse, _invert_unit_lower, _store_blocked_inverse, _store_blocked_product, _store_blocked_u
 
 C = 64
 
@@ -49,6 +51,77 @@ def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
         vv = tl.load(VV + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
         u = tl.dot(T, vv * beta[:, None], input_precision=PRECISION)
         tl.store(U + (vrow + rc[:, None]) * V + cols[None, :], u, mask=mv[None, :])
+
+
+# --- the same forward in 16-row blocks (opt-in: PDELTA_WY_CHANNEL_BLOCKED=1 until a GPU A/B; as the scalar one) ----
+# Off-diagonal blocks of L are one product each, split at the decay just before the row block (both factors' exponents
+# ≤ 0); the diagonal blocks are built column by column as gram_lower does (no split inside a block).
+
+
+@triton.jit
+def _l_block_channel(KH, P, GAM, BETA, krow, vrow, i0, j0, r16, rk, mk, K: tl.constexpr, DIAG: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """L rows i0.., columns j0.. (16×16): β_i Σ_d k̂_id p_jd e^{Γ_id − Γ_jd}, strictly lower on the diagonal."""
+    a = _rows(KH, krow + i0, r16, rk, mk, K)
+    ga = _rows(GAM, vrow + i0, r16, rk, mk, K)
+    if DIAG:
+        blk = tl.zeros([16, 16], dtype=tl.float32)
+        for jj in range(16):
+            ok = r16 > jj
+            bj = tl.load(P + (krow + j0 + jj) * K + rk, mask=mk, other=0.0)
+            gj = tl.load(GAM + (vrow + j0 + jj) * K + rk, mask=mk, other=0.0)
+            val = tl.sum(a * bj[None, :] * tl.exp(tl.where(ok[:, None], ga - gj[None, :], 0.0)), axis=1)
+            blk = tl.where((r16[None, :] == jj) & ok[:, None], val[:, None], blk)
+    else:
+        ref = tl.load(GAM + (vrow + i0 - 1) * K + rk, mask=mk, other=0.0)
+        right_t = _rows_t(P, krow + j0, r16, rk, mk, K) * tl.exp(ref[:, None] - _rows_t(GAM, vrow + j0, r16, rk, mk, K))
+        blk = tl.dot(a * tl.exp(ga - ref[None, :]), right_t, input_precision=PRECISION)
+    return blk * tl.load(BETA + vrow + i0 + r16)[:, None]
+
+
+@triton.jit
+def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
+                              K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                              BV: tl.constexpr, PRECISION: tl.constexpr):
+    tl.static_assert(C == 64, "four row blocks of 16")
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    r16 = tl.arange(0, 16)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _blocked_inverse(
+        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 0, 0, r16, rk, mk, K, True, PRECISION),
+        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 16, 16, r16, rk, mk, K, True, PRECISION),
+        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 32, 32, r16, rk, mk, K, True, PRECISION),
+        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 48, 48, r16, rk, mk, K, True, PRECISION),
+        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 16, 0, r16, rk, mk, K, False, PRECISION),
+        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 32, 0, r16, rk, mk, K, False, PRECISION),
+        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 32, 16, r16, rk, mk, K, False, PRECISION),
+        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 48, 0, r16, rk, mk, K, False, PRECISION),
+        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 48, 16, r16, rk, mk, K, False, PRECISION),
+        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 48, 32, r16, rk, mk, K, False, PRECISION), r16, PRECISION,
+        False)
+    _store_blocked_inverse(TINV, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, C)
+    # W = T (β K̂ ⊙ e^Γ) by row blocks
+    _store_blocked_product(
+        W, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33,
+        _rows(KH, krow, r16, rk, mk, K) * tl.exp(_rows(GAM, vrow, r16, rk, mk, K))
+        * tl.load(BETA + vrow + r16)[:, None],
+        _rows(KH, krow + 16, r16, rk, mk, K) * tl.exp(_rows(GAM, vrow + 16, r16, rk, mk, K))
+        * tl.load(BETA + vrow + 16 + r16)[:, None],
+        _rows(KH, krow + 32, r16, rk, mk, K) * tl.exp(_rows(GAM, vrow + 32, r16, rk, mk, K))
+        * tl.load(BETA + vrow + 32 + r16)[:, None],
+        _rows(KH, krow + 48, r16, rk, mk, K) * tl.exp(_rows(GAM, vrow + 48, r16, rk, mk, K))
+        * tl.load(BETA + vrow + 48 + r16)[:, None], r16, rk, mk, K, PRECISION)
+    # P̃ = P ⊙ e^{Γ_C − Γ}, d = e^{Γ_C}
+    rc = tl.arange(0, C)
+    g_end = tl.load(GAM + (vrow + C - 1) * K + rk, mask=mk, other=0.0)
+    p_t = _rows(P, krow, rc, rk, mk, K) * tl.exp(g_end[None, :] - _rows(GAM, vrow, rc, rk, mk, K))
+    tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], p_t, mask=mk[None, :])
+    tl.store(DEC + (i_c64 * HV + i_h) * K + rk, tl.exp(g_end), mask=mk)
+    _store_blocked_u(VV, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, V, BV, PRECISION)
 
 
 @triton.jit
@@ -233,7 +306,14 @@ def _output_torch(q_hat, p, gamma, W, U, S):
     return (q * torch.exp(gamma)) @ S + gram(q, pv, gamma, strict=False) @ (U - W @ S)
 
 
+def _pick_wy_channel_forward(K: int):
+    """The row kernel; PDELTA_WY_CHANNEL_BLOCKED=1 (K <= 128) the 16-row blocked one at 4 warps (CPU-tested only)."""
+    if os.environ.get("PDELTA_WY_CHANNEL_BLOCKED") == "1" and K <= 128:
+        return _wy_ch_fwd_blocked_kernel, 4
+    return _wy_ch_fwd_kernel, None
+
+
 wy_channel_decay = make_wy_stage("wy_channel", _wy_ch_fwd_kernel, _wy_ch_bwd_kernel, _wy_torch,
-                                 decay_shape=lambda Nc, HV, K: (Nc, HV, K))
+                                 decay_shape=lambda Nc, HV, K: (Nc, HV, K), pick_fwd=_pick_wy_channel_forward)
 output_channel_decay = make_output_stage("output_channel", _out_ch_fwd_kernel, _out_ch_bwd_state_kernel,
                                          _out_ch_bwd_qp_kernel, _output_torch)

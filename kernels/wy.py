@@ -150,40 +150,27 @@ def _apply_t_rows(T0, T1, T2, T3, B0, B1, B2, B3, N: tl.constexpr, PRECISION: tl
 
 
 @triton.jit
-def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
-                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                           BV: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False):
-    tl.static_assert(C == 64, "four row blocks of 16")
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_c64 = i_c.to(tl.int64)
-    krow = (i_c64 * H + i_h // G) * C
-    vrow = (i_c64 * HV + i_h) * C
-    r16 = tl.arange(0, 16)
-    rk = tl.arange(0, BK)
-    mk = rk < K
-    # diagonal blocks of (I + L)^-1
-    T00 = _invert_unit_lower_16(_l_block(KH, P, GAM, BETA, krow, vrow, 0, 0, r16, rk, mk, K, True, PRECISION), r16,
-                                DOUBLING)
-    T11 = _invert_unit_lower_16(_l_block(KH, P, GAM, BETA, krow, vrow, 16, 16, r16, rk, mk, K, True, PRECISION),
-                                r16, DOUBLING)
-    T22 = _invert_unit_lower_16(_l_block(KH, P, GAM, BETA, krow, vrow, 32, 32, r16, rk, mk, K, True, PRECISION),
-                                r16, DOUBLING)
-    T33 = _invert_unit_lower_16(_l_block(KH, P, GAM, BETA, krow, vrow, 48, 48, r16, rk, mk, K, True, PRECISION),
-                                r16, DOUBLING)
-    # off-diagonal blocks, T_ij = −T_ii Σ_{k=j}^{i−1} L_ik T_kj
-    L10 = _l_block(KH, P, GAM, BETA, krow, vrow, 16, 0, r16, rk, mk, K, False, PRECISION)
+def _blocked_inverse(L00, L11, L22, L33, L10, L20, L21, L30, L31, L32, r16, PRECISION: tl.constexpr,
+                     DOUBLING: tl.constexpr):
+    """The ten 16×16 blocks of (I + L)^-1 from the blocks of L (diagonal ones strictly lower), in the order
+    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33: T_ii by substitution, T_ij = −T_ii Σ_{k=j}^{i−1} L_ik T_kj."""
+    T00 = _invert_unit_lower_16(L00, r16, DOUBLING)
+    T11 = _invert_unit_lower_16(L11, r16, DOUBLING)
+    T22 = _invert_unit_lower_16(L22, r16, DOUBLING)
+    T33 = _invert_unit_lower_16(L33, r16, DOUBLING)
     T10 = _neg_solve(T11, _accurate_dot(L10, T00, PRECISION), PRECISION)
-    L21 = _l_block(KH, P, GAM, BETA, krow, vrow, 32, 16, r16, rk, mk, K, False, PRECISION)
-    L20 = _l_block(KH, P, GAM, BETA, krow, vrow, 32, 0, r16, rk, mk, K, False, PRECISION)
     T21 = _neg_solve(T22, _accurate_dot(L21, T11, PRECISION), PRECISION)
     T20 = _neg_solve(T22, _accurate_dot(L20, T00, PRECISION) + _accurate_dot(L21, T10, PRECISION), PRECISION)
-    L32 = _l_block(KH, P, GAM, BETA, krow, vrow, 48, 32, r16, rk, mk, K, False, PRECISION)
-    L31 = _l_block(KH, P, GAM, BETA, krow, vrow, 48, 16, r16, rk, mk, K, False, PRECISION)
-    L30 = _l_block(KH, P, GAM, BETA, krow, vrow, 48, 0, r16, rk, mk, K, False, PRECISION)
     T32 = _neg_solve(T33, _accurate_dot(L32, T22, PRECISION), PRECISION)
     T31 = _neg_solve(T33, _accurate_dot(L31, T11, PRECISION) + _accurate_dot(L32, T21, PRECISION), PRECISION)
     T30 = _neg_solve(T33, _accurate_dot(L30, T00, PRECISION) + _accurate_dot(L31, T10, PRECISION)
                      + _accurate_dot(L32, T20, PRECISION), PRECISION)
+    return T00, T10, T11, T20, T21, T22, T30, T31, T32, T33
+
+
+@triton.jit
+def _store_blocked_inverse(TINV, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, C: tl.constexpr):
+    """Write the [C, C] inverse (zeros above the diagonal blocks) for the backward."""
     zero = tl.zeros([16, 16], dtype=tl.float32)
     _store_t_block(TINV, vrow, 0, 0, T00, r16, C)
     _store_t_block(TINV, vrow, 0, 16, zero, r16, C)
@@ -201,32 +188,27 @@ def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
     _store_t_block(TINV, vrow, 48, 16, T31, r16, C)
     _store_t_block(TINV, vrow, 48, 32, T32, r16, C)
     _store_t_block(TINV, vrow, 48, 48, T33, r16, C)
-    # W = T diag(β e^Γ) K̂ by row blocks
-    be0 = tl.load(BETA + vrow + r16) * tl.exp(tl.load(GAM + vrow + r16))
-    be1 = tl.load(BETA + vrow + 16 + r16) * tl.exp(tl.load(GAM + vrow + 16 + r16))
-    be2 = tl.load(BETA + vrow + 32 + r16) * tl.exp(tl.load(GAM + vrow + 32 + r16))
-    be3 = tl.load(BETA + vrow + 48 + r16) * tl.exp(tl.load(GAM + vrow + 48 + r16))
-    B0 = _rows(KH, krow, r16, rk, mk, K) * be0[:, None]
-    B1 = _rows(KH, krow + 16, r16, rk, mk, K) * be1[:, None]
-    B2 = _rows(KH, krow + 32, r16, rk, mk, K) * be2[:, None]
-    B3 = _rows(KH, krow + 48, r16, rk, mk, K) * be3[:, None]
-    wm = mk[None, :]
-    tl.store(W + (vrow + r16[:, None]) * K + rk[None, :], _apply_t_rows(T00, T00, T00, T00, B0, B0, B0, B0, 1,
-                                                                        PRECISION), mask=wm)
-    tl.store(W + (vrow + 16 + r16[:, None]) * K + rk[None, :], _apply_t_rows(T10, T11, T11, T11, B0, B1, B1, B1, 2,
-                                                                             PRECISION), mask=wm)
-    tl.store(W + (vrow + 32 + r16[:, None]) * K + rk[None, :], _apply_t_rows(T20, T21, T22, T22, B0, B1, B2, B2, 3,
-                                                                             PRECISION), mask=wm)
-    tl.store(W + (vrow + 48 + r16[:, None]) * K + rk[None, :], _apply_t_rows(T30, T31, T32, T33, B0, B1, B2, B3, 4,
-                                                                             PRECISION), mask=wm)
-    # P̃ = P ⊙ e^{Γ_C − Γ}, d = e^{Γ_C}
-    rc = tl.arange(0, C)
-    gam = tl.load(GAM + vrow + rc)
-    g_end = tl.sum(tl.where(rc == C - 1, gam, 0.0), axis=0)
-    pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
-    tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], pp * tl.exp(g_end - gam)[:, None], mask=mk[None, :])
-    tl.store(DEC + i_c64 * HV + i_h, tl.exp(g_end))
-    # U = T diag(β) V by row blocks and V tiles
+
+
+@triton.jit
+def _store_blocked_product(OUT, row0, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, B0, B1, B2, B3, r16, cols,
+                           mcols, N: tl.constexpr, PRECISION: tl.constexpr):
+    """OUT rows row0.. (+64) = T B for B given as four 16-row blocks (columns ``cols`` of an [*, N] tensor)."""
+    m = mcols[None, :]
+    tl.store(OUT + (row0 + r16[:, None]) * N + cols[None, :],
+             _apply_t_rows(T00, T00, T00, T00, B0, B0, B0, B0, 1, PRECISION), mask=m)
+    tl.store(OUT + (row0 + 16 + r16[:, None]) * N + cols[None, :],
+             _apply_t_rows(T10, T11, T11, T11, B0, B1, B1, B1, 2, PRECISION), mask=m)
+    tl.store(OUT + (row0 + 32 + r16[:, None]) * N + cols[None, :],
+             _apply_t_rows(T20, T21, T22, T22, B0, B1, B2, B2, 3, PRECISION), mask=m)
+    tl.store(OUT + (row0 + 48 + r16[:, None]) * N + cols[None, :],
+             _apply_t_rows(T30, T31, T32, T33, B0, B1, B2, B3, 4, PRECISION), mask=m)
+
+
+@triton.jit
+def _store_blocked_u(VV, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16,
+                     V: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """U = T diag(β) V by row blocks and V tiles."""
     b0 = tl.load(BETA + vrow + r16)
     b1 = tl.load(BETA + vrow + 16 + r16)
     b2 = tl.load(BETA + vrow + 32 + r16)
@@ -234,19 +216,55 @@ def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
     for v0 in range(0, V, BV):
         cols = v0 + tl.arange(0, BV)
         mv = cols < V
-        V0 = _rows(VV, vrow, r16, cols, mv, V) * b0[:, None]
-        V1 = _rows(VV, vrow + 16, r16, cols, mv, V) * b1[:, None]
-        V2 = _rows(VV, vrow + 32, r16, cols, mv, V) * b2[:, None]
-        V3 = _rows(VV, vrow + 48, r16, cols, mv, V) * b3[:, None]
-        um = mv[None, :]
-        tl.store(U + (vrow + r16[:, None]) * V + cols[None, :],
-                 _apply_t_rows(T00, T00, T00, T00, V0, V0, V0, V0, 1, PRECISION), mask=um)
-        tl.store(U + (vrow + 16 + r16[:, None]) * V + cols[None, :],
-                 _apply_t_rows(T10, T11, T11, T11, V0, V1, V1, V1, 2, PRECISION), mask=um)
-        tl.store(U + (vrow + 32 + r16[:, None]) * V + cols[None, :],
-                 _apply_t_rows(T20, T21, T22, T22, V0, V1, V2, V2, 3, PRECISION), mask=um)
-        tl.store(U + (vrow + 48 + r16[:, None]) * V + cols[None, :],
-                 _apply_t_rows(T30, T31, T32, T33, V0, V1, V2, V3, 4, PRECISION), mask=um)
+        _store_blocked_product(U, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33,
+                               _rows(VV, vrow, r16, cols, mv, V) * b0[:, None],
+                               _rows(VV, vrow + 16, r16, cols, mv, V) * b1[:, None],
+                               _rows(VV, vrow + 32, r16, cols, mv, V) * b2[:, None],
+                               _rows(VV, vrow + 48, r16, cols, mv, V) * b3[:, None], r16, cols, mv, V, PRECISION)
+
+
+@triton.jit
+def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
+                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                           BV: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False):
+    tl.static_assert(C == 64, "four row blocks of 16")
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    r16 = tl.arange(0, 16)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _blocked_inverse(
+        _l_block(KH, P, GAM, BETA, krow, vrow, 0, 0, r16, rk, mk, K, True, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 16, 16, r16, rk, mk, K, True, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 32, 32, r16, rk, mk, K, True, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 48, 48, r16, rk, mk, K, True, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 16, 0, r16, rk, mk, K, False, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 32, 0, r16, rk, mk, K, False, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 32, 16, r16, rk, mk, K, False, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 48, 0, r16, rk, mk, K, False, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 48, 16, r16, rk, mk, K, False, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 48, 32, r16, rk, mk, K, False, PRECISION), r16, PRECISION, DOUBLING)
+    _store_blocked_inverse(TINV, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, C)
+    # W = T diag(β e^Γ) K̂ by row blocks
+    be0 = tl.load(BETA + vrow + r16) * tl.exp(tl.load(GAM + vrow + r16))
+    be1 = tl.load(BETA + vrow + 16 + r16) * tl.exp(tl.load(GAM + vrow + 16 + r16))
+    be2 = tl.load(BETA + vrow + 32 + r16) * tl.exp(tl.load(GAM + vrow + 32 + r16))
+    be3 = tl.load(BETA + vrow + 48 + r16) * tl.exp(tl.load(GAM + vrow + 48 + r16))
+    _store_blocked_product(W, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33,
+                           _rows(KH, krow, r16, rk, mk, K) * be0[:, None],
+                           _rows(KH, krow + 16, r16, rk, mk, K) * be1[:, None],
+                           _rows(KH, krow + 32, r16, rk, mk, K) * be2[:, None],
+                           _rows(KH, krow + 48, r16, rk, mk, K) * be3[:, None], r16, rk, mk, K, PRECISION)
+    # P̃ = P ⊙ e^{Γ_C − Γ}, d = e^{Γ_C}
+    rc = tl.arange(0, C)
+    gam = tl.load(GAM + vrow + rc)
+    g_end = tl.sum(tl.where(rc == C - 1, gam, 0.0), axis=0)
+    pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], pp * tl.exp(g_end - gam)[:, None], mask=mk[None, :])
+    tl.store(DEC + i_c64 * HV + i_h, tl.exp(g_end))
+    _store_blocked_u(VV, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, V, BV, PRECISION)
 
 
 @triton.jit

@@ -89,10 +89,12 @@ def test_recomputing_wy_in_backward_changes_nothing(monkeypatch, variant):
 
 
 @pytest.mark.parametrize("flag,value,variant", [("PDELTA_WY_BLOCKED", "0", "pdn"), ("PDELTA_WY_BLOCKED", "0", "pgdn"),
+                                                ("PDELTA_WY_CHANNEL_BLOCKED", "1", "pkda"),
                                                 ("PDELTA_STATE_BWD_SPLIT", "0", "pgdn"),
                                                 ("PDELTA_STATE_BWD_SPLIT", "0", "pkda")])
 def test_switchable_kernel_paths_match_reference(flag, value, variant, monkeypatch):
     """Non-default paths give the same op: PDELTA_WY_BLOCKED=0 (opt-out), the WY forward by 63 row steps;
+    PDELTA_WY_CHANNEL_BLOCKED=1 (opt-in), PKDA's WY forward in 16-row blocks;
     PDELTA_STATE_BWD_SPLIT=0 (opt-out), the reverse state pass forms the chunk gradients itself as per-V-block
     partials. Every output and gradient against float64."""
     monkeypatch.setenv(flag, value)
@@ -155,6 +157,32 @@ def test_bf16_values_reach_the_kernels_unconverted(variant):
     assert grads["v"].dtype == torch.bfloat16
 
 
+def test_blocked_channel_wy_forward_equals_the_row_kernel():
+    """PKDA's stage: the 16-row blocked forward gives the row kernel's W, U, P̃, d and T, with per-channel decays
+    strong enough that an unsplit exponent inside a chunk would overflow."""
+    from pdelta_cp.kernels import channel
+    from pdelta_cp.kernels._triton_utils import chunk_tile_config, dot_precision
+
+    gen = torch.Generator().manual_seed(9)
+    Nc, H, HV, C, K, V = 2, 2, 4, 64, 20, 40
+    k = torch.nn.functional.normalize(torch.randn(Nc, H, C, K, generator=gen), dim=-1)
+    p = k * (0.7 + 0.6 * torch.rand(Nc, H, C, K, generator=gen))
+    v = torch.randn(Nc, HV, C, V, generator=gen)
+    beta = torch.rand(Nc, HV, C, generator=gen)
+    gamma = torch.nn.functional.logsigmoid(3 * torch.randn(Nc, HV, C, K, generator=gen)).cumsum(2)
+    assert gamma[:, :, -1].min() < -100  # e^{-Γ} alone would overflow float32
+    BK, BV, warps, stages = chunk_tile_config(K, V)
+    outs = []
+    for kernel in (channel._wy_ch_fwd_kernel, channel._wy_ch_fwd_blocked_kernel):
+        W, P_t = k.new_empty(Nc, HV, C, K), k.new_empty(Nc, HV, C, K)
+        U, T, d = k.new_empty(Nc, HV, C, V), k.new_empty(Nc, HV, C, C), k.new_empty(Nc, HV, K)
+        kernel[(Nc, HV)](k, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
+                         PRECISION=dot_precision(), num_warps=warps, num_stages=stages)
+        outs.append((W, U, P_t, T, d))
+    for a, b in zip(*outs):
+        assert torch.isfinite(b).all() and rel_rms(b, a) < 1e-5
+
+
 def test_wy_forward_choice(monkeypatch):
     """Blocked forward at 4 warps for K <= 128; the row kernel above (not GPU-tried blocked) or when opted out."""
     from pdelta_cp.kernels import wy
@@ -164,6 +192,13 @@ def test_wy_forward_choice(monkeypatch):
     assert wy._pick_wy_forward(136) == (wy._wy_fwd_kernel, None)
     monkeypatch.setenv("PDELTA_WY_BLOCKED", "0")
     assert wy._pick_wy_forward(64) == (wy._wy_fwd_kernel, None)
+    from pdelta_cp.kernels import channel
+
+    monkeypatch.delenv("PDELTA_WY_CHANNEL_BLOCKED", raising=False)
+    assert channel._pick_wy_channel_forward(128) == (channel._wy_ch_fwd_kernel, None)
+    monkeypatch.setenv("PDELTA_WY_CHANNEL_BLOCKED", "1")
+    assert channel._pick_wy_channel_forward(128) == (channel._wy_ch_fwd_blocked_kernel, 4)
+    assert channel._pick_wy_channel_forward(256) == (channel._wy_ch_fwd_kernel, None)
 
 
 def test_keys_above_128_take_the_row_forward_and_match_reference():
