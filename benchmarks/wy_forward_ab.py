@@ -5,9 +5,10 @@
 Stage level (Nc = T/64 chunks, H = HV = 16, K = V = 128): the row-substitution kernel and the 16-row blocked
 kernel (PDELTA_WY_BLOCKED=1) with its diagonal blocks by substitution or by doubling products, each at 4 and
 8 warps; W, U, P̃, d and the inverse T compared with the PyTorch
-form in float64 (relative RMS). --decay channel: PKDA's row and blocked kernels (PDELTA_WY_CHANNEL_BLOCKED) and
-PKDA at op level. Op level: PGDN forward+backward (bf16 inputs as in bench_kernels.py) with the
-row forward (PDELTA_WY_BLOCKED=0) and the blocked default, in the same process. Rows are written to --out as they come.
+form in float64 (relative RMS). --decay channel: PKDA's row and blocked kernels (PDELTA_WY_CHANNEL_BLOCKED).
+Op level, in the same process (bf16 inputs as in bench_kernels.py): PGDN forward+backward with the row forward
+(PDELTA_WY_BLOCKED=0) and the blocked default; or PKDA with each combination of its opt-ins (blocked forward,
+backward over key-column blocks: PDELTA_WY_CHANNEL_BWD_KBLOCKS). Rows are written to --out as they come.
 """
 from __future__ import annotations
 
@@ -82,11 +83,14 @@ def main() -> None:
     channel_decay = args.decay == "channel"
     if channel_decay:
         kernels = {"row": (channel._wy_ch_fwd_kernel, {}), "blocked": (channel._wy_ch_fwd_blocked_kernel, {})}
-        torch_form, flag_name, op, gate = channel._wy_torch, "PDELTA_WY_CHANNEL_BLOCKED", "pkda", "gk"
+        torch_form, op, gate = channel._wy_torch, "pkda", "gk"
+        settings = [{}, {"PDELTA_WY_CHANNEL_BLOCKED": "1"}, {"PDELTA_WY_CHANNEL_BWD_KBLOCKS": "1"},
+                    {"PDELTA_WY_CHANNEL_BLOCKED": "1", "PDELTA_WY_CHANNEL_BWD_KBLOCKS": "1"}]
     else:
         kernels = {"row": (wy._wy_fwd_kernel, {}), "blocked": (wy._wy_fwd_blocked_kernel, {}),
                    "blocked-doubling": (wy._wy_fwd_blocked_kernel, {"DOUBLING": True})}
-        torch_form, flag_name, op, gate = wy._wy_torch, "PDELTA_WY_BLOCKED", "pgdn", "g"
+        torch_form, op, gate = wy._wy_torch, "pgdn", "g"
+        settings = [{"PDELTA_WY_BLOCKED": "0"}, {}]
     for T in [] if args.op_only else args.T:
         inputs = stage_inputs(T // C, args.H, K, V, device, per_channel=channel_decay)
         ref = torch_form(*(t.double() for t in inputs))
@@ -107,13 +111,14 @@ def main() -> None:
         do = torch.randn(1, T, args.H, V, device="cuda", dtype=torch.bfloat16)
         fn = lambda: precond_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g_atk"], x["beta_atk"], x[gate],  # noqa
                                         backend="triton")[0]
-        for flag in ("0", "1"):
-            os.environ[flag_name] = flag  # read at every call of the stage
+        for env in settings:  # the switches are read at every call of the stages
+            os.environ.update(env)
             fwd = do_bench(fn, warmup=5, rep=30)
             both = do_bench(lambda: fn().backward(do), warmup=5, rep=30)
-            emit({"level": "op", "op": op, "wy_blocked": flag == "1", "T": T, "H": args.H, "K": K, "V": V,
+            emit({"level": "op", "op": op, "env": env, "T": T, "H": args.H, "K": K, "V": V,
                   "fwd_ms": fwd, "fwd_bwd_ms": both})
-        os.environ.pop(flag_name)
+            for name in env:
+                os.environ.pop(name)
 
 
 if __name__ == "__main__":

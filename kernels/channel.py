@@ -192,6 +192,88 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     tl.store(DGAM + (vrow + rc[:, None]) * K + rk[None, :], d_gam, mask=mk[None, :])
 
 
+# --- the same backward over column blocks of K (opt-in: PDELTA_WY_CHANNEL_BWD_KBLOCKS=1 until a GPU A/B) ---------
+# The kernel above holds five or six [C, K] float32 tiles at once and spills (ptxas at K = 128, sm_90, 8 warps:
+# 6 KB per thread; 17 ms per 32K-token call on an H200). Every [C, K] quantity here is separable by key column
+# once the [C, C] matrices dT, dTᵀ and X (sums over K) are known: phase A accumulates those over column blocks,
+# phase B forms dK̂, dP, dΓ one column block at a time.
+
+
+@triton.jit
+def _wy_ch_bwd_kblocks_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
+                              DK, DP, DV, DBETA, DGAM, H, HV, G,
+                              K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                              PRECISION: tl.constexpr, BKC: tl.constexpr = 16):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    rc = tl.arange(0, C)
+    beta = tl.load(BETA + vrow + rc)
+    T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
+    dT = tl.zeros([C, C], dtype=tl.float32)
+    dT_t = tl.zeros([C, C], dtype=tl.float32)
+    d_beta = tl.zeros([C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        mv = cols < V
+        du = tl.load(DU + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        vv_t = tl.load(VV + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+        dT += tl.dot(du, vv_t * beta[None, :], input_precision=PRECISION)
+        d_bv = tl.dot(T_t, du, input_precision=PRECISION)
+        vv = tl.load(VV + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        tl.store(DV + (vrow + rc[:, None]) * V + cols[None, :], d_bv * beta[:, None], mask=mv[None, :])
+        d_beta += tl.sum(d_bv * vv, axis=1)
+        du_t = tl.load(DU + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+        dT_t += tl.dot(vv * beta[:, None], du_t, input_precision=PRECISION)
+    # phase A: the K sums — dT += dW Bkᵀ, dTᵀ += Bk dWᵀ (Bk = β K̂ ⊙ e^Γ), X = gram_strict(K̂, P, Γ)
+    X = tl.zeros([C, C], dtype=tl.float32)
+    for k0 in tl.static_range(0, BK, BKC):
+        rk = k0 + tl.arange(0, BKC)
+        mk = rk < K
+        bk_t = _rows_t(KH, krow, rc, rk, mk, K) * tl.exp(_rows_t(GAM, vrow, rc, rk, mk, K)) * beta[None, :]
+        dT += tl.dot(_rows(DW, vrow, rc, rk, mk, K), bk_t, input_precision=PRECISION)
+        bk = _rows(KH, krow, rc, rk, mk, K) * tl.exp(_rows(GAM, vrow, rc, rk, mk, K)) * beta[:, None]
+        dT_t += tl.dot(bk, _rows_t(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
+        X += gram_lower(KH, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, True, PRECISION)
+    strict = rc[:, None] > rc[None, :]
+    dL = tl.where(strict, -tl.dot(tl.dot(T_t, dT, input_precision=PRECISION), T_t, input_precision=PRECISION), 0.0)
+    T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
+    dL_t = tl.where(rc[:, None] < rc[None, :],
+                    -tl.dot(tl.dot(T, dT_t, input_precision=PRECISION), T, input_precision=PRECISION), 0.0)
+    d_beta += tl.sum(tl.where(strict, dL * X, 0.0), axis=1)
+    dLb = dL * beta[:, None]
+    dLb_t = dL_t * beta[None, :]
+    # phase B: per column block, dK̂, dP, dΓ
+    for k0 in tl.static_range(0, BK, BKC):
+        rk = k0 + tl.arange(0, BKC)
+        mk = rk < K
+        ga = _rows(GAM, vrow, rc, rk, mk, K)
+        kk_e = _rows(KH, krow, rc, rk, mk, K) * tl.exp(ga)
+        d_bk = tl.dot(T_t, _rows(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
+        d_beta += tl.sum(d_bk * kk_e, axis=1)
+        d_gam = d_bk * kk_e * beta[:, None]
+        d_k_gram = gram_apply_lower(dLb, P, krow, GAM, vrow, rc, rk, mk, K, C, BKC, True, PRECISION)
+        tl.store(DK + (vrow + rc[:, None]) * K + rk[None, :], d_bk * tl.exp(ga) * beta[:, None] + d_k_gram,
+                 mask=mk[None, :])
+        d_gam += _rows(KH, krow, rc, rk, mk, K) * d_k_gram
+        d_p = gram_apply_upper(dLb_t, KH, krow, GAM, vrow, rc, rk, mk, K, C, BKC, True, PRECISION)
+        pp = _rows(P, krow, rc, rk, mk, K)
+        d_gam -= pp * d_p
+        # P̃ = P ⊙ e^{Γ_C − Γ}, d = e^{Γ_C}
+        g_end = tl.load(GAM + (vrow + C - 1) * K + rk, mask=mk, other=0.0)
+        scale_end = tl.exp(g_end[None, :] - ga)
+        dpt = _rows(DPT, vrow, rc, rk, mk, K)
+        d_p += dpt * scale_end
+        t = dpt * pp * scale_end
+        d_gam -= t
+        d_end = tl.sum(t, axis=0) + tl.load(DDEC + (i_c64 * HV + i_h) * K + rk, mask=mk, other=0.0) * tl.exp(g_end)
+        d_gam += tl.where(rc[:, None] == C - 1, d_end[None, :], 0.0)
+        tl.store(DP + (vrow + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
+        tl.store(DGAM + (vrow + rc[:, None]) * K + rk[None, :], d_gam, mask=mk[None, :])
+    tl.store(DBETA + vrow + rc, d_beta)
+
+
 @triton.jit
 def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
                        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -313,7 +395,13 @@ def _pick_wy_channel_forward(K: int):
     return _wy_ch_fwd_kernel, None
 
 
+def _pick_wy_channel_backward(K: int):
+    """The whole-K kernel; PDELTA_WY_CHANNEL_BWD_KBLOCKS=1 the one over key-column blocks (CPU-tested only)."""
+    return _wy_ch_bwd_kblocks_kernel if os.environ.get("PDELTA_WY_CHANNEL_BWD_KBLOCKS") == "1" else _wy_ch_bwd_kernel
+
+
 wy_channel_decay = make_wy_stage("wy_channel", _wy_ch_fwd_kernel, _wy_ch_bwd_kernel, _wy_torch,
-                                 decay_shape=lambda Nc, HV, K: (Nc, HV, K), pick_fwd=_pick_wy_channel_forward)
+                                 decay_shape=lambda Nc, HV, K: (Nc, HV, K), pick_fwd=_pick_wy_channel_forward,
+                                 pick_bwd=_pick_wy_channel_backward)
 output_channel_decay = make_output_stage("output_channel", _out_ch_fwd_kernel, _out_ch_bwd_state_kernel,
                                          _out_ch_bwd_qp_kernel, _output_torch)

@@ -103,12 +103,13 @@ def _fold_groups(t: torch.Tensor, H: int) -> torch.Tensor:
 
 
 def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay_shape: Callable,
-                  kernel_backward: Callable[[], bool] = lambda: True, pick_fwd: Callable | None = None):
+                  kernel_backward: Callable[[], bool] = lambda: True, pick_fwd: Callable | None = None,
+                  pick_bwd: Callable | None = None):
     """(K̂, P [Nc,H,C,K]; V [Nc,HV,C,V]; β [Nc,HV,C]; Γ) -> (W, U, P̃, d) as float32 tensors.
 
     decay_shape(Nc, HV, K) gives d's shape; kernel_backward() says whether to use ``bwd_kernel``;
     pick_fwd(K), when given, returns (forward kernel, its num_warps or None for the tile config's), chosen per
-    call (by the key size, or an env switch).
+    call (by the key size, or an env switch); pick_bwd(K) likewise returns the backward kernel.
     """
 
     class Stage(torch.autograd.Function):
@@ -142,7 +143,8 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
                 dk, dp = torch.empty_like(z[0]), torch.empty_like(z[0])
                 dv, dbeta, dgam = torch.empty_like(v, dtype=torch.float32), torch.empty_like(beta), torch.empty_like(
                     gamma)
-                if launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
+                kernel = bwd_kernel if pick_bwd is None else pick_bwd(K)
+                if launch_or_fallback(f"{name}_bwd", lambda: kernel[(Nc, HV)](
                         k_hat, p, v, beta, gamma, T, *z, dk, dp, dv, dbeta, dgam, H, HV, HV // H, K=K, V=V, C=C,
                         BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=tuned_warps(f"{name}_bwd", warps),
                         num_stages=stages)):
