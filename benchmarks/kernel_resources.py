@@ -46,6 +46,7 @@ def kernels(K: int, V: int) -> list[tuple[str, object, dict, int, int]]:
         ("wy_fwd (row)", wy._wy_fwd_kernel, chunk, warps, stages),
         ("wy_fwd (blocked)", wy._wy_fwd_blocked_kernel, dict(chunk, DOUBLING=False), blocked_warps, stages),
         ("wy_bwd", wy._wy_bwd_kernel, chunk, warps, stages),
+        ("wy_bwd (K blocks)", wy._wy_bwd_kblocks_kernel, dict(chunk, BKC=16), warps, stages),
         ("output_fwd", output._out_fwd_kernel, chunk, warps, stages),
         ("output_bwd_state", output._out_bwd_state_kernel, chunk, warps, stages),
         ("output_bwd_qp", output._out_bwd_qp_kernel, chunk, warps, stages),

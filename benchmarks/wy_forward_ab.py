@@ -7,7 +7,8 @@ kernel (PDELTA_WY_BLOCKED=1) with its diagonal blocks by substitution or by doub
 8 warps; W, U, P̃, d and the inverse T compared with the PyTorch
 form in float64 (relative RMS). --decay channel: PKDA's row and blocked kernels (PDELTA_WY_CHANNEL_BLOCKED).
 Op level, in the same process (bf16 inputs as in bench_kernels.py): PGDN forward+backward with the row forward
-(PDELTA_WY_BLOCKED=0) and the blocked default; or PKDA with each combination of its opt-ins (blocked forward,
+(PDELTA_WY_BLOCKED=0), the blocked default, and the default with the WY backward over key-column blocks
+(PDELTA_WY_BWD_KBLOCKS); or PKDA with each combination of its opt-ins (blocked forward,
 backward over key-column blocks: PDELTA_WY_CHANNEL_BWD_KBLOCKS). Rows are written to --out as they come.
 """
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main() -> None:
         kernels = {"row": (wy._wy_fwd_kernel, {}), "blocked": (wy._wy_fwd_blocked_kernel, {}),
                    "blocked-doubling": (wy._wy_fwd_blocked_kernel, {"DOUBLING": True})}
         torch_form, op, gate = wy._wy_torch, "pgdn", "g"
-        settings = [{"PDELTA_WY_BLOCKED": "0"}, {}]
+        settings = [{"PDELTA_WY_BLOCKED": "0"}, {}, {"PDELTA_WY_BWD_KBLOCKS": "1"}]
     for T in [] if args.op_only else args.T:
         inputs = stage_inputs(T // C, args.H, K, V, device, per_channel=channel_decay)
         ref = torch_form(*(t.double() for t in inputs))

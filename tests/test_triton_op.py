@@ -91,12 +91,14 @@ def test_recomputing_wy_in_backward_changes_nothing(monkeypatch, variant):
 @pytest.mark.parametrize("flag,value,variant", [("PDELTA_WY_BLOCKED", "0", "pdn"), ("PDELTA_WY_BLOCKED", "0", "pgdn"),
                                                 ("PDELTA_WY_CHANNEL_BLOCKED", "1", "pkda"),
                                                 ("PDELTA_WY_CHANNEL_BWD_KBLOCKS", "1", "pkda"),
+                                                ("PDELTA_WY_BWD_KBLOCKS", "1", "pgdn"),
                                                 ("PDELTA_STATE_BWD_SPLIT", "0", "pgdn"),
                                                 ("PDELTA_STATE_BWD_SPLIT", "0", "pkda")])
 def test_switchable_kernel_paths_match_reference(flag, value, variant, monkeypatch):
     """Non-default paths give the same op: PDELTA_WY_BLOCKED=0 (opt-out), the WY forward by 63 row steps;
     PDELTA_WY_CHANNEL_BLOCKED=1 (opt-in), PKDA's WY forward in 16-row blocks; PDELTA_WY_CHANNEL_BWD_KBLOCKS=1
-    (opt-in), PKDA's WY backward over key-column blocks (K = 12 here: one partial block; see the K = 72 test);
+    (opt-in), PKDA's WY backward over key-column blocks, PDELTA_WY_BWD_KBLOCKS=1 PGDN's (K = 12 here: one
+    partial block; see the K = 72 test);
     PDELTA_STATE_BWD_SPLIT=0 (opt-out), the reverse state pass forms the chunk gradients itself as per-V-block
     partials. Every output and gradient against float64."""
     monkeypatch.setenv(flag, value)
@@ -185,11 +187,12 @@ def test_blocked_channel_wy_forward_equals_the_row_kernel():
         assert torch.isfinite(b).all() and rel_rms(b, a) < 1e-5
 
 
+@pytest.mark.parametrize("decay", ["scalar", "channel"])
 @pytest.mark.parametrize("K", [72, 16])
-def test_channel_wy_backward_over_key_blocks_equals_the_whole_k_kernel(K):
-    """PKDA's WY backward over 16-column blocks of K (K = 72: four full blocks, a partial one, empty ones)
-    gives the whole-K kernel's dK̂, dP, dV, dβ and dΓ."""
-    from pdelta_cp.kernels import channel
+def test_wy_backward_over_key_blocks_equals_the_whole_k_kernel(decay, K):
+    """The WY backward over 16-column blocks of K (K = 72: four full blocks, a partial one, empty ones) gives
+    the whole-K kernel's dK̂, dP, dV, dβ and dΓ — PDN/PGDN's (scalar decay) and PKDA's (per channel)."""
+    from pdelta_cp.kernels import channel, wy
     from pdelta_cp.kernels._triton_utils import chunk_tile_config, dot_precision
 
     gen = torch.Generator().manual_seed(10)
@@ -198,15 +201,20 @@ def test_channel_wy_backward_over_key_blocks_equals_the_whole_k_kernel(K):
     p = k * (0.7 + 0.6 * torch.rand(Nc, H, C, K, generator=gen))
     v = torch.randn(Nc, HV, C, V, generator=gen)
     beta = torch.rand(Nc, HV, C, generator=gen)
-    gamma = torch.nn.functional.logsigmoid(torch.randn(Nc, HV, C, K, generator=gen) + 2).cumsum(2)
+    per_channel = decay == "channel"
+    gamma = torch.nn.functional.logsigmoid(torch.randn((Nc, HV, C, K) if per_channel else (Nc, HV, C),
+                                                       generator=gen) + 2).cumsum(2)
+    fwd, whole, blocks = ((channel._wy_ch_fwd_kernel, channel._wy_ch_bwd_kernel, channel._wy_ch_bwd_kblocks_kernel)
+                          if per_channel else (wy._wy_fwd_kernel, wy._wy_bwd_kernel, wy._wy_bwd_kblocks_kernel))
     BK, BV, warps, stages = chunk_tile_config(K, V)
     common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=warps, num_stages=stages)
     W, P_t = k.new_empty(Nc, HV, C, K), k.new_empty(Nc, HV, C, K)
-    U, T, d = k.new_empty(Nc, HV, C, V), k.new_empty(Nc, HV, C, C), k.new_empty(Nc, HV, K)
-    channel._wy_ch_fwd_kernel[(Nc, HV)](k, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, **common)
+    U, T = k.new_empty(Nc, HV, C, V), k.new_empty(Nc, HV, C, C)
+    d = k.new_empty((Nc, HV, K) if per_channel else (Nc, HV))
+    fwd[(Nc, HV)](k, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, **common)
     dW, dU, dPt, dd = (torch.randn(t.shape, generator=gen) for t in (W, U, P_t, d))
     outs = []
-    for kernel in (channel._wy_ch_bwd_kernel, channel._wy_ch_bwd_kblocks_kernel):
+    for kernel in (whole, blocks):
         dk, dp = torch.empty(Nc, HV, C, K), torch.empty(Nc, HV, C, K)
         dv, dbeta, dgam = torch.empty_like(v), torch.empty_like(beta), torch.empty_like(gamma)
         kernel[(Nc, HV)](k, p, v, beta, gamma, T, dW, dU, dPt, dd, dk, dp, dv, dbeta, dgam, H, HV, HV // H,
