@@ -58,6 +58,8 @@ def kernels(K: int, V: int) -> list[tuple[str, object, dict, int, int]]:
         ("output_channel_fwd", channel._out_ch_fwd_kernel, chunk, warps, stages),
         ("output_channel_bwd_state", channel._out_ch_bwd_state_kernel, chunk, warps, stages),
         ("output_channel_bwd_qp", channel._out_ch_bwd_qp_kernel, chunk, warps, stages),
+        ("output_channel_bwd_qp (K blocks)", channel._out_ch_bwd_qp_kblocks_kernel, dict(chunk, BKC=32), warps,
+         stages),
         ("state_fwd", state_pass._state_fwd_kernel, dict(state, SUMMARY=False, STORE_STARTS=True), swarps, sstages),
         ("state_bwd", state_pass._state_bwd_kernel, dict(state, STORE_GRADS=False, STORE_LAM=True), swarps, sstages),
         ("state_grads", state_pass._state_grads_kernel, state, swarps, sstages),
@@ -109,7 +111,7 @@ def main() -> None:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     rows = []
-    print(f"{'kernel':28s} {'warps':>5s} {'regs':>5s} {'spill st':>9s} {'spill ld':>9s} {'shared':>8s}")
+    print(f"{'kernel':34s} {'warps':>5s} {'regs':>5s} {'spill st':>9s} {'spill ld':>9s} {'shared':>8s}")
     for name, kernel, consts, warps, stages in kernels(args.K, args.V):
         if args.only and not any(o in name for o in args.only):
             continue
@@ -119,7 +121,7 @@ def main() -> None:
         row = {"kernel": name, "num_warps": warps, "num_stages": stages, "K": args.K, "V": args.V,
                "shared_bytes": compiled.metadata.shared, **ptxas_report(compiled.asm["ptx"], args.arch)}
         rows.append(row)
-        print(f"{name:28s} {warps:5d} {row['registers']:5d} {row['spill_store_bytes']:9d} "
+        print(f"{name:34s} {warps:5d} {row['registers']:5d} {row['spill_store_bytes']:9d} "
               f"{row['spill_load_bytes']:9d} {row['shared_bytes']:8d}", flush=True)
     if args.out:
         with open(args.out, "w") as f:

@@ -9,7 +9,8 @@ form in float64 (relative RMS). --decay channel: PKDA's row and blocked kernels 
 Op level, in the same process (bf16 inputs as in bench_kernels.py): PGDN forward+backward with the row forward
 (PDELTA_WY_BLOCKED=0), the blocked default, and the default with the WY backward over key-column blocks
 (PDELTA_WY_BWD_KBLOCKS); or PKDA with each combination of its opt-ins (blocked forward,
-backward over key-column blocks: PDELTA_WY_CHANNEL_BWD_KBLOCKS). Rows are written to --out as they come.
+backward over key-column blocks: PDELTA_WY_CHANNEL_BWD_KBLOCKS, output backward likewise:
+PDELTA_OUTPUT_CHANNEL_BWD_KBLOCKS). Rows are written to --out as they come.
 """
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ def main() -> None:
         kernels = {"row": (channel._wy_ch_fwd_kernel, {}), "blocked": (channel._wy_ch_fwd_blocked_kernel, {})}
         torch_form, op, gate = channel._wy_torch, "pkda", "gk"
         settings = [{}, {"PDELTA_WY_CHANNEL_BLOCKED": "1"}, {"PDELTA_WY_CHANNEL_BWD_KBLOCKS": "1"},
+                    {"PDELTA_OUTPUT_CHANNEL_BWD_KBLOCKS": "1"},
                     {"PDELTA_WY_CHANNEL_BLOCKED": "1", "PDELTA_WY_CHANNEL_BWD_KBLOCKS": "1"}]
     else:
         kernels = {"row": (wy._wy_fwd_kernel, {}), "blocked": (wy._wy_fwd_blocked_kernel, {}),

@@ -373,6 +373,59 @@ def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, H, HV, G,
     tl.store(DGAM + (vrow + rc[:, None]) * K + rk[None, :], d_gam, mask=mk[None, :])
 
 
+@triton.jit
+def _out_ch_bwd_qp_kblocks_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, H, HV, G,
+                                  K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                                  BV: tl.constexpr, PRECISION: tl.constexpr, BKC: tl.constexpr = 32):
+    """The kernel above over 32-column blocks of K (opt-in: PDELTA_OUTPUT_CHANNEL_BWD_KBLOCKS=1 until a GPU A/B):
+    dA, dAᵀ over V blocks first (Δ = U − W S summed over key blocks), then per key block dO Sᵀ and the Gram
+    gradients — no [C, K] float32 tile is held (ptxas, K = 128: the whole-K kernel spills 2.2 KB per thread)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    srow = (i_c64 * HV + i_h) * K
+    rc = tl.arange(0, C)
+    dA = tl.zeros([C, C], dtype=tl.float32)
+    dA_t = tl.zeros([C, C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        mv = cols < V
+        delta = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        delta_t = tl.load(U + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+        for k0 in tl.static_range(0, BK, BKC):
+            rk = k0 + tl.arange(0, BKC)
+            mk = rk < K
+            s = tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+            s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
+            delta -= tl.dot(_rows(W, vrow, rc, rk, mk, K), s, input_precision=PRECISION)
+            delta_t -= tl.dot(s_t, _rows_t(W, vrow, rc, rk, mk, K), input_precision=PRECISION)
+        do = tl.load(DO + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        do_t = tl.load(DO + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+        dA += tl.dot(do, delta_t, input_precision=PRECISION)
+        dA_t += tl.dot(delta, do_t, input_precision=PRECISION)
+    dA = tl.where(rc[:, None] >= rc[None, :], dA, 0.0)
+    dA_t = tl.where(rc[:, None] <= rc[None, :], dA_t, 0.0)
+    for k0 in tl.static_range(0, BK, BKC):
+        rk = k0 + tl.arange(0, BKC)
+        mk = rk < K
+        d_q = tl.zeros([C, BKC], dtype=tl.float32)  # dO Sᵀ for this key block
+        for v0 in range(0, V, BV):
+            cols = v0 + tl.arange(0, BV)
+            mv = cols < V
+            do = tl.load(DO + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+            s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
+            d_q += tl.dot(do, s_t, input_precision=PRECISION)
+        eg = tl.exp(_rows(GAM, vrow, rc, rk, mk, K))
+        q = _rows(Q, krow, rc, rk, mk, K)
+        d_q_gram = gram_apply_lower(dA, P, krow, GAM, vrow, rc, rk, mk, K, C, BKC, False, PRECISION)
+        tl.store(DQ + (vrow + rc[:, None]) * K + rk[None, :], d_q * eg + d_q_gram, mask=mk[None, :])
+        d_p = gram_apply_upper(dA_t, Q, krow, GAM, vrow, rc, rk, mk, K, C, BKC, False, PRECISION)
+        tl.store(DP + (vrow + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
+        d_gam = d_q * q * eg + q * d_q_gram - _rows(P, krow, rc, rk, mk, K) * d_p
+        tl.store(DGAM + (vrow + rc[:, None]) * K + rk[None, :], d_gam, mask=mk[None, :])
+
+
 def _per_value_head(t, G):
     return t.repeat_interleave(G, dim=1) if G > 1 else t
 
@@ -403,5 +456,11 @@ def _pick_wy_channel_backward(K: int):
 wy_channel_decay = make_wy_stage("wy_channel", _wy_ch_fwd_kernel, _wy_ch_bwd_kernel, _wy_torch,
                                  decay_shape=lambda Nc, HV, K: (Nc, HV, K), pick_fwd=_pick_wy_channel_forward,
                                  pick_bwd=_pick_wy_channel_backward)
+def _pick_output_channel_bwd_qp(K: int):
+    """The whole-K kernel; PDELTA_OUTPUT_CHANNEL_BWD_KBLOCKS=1 the one over key-column blocks (CPU-tested only)."""
+    return (_out_ch_bwd_qp_kblocks_kernel if os.environ.get("PDELTA_OUTPUT_CHANNEL_BWD_KBLOCKS") == "1"
+            else _out_ch_bwd_qp_kernel)
+
+
 output_channel_decay = make_output_stage("output_channel", _out_ch_fwd_kernel, _out_ch_bwd_state_kernel,
-                                         _out_ch_bwd_qp_kernel, _output_torch)
+                                         _out_ch_bwd_qp_kernel, _output_torch, pick_bwd_qp=_pick_output_channel_bwd_qp)

@@ -162,8 +162,11 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
     return apply
 
 
-def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, torch_form: Callable):
-    """(Q̂, P [Nc,H,C,K]; Γ; W [Nc,HV,C,K]; U [Nc,HV,C,V]; S [Nc,HV,K,V]) -> O [Nc,HV,C,V] (float32)."""
+def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, torch_form: Callable,
+                      pick_bwd_qp: Callable | None = None):
+    """(Q̂, P [Nc,H,C,K]; Γ; W [Nc,HV,C,K]; U [Nc,HV,C,V]; S [Nc,HV,K,V]) -> O [Nc,HV,C,V] (float32).
+
+    pick_bwd_qp(K), when given, returns the dQ̂/dP/dΓ kernel to launch (chosen per call)."""
 
     class Stage(torch.autograd.Function):
         @staticmethod
@@ -194,7 +197,8 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
                     f"{name}_bwd_state", lambda: bwd_state_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H,
                         num_warps=tuned_warps(f"{name}_bwd_state", warps), **common)) \
-                    and launch_or_fallback(f"{name}_bwd_qp", lambda: bwd_qp_kernel[(Nc, HV)](
+                    and launch_or_fallback(f"{name}_bwd_qp", lambda: (
+                        bwd_qp_kernel if pick_bwd_qp is None else pick_bwd_qp(K))[(Nc, HV)](
                         q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H,
                         num_warps=tuned_warps(f"{name}_bwd_qp", warps), **common)):
                 return _fold_groups(dq, H), _fold_groups(dp, H), dgam, dW, dU, dS, None

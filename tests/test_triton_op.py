@@ -92,13 +92,15 @@ def test_recomputing_wy_in_backward_changes_nothing(monkeypatch, variant):
                                                 ("PDELTA_WY_CHANNEL_BLOCKED", "1", "pkda"),
                                                 ("PDELTA_WY_CHANNEL_BWD_KBLOCKS", "1", "pkda"),
                                                 ("PDELTA_WY_BWD_KBLOCKS", "1", "pgdn"),
+                                                ("PDELTA_OUTPUT_CHANNEL_BWD_KBLOCKS", "1", "pkda"),
                                                 ("PDELTA_STATE_BWD_SPLIT", "0", "pgdn"),
                                                 ("PDELTA_STATE_BWD_SPLIT", "0", "pkda")])
 def test_switchable_kernel_paths_match_reference(flag, value, variant, monkeypatch):
     """Non-default paths give the same op: PDELTA_WY_BLOCKED=0 (opt-out), the WY forward by 63 row steps;
     PDELTA_WY_CHANNEL_BLOCKED=1 (opt-in), PKDA's WY forward in 16-row blocks; PDELTA_WY_CHANNEL_BWD_KBLOCKS=1
-    (opt-in), PKDA's WY backward over key-column blocks, PDELTA_WY_BWD_KBLOCKS=1 PGDN's (K = 12 here: one
-    partial block; see the K = 72 test);
+    (opt-in), PKDA's WY backward over key-column blocks, PDELTA_WY_BWD_KBLOCKS=1 PGDN's,
+    PDELTA_OUTPUT_CHANNEL_BWD_KBLOCKS=1 PKDA's output backward likewise (K = 12 here: one partial block; the
+    K = 72 stage tests cover several);
     PDELTA_STATE_BWD_SPLIT=0 (opt-out), the reverse state pass forms the chunk gradients itself as per-V-block
     partials. Every output and gradient against float64."""
     monkeypatch.setenv(flag, value)
@@ -220,6 +222,31 @@ def test_wy_backward_over_key_blocks_equals_the_whole_k_kernel(decay, K):
         kernel[(Nc, HV)](k, p, v, beta, gamma, T, dW, dU, dPt, dd, dk, dp, dv, dbeta, dgam, H, HV, HV // H,
                          **common)
         outs.append((dk, dp, dv, dbeta, dgam))
+    for a, b in zip(*outs):
+        assert rel_rms(b, a) < 1e-5
+
+
+@pytest.mark.parametrize("K", [72, 16])
+def test_channel_output_backward_over_key_blocks_equals_the_whole_k_kernel(K):
+    """PKDA's dQ̂, dP, dΓ kernel over 32-column blocks of K gives the whole-K kernel's (K = 72: a partial block
+    and an empty one)."""
+    from pdelta_cp.kernels import channel
+    from pdelta_cp.kernels._triton_utils import chunk_tile_config, dot_precision
+
+    gen = torch.Generator().manual_seed(11)
+    Nc, H, HV, C, V = 2, 2, 4, 64, 40
+    q = torch.randn(Nc, H, C, K, generator=gen)
+    p = torch.randn(Nc, H, C, K, generator=gen)
+    gamma = torch.nn.functional.logsigmoid(torch.randn(Nc, HV, C, K, generator=gen) + 2).cumsum(2)
+    W, U = torch.randn(Nc, HV, C, K, generator=gen), torch.randn(Nc, HV, C, V, generator=gen)
+    S, dO = torch.randn(Nc, HV, K, V, generator=gen), torch.randn(Nc, HV, C, V, generator=gen)
+    BK, BV, warps, stages = chunk_tile_config(K, V)
+    outs = []
+    for kernel in (channel._out_ch_bwd_qp_kernel, channel._out_ch_bwd_qp_kblocks_kernel):
+        dq, dp, dgam = torch.empty(Nc, HV, C, K), torch.empty(Nc, HV, C, K), torch.empty_like(gamma)
+        kernel[(Nc, HV)](q, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
+                         PRECISION=dot_precision(), num_warps=warps, num_stages=stages)
+        outs.append((dq, dp, dgam))
     for a, b in zip(*outs):
         assert rel_rms(b, a) < 1e-5
 
