@@ -456,6 +456,8 @@ def _pick_wy_channel_backward(K: int):
 wy_channel_decay = make_wy_stage("wy_channel", _wy_ch_fwd_kernel, _wy_ch_bwd_kernel, _wy_torch,
                                  decay_shape=lambda Nc, HV, K: (Nc, HV, K), pick_fwd=_pick_wy_channel_forward,
                                  pick_bwd=_pick_wy_channel_backward)
+
+
 def _pick_output_channel_bwd_qp(K: int):
     """The whole-K kernel; PDELTA_OUTPUT_CHANNEL_BWD_KBLOCKS=1 the one over key-column blocks (CPU-tested only)."""
     return (_out_ch_bwd_qp_kblocks_kernel if os.environ.get("PDELTA_OUTPUT_CHANNEL_BWD_KBLOCKS") == "1"
