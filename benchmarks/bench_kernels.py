@@ -103,6 +103,19 @@ def measure(name, B, T, H, K, V, warmup, rep):
             "mtok_per_s_fwd_bwd": B * T / fb_ms / 1e3, "peak_gib": peak}
 
 
+def rows_writer(path: str, meta: dict):
+    """emit(row): print the row as JSON and rewrite ``path`` ({**meta, "rows": [...]}) with every row so far, so a
+    run cut by a time limit keeps what it measured."""
+    rows = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(path, "w") as f:
+            json.dump({**meta, "rows": rows}, f, indent=1)
+    return emit
+
+
 def environment():
     info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),

@@ -14,7 +14,6 @@ config's (8 for K = 128).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,7 +21,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import make  # noqa: E402
+from bench_kernels import make, rows_writer  # noqa: E402
 
 from pdelta_cp import precond_delta_rule  # noqa: E402
 from pdelta_cp.kernels._triton_utils import WARPS_SWITCHES as KERNELS  # noqa: E402
@@ -56,14 +55,8 @@ def main() -> None:
     ap.add_argument("--kernels", nargs="*", default=None, help="only these kernel families")
     ap.add_argument("--out", default="warps.json")
     args = ap.parse_args()
-    rows = []
-
-    def emit(row):
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+    emit = rows_writer(args.out, {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                  "command": " ".join(sys.argv)})
 
     for variant in args.variants:
         check_x = make(1, 4096, 4, 128, 128, dtype=torch.float32, seed=1)

@@ -15,7 +15,6 @@ PDELTA_OUTPUT_CHANNEL_BWD_KBLOCKS). Rows are written to --out as they come.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import make  # noqa: E402
+from bench_kernels import make, rows_writer  # noqa: E402
 
 from pdelta_cp import precond_delta_rule  # noqa: E402
 from pdelta_cp.kernels import channel, wy  # noqa: E402
@@ -71,17 +70,10 @@ def main() -> None:
     ap.add_argument("--decay", choices=["scalar", "channel"], default="scalar",
                     help="scalar: PDN/PGDN's kernels (PDELTA_WY_BLOCKED); channel: PKDA's (PDELTA_WY_CHANNEL_BLOCKED)")
     args = ap.parse_args()
-    rows = []
-
-    def emit(row):
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-                       "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
-
     K = V = 128
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1 accuracy check, no timing
+    emit = rows_writer(args.out, {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                                  "torch": torch.__version__, "command": " ".join(sys.argv)})
     channel_decay = args.decay == "channel"
     if channel_decay:
         kernels = {"row": (channel._wy_ch_fwd_kernel, {}), "blocked": (channel._wy_ch_fwd_blocked_kernel, {})}

@@ -18,7 +18,8 @@ from ..chunk.delta import wy_form
 from ..chunk.gram import gram
 from .stages import make_output_stage, make_wy_stage
 from .gram_channel import _rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_upper
-from .wy import _blocked_inverse, _invert_unit_lower, _store_blocked_inverse, _store_blocked_product, _store_blocked_u
+from .wy import (_blocked_l_inverse, _invert_unit_lower, _store_blocked_inverse, _store_blocked_product,
+                 _store_blocked_u, _value_side_backward)
 
 C = 64
 
@@ -53,30 +54,8 @@ def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
         tl.store(U + (vrow + rc[:, None]) * V + cols[None, :], u, mask=mv[None, :])
 
 
-# --- the same forward in 16-row blocks (opt-in: PDELTA_WY_CHANNEL_BLOCKED=1 until a GPU A/B; as the scalar one) ----
-# Off-diagonal blocks of L are one product each, split at the decay just before the row block (both factors' exponents
-# ≤ 0); the diagonal blocks are built column by column as gram_lower does (no split inside a block).
-
-
-@triton.jit
-def _l_block_channel(KH, P, GAM, BETA, krow, vrow, i0, j0, r16, rk, mk, K: tl.constexpr, DIAG: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    """L rows i0.., columns j0.. (16×16): β_i Σ_d k̂_id p_jd e^{Γ_id − Γ_jd}, strictly lower on the diagonal."""
-    a = _rows(KH, krow + i0, r16, rk, mk, K)
-    ga = _rows(GAM, vrow + i0, r16, rk, mk, K)
-    if DIAG:
-        blk = tl.zeros([16, 16], dtype=tl.float32)
-        for jj in range(16):
-            ok = r16 > jj
-            bj = tl.load(P + (krow + j0 + jj) * K + rk, mask=mk, other=0.0)
-            gj = tl.load(GAM + (vrow + j0 + jj) * K + rk, mask=mk, other=0.0)
-            val = tl.sum(a * bj[None, :] * tl.exp(tl.where(ok[:, None], ga - gj[None, :], 0.0)), axis=1)
-            blk = tl.where((r16[None, :] == jj) & ok[:, None], val[:, None], blk)
-    else:
-        ref = tl.load(GAM + (vrow + i0 - 1) * K + rk, mask=mk, other=0.0)
-        right_t = _rows_t(P, krow + j0, r16, rk, mk, K) * tl.exp(ref[:, None] - _rows_t(GAM, vrow + j0, r16, rk, mk, K))
-        blk = tl.dot(a * tl.exp(ga - ref[None, :]), right_t, input_precision=PRECISION)
-    return blk * tl.load(BETA + vrow + i0 + r16)[:, None]
+# --- the same forward in 16-row blocks (opt-in: PDELTA_WY_CHANNEL_BLOCKED=1 until a GPU A/B; as the scalar one,
+# with the per-channel L blocks of wy._l_block_channel) ---------------------------------------------------------------
 
 
 @triton.jit
@@ -91,18 +70,8 @@ def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, 
     r16 = tl.arange(0, 16)
     rk = tl.arange(0, BK)
     mk = rk < K
-    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _blocked_inverse(
-        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 0, 0, r16, rk, mk, K, True, PRECISION),
-        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 16, 16, r16, rk, mk, K, True, PRECISION),
-        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 32, 32, r16, rk, mk, K, True, PRECISION),
-        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 48, 48, r16, rk, mk, K, True, PRECISION),
-        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 16, 0, r16, rk, mk, K, False, PRECISION),
-        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 32, 0, r16, rk, mk, K, False, PRECISION),
-        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 32, 16, r16, rk, mk, K, False, PRECISION),
-        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 48, 0, r16, rk, mk, K, False, PRECISION),
-        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 48, 16, r16, rk, mk, K, False, PRECISION),
-        _l_block_channel(KH, P, GAM, BETA, krow, vrow, 48, 32, r16, rk, mk, K, False, PRECISION), r16, PRECISION,
-        False)
+    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _blocked_l_inverse(KH, P, GAM, BETA, krow, vrow, r16, rk, mk,
+                                                                          K, PRECISION, False, True)
     _store_blocked_inverse(TINV, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, C)
     # W = T (β K̂ ⊙ e^Γ) by row blocks
     _store_blocked_product(
@@ -138,21 +107,7 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     mk = rk < K
     beta = tl.load(BETA + vrow + rc)
     T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
-    dT = tl.zeros([C, C], dtype=tl.float32)
-    dT_t = tl.zeros([C, C], dtype=tl.float32)
-    d_beta = tl.zeros([C], dtype=tl.float32)
-    for v0 in range(0, V, BV):
-        cols = v0 + tl.arange(0, BV)
-        mv = cols < V
-        du = tl.load(DU + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        vv_t = tl.load(VV + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
-        dT += tl.dot(du, vv_t * beta[None, :], input_precision=PRECISION)
-        d_bv = tl.dot(T_t, du, input_precision=PRECISION)
-        vv = tl.load(VV + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        tl.store(DV + (vrow + rc[:, None]) * V + cols[None, :], d_bv * beta[:, None], mask=mv[None, :])
-        d_beta += tl.sum(d_bv * vv, axis=1)
-        du_t = tl.load(DU + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
-        dT_t += tl.dot(vv * beta[:, None], du_t, input_precision=PRECISION)
+    dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, beta, T_t, rc, V, C, BV, PRECISION)
     # Bk = β K̂ ⊙ e^Γ and its transpose, from transposed loads
     ga = _rows(GAM, vrow, rc, rk, mk, K)
     bk_t = _rows_t(KH, krow, rc, rk, mk, K) * tl.exp(_rows_t(GAM, vrow, rc, rk, mk, K)) * beta[None, :]
@@ -211,21 +166,7 @@ def _wy_ch_bwd_kblocks_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     rc = tl.arange(0, C)
     beta = tl.load(BETA + vrow + rc)
     T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
-    dT = tl.zeros([C, C], dtype=tl.float32)
-    dT_t = tl.zeros([C, C], dtype=tl.float32)
-    d_beta = tl.zeros([C], dtype=tl.float32)
-    for v0 in range(0, V, BV):
-        cols = v0 + tl.arange(0, BV)
-        mv = cols < V
-        du = tl.load(DU + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        vv_t = tl.load(VV + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
-        dT += tl.dot(du, vv_t * beta[None, :], input_precision=PRECISION)
-        d_bv = tl.dot(T_t, du, input_precision=PRECISION)
-        vv = tl.load(VV + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        tl.store(DV + (vrow + rc[:, None]) * V + cols[None, :], d_bv * beta[:, None], mask=mv[None, :])
-        d_beta += tl.sum(d_bv * vv, axis=1)
-        du_t = tl.load(DU + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
-        dT_t += tl.dot(vv * beta[:, None], du_t, input_precision=PRECISION)
+    dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, beta, T_t, rc, V, C, BV, PRECISION)
     # phase A: the K sums — dT += dW Bkᵀ, dTᵀ += Bk dWᵀ (Bk = β K̂ ⊙ e^Γ), X = gram_strict(K̂, P, Γ)
     X = tl.zeros([C, C], dtype=tl.float32)
     for k0 in tl.static_range(0, BK, BKC):

@@ -193,12 +193,12 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             dq, dp, dW = torch.empty_like(W), torch.empty_like(W), torch.empty_like(W)
             dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
             common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), num_stages=stages)
+            qp_kernel = bwd_qp_kernel if pick_bwd_qp is None else pick_bwd_qp(K)
             if Nc and not ctx.fallback and launch_or_fallback(
                     f"{name}_bwd_state", lambda: bwd_state_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H,
                         num_warps=tuned_warps(f"{name}_bwd_state", warps), **common)) \
-                    and launch_or_fallback(f"{name}_bwd_qp", lambda: (
-                        bwd_qp_kernel if pick_bwd_qp is None else pick_bwd_qp(K))[(Nc, HV)](
+                    and launch_or_fallback(f"{name}_bwd_qp", lambda: qp_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H,
                         num_warps=tuned_warps(f"{name}_bwd_qp", warps), **common)):
                 return _fold_groups(dq, H), _fold_groups(dp, H), dgam, dW, dU, dS, None

@@ -169,6 +169,57 @@ def _blocked_inverse(L00, L11, L22, L33, L10, L20, L21, L30, L31, L32, r16, PREC
 
 
 @triton.jit
+def _l_block_channel(KH, P, GAM, BETA, krow, vrow, i0, j0, r16, rk, mk, K: tl.constexpr, DIAG: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """L rows i0.., columns j0.. (16×16) for a per-channel decay Γ [C, K]: β_i Σ_d k̂_id p_jd e^{Γ_id − Γ_jd},
+    strictly lower on the diagonal. Off-diagonal blocks are one product split at the decay just before the row
+    block (both exponents ≤ 0); diagonal blocks are built column by column as gram_lower does."""
+    a = _rows(KH, krow + i0, r16, rk, mk, K)
+    ga = _rows(GAM, vrow + i0, r16, rk, mk, K)
+    if DIAG:
+        blk = tl.zeros([16, 16], dtype=tl.float32)
+        for jj in range(16):
+            ok = r16 > jj
+            bj = tl.load(P + (krow + j0 + jj) * K + rk, mask=mk, other=0.0)
+            gj = tl.load(GAM + (vrow + j0 + jj) * K + rk, mask=mk, other=0.0)
+            val = tl.sum(a * bj[None, :] * tl.exp(tl.where(ok[:, None], ga - gj[None, :], 0.0)), axis=1)
+            blk = tl.where((r16[None, :] == jj) & ok[:, None], val[:, None], blk)
+    else:
+        ref = tl.load(GAM + (vrow + i0 - 1) * K + rk, mask=mk, other=0.0)
+        right_t = _rows_t(P, krow + j0, r16, rk, mk, K) * tl.exp(ref[:, None] - _rows_t(GAM, vrow + j0, r16, rk, mk, K))
+        blk = tl.dot(a * tl.exp(ga - ref[None, :]), right_t, input_precision=PRECISION)
+    return blk * tl.load(BETA + vrow + i0 + r16)[:, None]
+
+
+@triton.jit
+def _l_block_of(KH, P, GAM, BETA, krow, vrow, i0, j0, r16, rk, mk, K: tl.constexpr, DIAG: tl.constexpr,
+                PRECISION: tl.constexpr, CHANNEL: tl.constexpr):
+    if CHANNEL:
+        return _l_block_channel(KH, P, GAM, BETA, krow, vrow, i0, j0, r16, rk, mk, K, DIAG, PRECISION)
+    else:
+        return _l_block(KH, P, GAM, BETA, krow, vrow, i0, j0, r16, rk, mk, K, DIAG, PRECISION)
+
+
+@triton.jit
+def _blocked_l_inverse(KH, P, GAM, BETA, krow, vrow, r16, rk, mk, K: tl.constexpr, PRECISION: tl.constexpr,
+                       DOUBLING: tl.constexpr, CHANNEL: tl.constexpr):
+    """The ten 16×16 blocks of (I + L)^-1 (as `_blocked_inverse` orders them), L from a scalar decay Γ [C] or,
+    with CHANNEL, a per-channel one [C, K]."""
+    return _blocked_inverse(
+        _l_block_of(KH, P, GAM, BETA, krow, vrow, 0, 0, r16, rk, mk, K, True, PRECISION, CHANNEL),
+        _l_block_of(KH, P, GAM, BETA, krow, vrow, 16, 16, r16, rk, mk, K, True, PRECISION, CHANNEL),
+        _l_block_of(KH, P, GAM, BETA, krow, vrow, 32, 32, r16, rk, mk, K, True, PRECISION, CHANNEL),
+        _l_block_of(KH, P, GAM, BETA, krow, vrow, 48, 48, r16, rk, mk, K, True, PRECISION, CHANNEL),
+        _l_block_of(KH, P, GAM, BETA, krow, vrow, 16, 0, r16, rk, mk, K, False, PRECISION, CHANNEL),
+        _l_block_of(KH, P, GAM, BETA, krow, vrow, 32, 0, r16, rk, mk, K, False, PRECISION, CHANNEL),
+        _l_block_of(KH, P, GAM, BETA, krow, vrow, 32, 16, r16, rk, mk, K, False, PRECISION, CHANNEL),
+        _l_block_of(KH, P, GAM, BETA, krow, vrow, 48, 0, r16, rk, mk, K, False, PRECISION, CHANNEL),
+        _l_block_of(KH, P, GAM, BETA, krow, vrow, 48, 16, r16, rk, mk, K, False, PRECISION, CHANNEL),
+        _l_block_of(KH, P, GAM, BETA, krow, vrow, 48, 32, r16, rk, mk, K, False, PRECISION, CHANNEL), r16, PRECISION,
+        DOUBLING)
+
+
+@triton.jit
 def _store_blocked_inverse(TINV, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, C: tl.constexpr):
     """Write the [C, C] inverse (zeros above the diagonal blocks) for the backward."""
     zero = tl.zeros([16, 16], dtype=tl.float32)
@@ -235,17 +286,8 @@ def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
     r16 = tl.arange(0, 16)
     rk = tl.arange(0, BK)
     mk = rk < K
-    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _blocked_inverse(
-        _l_block(KH, P, GAM, BETA, krow, vrow, 0, 0, r16, rk, mk, K, True, PRECISION),
-        _l_block(KH, P, GAM, BETA, krow, vrow, 16, 16, r16, rk, mk, K, True, PRECISION),
-        _l_block(KH, P, GAM, BETA, krow, vrow, 32, 32, r16, rk, mk, K, True, PRECISION),
-        _l_block(KH, P, GAM, BETA, krow, vrow, 48, 48, r16, rk, mk, K, True, PRECISION),
-        _l_block(KH, P, GAM, BETA, krow, vrow, 16, 0, r16, rk, mk, K, False, PRECISION),
-        _l_block(KH, P, GAM, BETA, krow, vrow, 32, 0, r16, rk, mk, K, False, PRECISION),
-        _l_block(KH, P, GAM, BETA, krow, vrow, 32, 16, r16, rk, mk, K, False, PRECISION),
-        _l_block(KH, P, GAM, BETA, krow, vrow, 48, 0, r16, rk, mk, K, False, PRECISION),
-        _l_block(KH, P, GAM, BETA, krow, vrow, 48, 16, r16, rk, mk, K, False, PRECISION),
-        _l_block(KH, P, GAM, BETA, krow, vrow, 48, 32, r16, rk, mk, K, False, PRECISION), r16, PRECISION, DOUBLING)
+    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _blocked_l_inverse(KH, P, GAM, BETA, krow, vrow, r16, rk, mk,
+                                                                          K, PRECISION, DOUBLING, False)
     _store_blocked_inverse(TINV, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, C)
     # W = T diag(β e^Γ) K̂ by row blocks
     be0 = tl.load(BETA + vrow + r16) * tl.exp(tl.load(GAM + vrow + r16))
@@ -265,6 +307,29 @@ def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
     tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], pp * tl.exp(g_end - gam)[:, None], mask=mk[None, :])
     tl.store(DEC + i_c64 * HV + i_h, tl.exp(g_end))
     _store_blocked_u(VV, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, V, BV, PRECISION)
+
+
+@triton.jit
+def _value_side_backward(DU, VV, DV, vrow, beta, T_t, rc, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """The U = T Bv part of a WY backward (Bv = diag(β) V), V in tiles: writes dV = β ⊙ Tᵀ dU and returns the
+    starts of dT (dU Bvᵀ), dTᵀ (Bv dUᵀ) and dβ (rowsum of Tᵀ dU ⊙ V)."""
+    dT = tl.zeros([C, C], dtype=tl.float32)
+    dT_t = tl.zeros([C, C], dtype=tl.float32)
+    d_beta = tl.zeros([C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        mv = cols < V
+        du = tl.load(DU + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        vv_t = tl.load(VV + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+        dT += tl.dot(du, vv_t * beta[None, :], input_precision=PRECISION)
+        d_bv = tl.dot(T_t, du, input_precision=PRECISION)
+        vv = tl.load(VV + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        tl.store(DV + (vrow + rc[:, None]) * V + cols[None, :], d_bv * beta[:, None], mask=mv[None, :])
+        d_beta += tl.sum(d_bv * vv, axis=1)
+        du_t = tl.load(DU + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+        dT_t += tl.dot(vv * beta[:, None], du_t, input_precision=PRECISION)
+    return dT, dT_t, d_beta
 
 
 @triton.jit
@@ -291,21 +356,7 @@ def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     g_end = tl.sum(tl.where(rc == C - 1, gam, 0.0), axis=0)
     T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
     # value side: dBv = Tᵀ dU -> dV, dβ; dT = dU Bvᵀ (+ dW Bkᵀ below) and dTᵀ = Bv dUᵀ (+ Bk dWᵀ)
-    dT = tl.zeros([C, C], dtype=tl.float32)
-    dT_t = tl.zeros([C, C], dtype=tl.float32)
-    d_beta = tl.zeros([C], dtype=tl.float32)
-    for v0 in range(0, V, BV):
-        cols = v0 + tl.arange(0, BV)
-        mv = cols < V
-        du = tl.load(DU + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        vv_t = tl.load(VV + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
-        dT += tl.dot(du, vv_t * beta[None, :], input_precision=PRECISION)
-        d_bv = tl.dot(T_t, du, input_precision=PRECISION)
-        vv = tl.load(VV + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        tl.store(DV + (vrow + rc[:, None]) * V + cols[None, :], d_bv * beta[:, None], mask=mv[None, :])
-        d_beta += tl.sum(d_bv * vv, axis=1)
-        du_t = tl.load(DU + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
-        dT_t += tl.dot(vv * beta[:, None], du_t, input_precision=PRECISION)
+    dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, beta, T_t, rc, V, C, BV, PRECISION)
     dT += tl.dot(_rows(DW, vrow, rc, rk, mk, K), _rows_t(KH, krow, rc, rk, mk, K) * be[None, :],
                  input_precision=PRECISION)
     dT_t += tl.dot(_rows(KH, krow, rc, rk, mk, K) * be[:, None], _rows_t(DW, vrow, rc, rk, mk, K),
@@ -370,21 +421,7 @@ def _wy_bwd_kblocks_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     be = beta * eg
     g_end = tl.sum(tl.where(rc == C - 1, gam, 0.0), axis=0)
     T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
-    dT = tl.zeros([C, C], dtype=tl.float32)
-    dT_t = tl.zeros([C, C], dtype=tl.float32)
-    d_beta = tl.zeros([C], dtype=tl.float32)
-    for v0 in range(0, V, BV):
-        cols = v0 + tl.arange(0, BV)
-        mv = cols < V
-        du = tl.load(DU + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        vv_t = tl.load(VV + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
-        dT += tl.dot(du, vv_t * beta[None, :], input_precision=PRECISION)
-        d_bv = tl.dot(T_t, du, input_precision=PRECISION)
-        vv = tl.load(VV + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        tl.store(DV + (vrow + rc[:, None]) * V + cols[None, :], d_bv * beta[:, None], mask=mv[None, :])
-        d_beta += tl.sum(d_bv * vv, axis=1)
-        du_t = tl.load(DU + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
-        dT_t += tl.dot(vv * beta[:, None], du_t, input_precision=PRECISION)
+    dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, beta, T_t, rc, V, C, BV, PRECISION)
     kp = tl.zeros([C, C], dtype=tl.float32)
     pk_t = tl.zeros([C, C], dtype=tl.float32)  # formed by its own products: never a transposed dot result
     for k0 in tl.static_range(0, BK, BKC):

@@ -12,6 +12,17 @@ from pdelta_cp.testing import make_inputs, outputs_and_grads, rel_rms  # noqa: E
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def assert_triton_matches_float64(inp: dict) -> None:
+    """The Triton op's outputs (final states included) and every input gradient against the float64 reference."""
+    ref_inp = {n: t.detach().double().requires_grad_(True) for n, t in inp.items()}
+    ref_out, ref_grads = outputs_and_grads(naive_precond_delta_rule, ref_inp, output_final_state=True)
+    out, grads = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    tol = 2e-5 if DEVICE == "cpu" else 5e-3
+    assert all(rel_rms(a, b) < tol for a, b in zip(out, ref_out))
+    assert all(rel_rms(grads[n], ref_grads[n]) < 10 * tol for n in grads), {
+        n: rel_rms(grads[n], ref_grads[n]) for n in grads}
+
+
 @pytest.mark.parametrize("variant", ["pdn", "pgdn", "pkda"])
 @pytest.mark.parametrize("cu,K,V", [(None, 16, 16), ([0, 5, 150, 200], 12, 72)],
                          ids=["fixed", "varlen_odd_KV_two_V_blocks"])  # V=72: blocks of 64, the second masked
@@ -105,13 +116,7 @@ def test_switchable_kernel_paths_match_reference(flag, value, variant, monkeypat
     partials. Every output and gradient against float64."""
     monkeypatch.setenv(flag, value)
     inp = make_inputs(T=150, H=2, HV=4, K=12, V=72, variant=variant, dtype=torch.float32, device=DEVICE)
-    ref_inp = {n: t.detach().double().requires_grad_(True) for n, t in inp.items()}
-    ref_out, ref_grads = outputs_and_grads(naive_precond_delta_rule, ref_inp, output_final_state=True)
-    out, grads = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
-    tol = 2e-5 if DEVICE == "cpu" else 5e-3
-    assert all(rel_rms(a, b) < tol for a, b in zip(out, ref_out))
-    assert all(rel_rms(grads[n], ref_grads[n]) < 10 * tol for n in grads), {
-        n: rel_rms(grads[n], ref_grads[n]) for n in grads}
+    assert_triton_matches_float64(inp)
 
 
 @pytest.mark.parametrize("doubling", [False, True])
@@ -272,13 +277,7 @@ def test_wy_forward_choice(monkeypatch):
 def test_keys_above_128_take_the_row_forward_and_match_reference():
     """K = 136 (tiles of 256): the op through the row WY forward, every output and gradient against float64."""
     inp = make_inputs(T=70, H=1, HV=1, K=136, V=24, variant="pgdn", dtype=torch.float32, device=DEVICE)
-    ref_inp = {n: t.detach().double().requires_grad_(True) for n, t in inp.items()}
-    ref_out, ref_grads = outputs_and_grads(naive_precond_delta_rule, ref_inp, output_final_state=True)
-    out, grads = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
-    tol = 2e-5 if DEVICE == "cpu" else 5e-3
-    assert all(rel_rms(a, b) < tol for a, b in zip(out, ref_out))
-    assert all(rel_rms(grads[n], ref_grads[n]) < 10 * tol for n in grads), {
-        n: rel_rms(grads[n], ref_grads[n]) for n in grads}
+    assert_triton_matches_float64(inp)
 
 
 def test_tuned_warps_switch(monkeypatch):
