@@ -5,12 +5,12 @@
 Stage level (Nc = T/64 chunks, H = HV = 16, K = V = 128): the row-substitution kernel and the 16-row blocked
 kernel (PDELTA_WY_BLOCKED=1) with its diagonal blocks by substitution or by doubling products, each at 4 and
 8 warps; W, U, P̃, d and the inverse T compared with the PyTorch
-form in float64 (relative RMS). --decay channel: PKDA's row and blocked kernels (PDELTA_WY_CHANNEL_BLOCKED).
+form in float64 (relative RMS). --decay channel: PKDA's row kernel at 4 and 8 warps.
 Op level, in the same process (bf16 inputs as in bench_kernels.py): PGDN forward+backward with the row forward
-(PDELTA_WY_BLOCKED=0), the blocked default, and the default with the WY backward over key-column blocks
-(PDELTA_WY_BWD_KBLOCKS); or PKDA with each combination of its opt-ins (blocked forward,
-backward over key-column blocks: PDELTA_WY_CHANNEL_BWD_KBLOCKS, output backward likewise:
-PDELTA_OUTPUT_CHANNEL_BWD_KBLOCKS). Rows are written to --out as they come.
+(PDELTA_WY_BLOCKED=0) and the blocked default; or PKDA at its default (4 warps) and with the WY forward at 8
+(PDELTA_WARPS_WY_CHANNEL_FWD=8). Rows are written to --out as they come.
+(Session g, H100: PKDA's blocked WY forward, both WY backwards over key-column blocks and PKDA's output backward
+over key-column blocks were measured here and removed: no faster, or slower, and PGDN's failed on the GPU.)
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--out", default="wy_ab.json")
     ap.add_argument("--op-only", action="store_true", help="skip the stage-level rows")
     ap.add_argument("--decay", choices=["scalar", "channel"], default="scalar",
-                    help="scalar: PDN/PGDN's kernels (PDELTA_WY_BLOCKED); channel: PKDA's (PDELTA_WY_CHANNEL_BLOCKED)")
+                    help="scalar: PDN/PGDN's kernels (PDELTA_WY_BLOCKED); channel: PKDA's")
     args = ap.parse_args()
     K = V = 128
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1 accuracy check, no timing
@@ -76,16 +76,14 @@ def main() -> None:
                                   "torch": torch.__version__, "command": " ".join(sys.argv)})
     channel_decay = args.decay == "channel"
     if channel_decay:
-        kernels = {"row": (channel._wy_ch_fwd_kernel, {}), "blocked": (channel._wy_ch_fwd_blocked_kernel, {})}
+        kernels = {"row": (channel._wy_ch_fwd_kernel, {})}
         torch_form, op, gate = channel._wy_torch, "pkda", "gk"
-        settings = [{}, {"PDELTA_WY_CHANNEL_BLOCKED": "1"}, {"PDELTA_WY_CHANNEL_BWD_KBLOCKS": "1"},
-                    {"PDELTA_OUTPUT_CHANNEL_BWD_KBLOCKS": "1"},
-                    {"PDELTA_WY_CHANNEL_BLOCKED": "1", "PDELTA_WY_CHANNEL_BWD_KBLOCKS": "1"}]
+        settings = [{}, {"PDELTA_WARPS_WY_CHANNEL_FWD": "8"}]
     else:
         kernels = {"row": (wy._wy_fwd_kernel, {}), "blocked": (wy._wy_fwd_blocked_kernel, {}),
                    "blocked-doubling": (wy._wy_fwd_blocked_kernel, {"DOUBLING": True})}
         torch_form, op, gate = wy._wy_torch, "pgdn", "g"
-        settings = [{"PDELTA_WY_BLOCKED": "0"}, {}, {"PDELTA_WY_BWD_KBLOCKS": "1"}]
+        settings = [{"PDELTA_WY_BLOCKED": "0"}, {}]
     for T in [] if args.op_only else args.T:
         inputs = stage_inputs(T // C, args.H, K, V, device, per_channel=channel_decay)
         ref = torch_form(*(t.double() for t in inputs))

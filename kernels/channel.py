@@ -8,8 +8,6 @@ the decay gradient is dΓ = a ⊙ da − b ⊙ db.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton  # noqa: F401  (triton.jit)
 import triton.language as tl
@@ -18,8 +16,7 @@ from ..chunk.delta import wy_form
 from ..chunk.gram import gram
 from .stages import make_output_stage, make_wy_stage
 from .gram_channel import _rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_upper
-from .wy import (_blocked_l_inverse, _invert_unit_lower, _store_blocked_inverse, _store_blocked_product,
-                 _store_blocked_u, _value_side_backward)
+from .wy import _invert_unit_lower, _value_side_backward
 
 C = 64
 
@@ -52,45 +49,6 @@ def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
         vv = tl.load(VV + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
         u = tl.dot(T, vv * beta[:, None], input_precision=PRECISION)
         tl.store(U + (vrow + rc[:, None]) * V + cols[None, :], u, mask=mv[None, :])
-
-
-# --- the same forward in 16-row blocks (opt-in: PDELTA_WY_CHANNEL_BLOCKED=1 until a GPU A/B; as the scalar one,
-# with the per-channel L blocks of wy._l_block_channel) ---------------------------------------------------------------
-
-
-@triton.jit
-def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
-                              K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                              BV: tl.constexpr, PRECISION: tl.constexpr):
-    tl.static_assert(C == 64, "four row blocks of 16")
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_c64 = i_c.to(tl.int64)
-    krow = (i_c64 * H + i_h // G) * C
-    vrow = (i_c64 * HV + i_h) * C
-    r16 = tl.arange(0, 16)
-    rk = tl.arange(0, BK)
-    mk = rk < K
-    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _blocked_l_inverse(KH, P, GAM, BETA, krow, vrow, r16, rk, mk,
-                                                                          K, PRECISION, False, True)
-    _store_blocked_inverse(TINV, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, C)
-    # W = T (β K̂ ⊙ e^Γ) by row blocks
-    _store_blocked_product(
-        W, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33,
-        _rows(KH, krow, r16, rk, mk, K) * tl.exp(_rows(GAM, vrow, r16, rk, mk, K))
-        * tl.load(BETA + vrow + r16)[:, None],
-        _rows(KH, krow + 16, r16, rk, mk, K) * tl.exp(_rows(GAM, vrow + 16, r16, rk, mk, K))
-        * tl.load(BETA + vrow + 16 + r16)[:, None],
-        _rows(KH, krow + 32, r16, rk, mk, K) * tl.exp(_rows(GAM, vrow + 32, r16, rk, mk, K))
-        * tl.load(BETA + vrow + 32 + r16)[:, None],
-        _rows(KH, krow + 48, r16, rk, mk, K) * tl.exp(_rows(GAM, vrow + 48, r16, rk, mk, K))
-        * tl.load(BETA + vrow + 48 + r16)[:, None], r16, rk, mk, K, PRECISION)
-    # P̃ = P ⊙ e^{Γ_C − Γ}, d = e^{Γ_C}
-    rc = tl.arange(0, C)
-    g_end = tl.load(GAM + (vrow + C - 1) * K + rk, mask=mk, other=0.0)
-    p_t = _rows(P, krow, rc, rk, mk, K) * tl.exp(g_end[None, :] - _rows(GAM, vrow, rc, rk, mk, K))
-    tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], p_t, mask=mk[None, :])
-    tl.store(DEC + (i_c64 * HV + i_h) * K + rk, tl.exp(g_end), mask=mk)
-    _store_blocked_u(VV, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, V, BV, PRECISION)
 
 
 @triton.jit
@@ -145,74 +103,6 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     tl.store(DP + (vrow + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
     tl.store(DBETA + vrow + rc, d_beta)
     tl.store(DGAM + (vrow + rc[:, None]) * K + rk[None, :], d_gam, mask=mk[None, :])
-
-
-# --- the same backward over column blocks of K (opt-in: PDELTA_WY_CHANNEL_BWD_KBLOCKS=1 until a GPU A/B) ---------
-# The kernel above holds five or six [C, K] float32 tiles at once and spills (ptxas at K = 128, sm_90, 8 warps:
-# 6 KB per thread; 17 ms per 32K-token call on an H200). Every [C, K] quantity here is separable by key column
-# once the [C, C] matrices dT, dTᵀ and X (sums over K) are known: phase A accumulates those over column blocks,
-# phase B forms dK̂, dP, dΓ one column block at a time.
-
-
-@triton.jit
-def _wy_ch_bwd_kblocks_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
-                              DK, DP, DV, DBETA, DGAM, H, HV, G,
-                              K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                              PRECISION: tl.constexpr, BKC: tl.constexpr = 16):
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_c64 = i_c.to(tl.int64)
-    krow = (i_c64 * H + i_h // G) * C
-    vrow = (i_c64 * HV + i_h) * C
-    rc = tl.arange(0, C)
-    beta = tl.load(BETA + vrow + rc)
-    T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
-    dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, beta, T_t, rc, V, C, BV, PRECISION)
-    # phase A: the K sums — dT += dW Bkᵀ, dTᵀ += Bk dWᵀ (Bk = β K̂ ⊙ e^Γ), X = gram_strict(K̂, P, Γ)
-    X = tl.zeros([C, C], dtype=tl.float32)
-    for k0 in tl.static_range(0, BK, BKC):
-        rk = k0 + tl.arange(0, BKC)
-        mk = rk < K
-        bk_t = _rows_t(KH, krow, rc, rk, mk, K) * tl.exp(_rows_t(GAM, vrow, rc, rk, mk, K)) * beta[None, :]
-        dT += tl.dot(_rows(DW, vrow, rc, rk, mk, K), bk_t, input_precision=PRECISION)
-        bk = _rows(KH, krow, rc, rk, mk, K) * tl.exp(_rows(GAM, vrow, rc, rk, mk, K)) * beta[:, None]
-        dT_t += tl.dot(bk, _rows_t(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
-        X += gram_lower(KH, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, True, PRECISION)
-    strict = rc[:, None] > rc[None, :]
-    dL = tl.where(strict, -tl.dot(tl.dot(T_t, dT, input_precision=PRECISION), T_t, input_precision=PRECISION), 0.0)
-    T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
-    dL_t = tl.where(rc[:, None] < rc[None, :],
-                    -tl.dot(tl.dot(T, dT_t, input_precision=PRECISION), T, input_precision=PRECISION), 0.0)
-    d_beta += tl.sum(tl.where(strict, dL * X, 0.0), axis=1)
-    dLb = dL * beta[:, None]
-    dLb_t = dL_t * beta[None, :]
-    # phase B: per column block, dK̂, dP, dΓ
-    for k0 in tl.static_range(0, BK, BKC):
-        rk = k0 + tl.arange(0, BKC)
-        mk = rk < K
-        ga = _rows(GAM, vrow, rc, rk, mk, K)
-        kk_e = _rows(KH, krow, rc, rk, mk, K) * tl.exp(ga)
-        d_bk = tl.dot(T_t, _rows(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
-        d_beta += tl.sum(d_bk * kk_e, axis=1)
-        d_gam = d_bk * kk_e * beta[:, None]
-        d_k_gram = gram_apply_lower(dLb, P, krow, GAM, vrow, rc, rk, mk, K, C, BKC, True, PRECISION)
-        tl.store(DK + (vrow + rc[:, None]) * K + rk[None, :], d_bk * tl.exp(ga) * beta[:, None] + d_k_gram,
-                 mask=mk[None, :])
-        d_gam += _rows(KH, krow, rc, rk, mk, K) * d_k_gram
-        d_p = gram_apply_upper(dLb_t, KH, krow, GAM, vrow, rc, rk, mk, K, C, BKC, True, PRECISION)
-        pp = _rows(P, krow, rc, rk, mk, K)
-        d_gam -= pp * d_p
-        # P̃ = P ⊙ e^{Γ_C − Γ}, d = e^{Γ_C}
-        g_end = tl.load(GAM + (vrow + C - 1) * K + rk, mask=mk, other=0.0)
-        scale_end = tl.exp(g_end[None, :] - ga)
-        dpt = _rows(DPT, vrow, rc, rk, mk, K)
-        d_p += dpt * scale_end
-        t = dpt * pp * scale_end
-        d_gam -= t
-        d_end = tl.sum(t, axis=0) + tl.load(DDEC + (i_c64 * HV + i_h) * K + rk, mask=mk, other=0.0) * tl.exp(g_end)
-        d_gam += tl.where(rc[:, None] == C - 1, d_end[None, :], 0.0)
-        tl.store(DP + (vrow + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
-        tl.store(DGAM + (vrow + rc[:, None]) * K + rk[None, :], d_gam, mask=mk[None, :])
-    tl.store(DBETA + vrow + rc, d_beta)
 
 
 @triton.jit
@@ -314,59 +204,6 @@ def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, H, HV, G,
     tl.store(DGAM + (vrow + rc[:, None]) * K + rk[None, :], d_gam, mask=mk[None, :])
 
 
-@triton.jit
-def _out_ch_bwd_qp_kblocks_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, H, HV, G,
-                                  K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                                  BV: tl.constexpr, PRECISION: tl.constexpr, BKC: tl.constexpr = 32):
-    """The kernel above over 32-column blocks of K (opt-in: PDELTA_OUTPUT_CHANNEL_BWD_KBLOCKS=1 until a GPU A/B):
-    dA, dAᵀ over V blocks first (Δ = U − W S summed over key blocks), then per key block dO Sᵀ and the Gram
-    gradients — no [C, K] float32 tile is held (ptxas, K = 128: the whole-K kernel spills 2.2 KB per thread)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_c64 = i_c.to(tl.int64)
-    krow = (i_c64 * H + i_h // G) * C
-    vrow = (i_c64 * HV + i_h) * C
-    srow = (i_c64 * HV + i_h) * K
-    rc = tl.arange(0, C)
-    dA = tl.zeros([C, C], dtype=tl.float32)
-    dA_t = tl.zeros([C, C], dtype=tl.float32)
-    for v0 in range(0, V, BV):
-        cols = v0 + tl.arange(0, BV)
-        mv = cols < V
-        delta = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        delta_t = tl.load(U + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
-        for k0 in tl.static_range(0, BK, BKC):
-            rk = k0 + tl.arange(0, BKC)
-            mk = rk < K
-            s = tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-            s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
-            delta -= tl.dot(_rows(W, vrow, rc, rk, mk, K), s, input_precision=PRECISION)
-            delta_t -= tl.dot(s_t, _rows_t(W, vrow, rc, rk, mk, K), input_precision=PRECISION)
-        do = tl.load(DO + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        do_t = tl.load(DO + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
-        dA += tl.dot(do, delta_t, input_precision=PRECISION)
-        dA_t += tl.dot(delta, do_t, input_precision=PRECISION)
-    dA = tl.where(rc[:, None] >= rc[None, :], dA, 0.0)
-    dA_t = tl.where(rc[:, None] <= rc[None, :], dA_t, 0.0)
-    for k0 in tl.static_range(0, BK, BKC):
-        rk = k0 + tl.arange(0, BKC)
-        mk = rk < K
-        d_q = tl.zeros([C, BKC], dtype=tl.float32)  # dO Sᵀ for this key block
-        for v0 in range(0, V, BV):
-            cols = v0 + tl.arange(0, BV)
-            mv = cols < V
-            do = tl.load(DO + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-            s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
-            d_q += tl.dot(do, s_t, input_precision=PRECISION)
-        eg = tl.exp(_rows(GAM, vrow, rc, rk, mk, K))
-        q = _rows(Q, krow, rc, rk, mk, K)
-        d_q_gram = gram_apply_lower(dA, P, krow, GAM, vrow, rc, rk, mk, K, C, BKC, False, PRECISION)
-        tl.store(DQ + (vrow + rc[:, None]) * K + rk[None, :], d_q * eg + d_q_gram, mask=mk[None, :])
-        d_p = gram_apply_upper(dA_t, Q, krow, GAM, vrow, rc, rk, mk, K, C, BKC, False, PRECISION)
-        tl.store(DP + (vrow + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
-        d_gam = d_q * q * eg + q * d_q_gram - _rows(P, krow, rc, rk, mk, K) * d_p
-        tl.store(DGAM + (vrow + rc[:, None]) * K + rk[None, :], d_gam, mask=mk[None, :])
-
-
 def _per_value_head(t, G):
     return t.repeat_interleave(G, dim=1) if G > 1 else t
 
@@ -383,27 +220,12 @@ def _output_torch(q_hat, p, gamma, W, U, S):
 
 
 def _pick_wy_channel_forward(K: int):
-    """The row kernel; PDELTA_WY_CHANNEL_BLOCKED=1 (K <= 128) the 16-row blocked one at 4 warps (CPU-tested only)."""
-    if os.environ.get("PDELTA_WY_CHANNEL_BLOCKED") == "1" and K <= 128:
-        return _wy_ch_fwd_blocked_kernel, 4
-    return _wy_ch_fwd_kernel, None
-
-
-def _pick_wy_channel_backward(K: int):
-    """The whole-K kernel; PDELTA_WY_CHANNEL_BWD_KBLOCKS=1 the one over key-column blocks (CPU-tested only)."""
-    return _wy_ch_bwd_kblocks_kernel if os.environ.get("PDELTA_WY_CHANNEL_BWD_KBLOCKS") == "1" else _wy_ch_bwd_kernel
+    """The row kernel at 4 warps up to K = 128 (H100, Triton 3.6: 5.8 ms against 6.5 ms at 8 warps per 32K-token
+    call, benchmarks/wy_forward_ab.py); the tile config's warps for larger keys, not measured at 4."""
+    return _wy_ch_fwd_kernel, (4 if K <= 128 else None)
 
 
 wy_channel_decay = make_wy_stage("wy_channel", _wy_ch_fwd_kernel, _wy_ch_bwd_kernel, _wy_torch,
-                                 decay_shape=lambda Nc, HV, K: (Nc, HV, K), pick_fwd=_pick_wy_channel_forward,
-                                 pick_bwd=_pick_wy_channel_backward)
-
-
-def _pick_output_channel_bwd_qp(K: int):
-    """The whole-K kernel; PDELTA_OUTPUT_CHANNEL_BWD_KBLOCKS=1 the one over key-column blocks (CPU-tested only)."""
-    return (_out_ch_bwd_qp_kblocks_kernel if os.environ.get("PDELTA_OUTPUT_CHANNEL_BWD_KBLOCKS") == "1"
-            else _out_ch_bwd_qp_kernel)
-
-
+                                 decay_shape=lambda Nc, HV, K: (Nc, HV, K), pick_fwd=_pick_wy_channel_forward)
 output_channel_decay = make_output_stage("output_channel", _out_ch_fwd_kernel, _out_ch_bwd_state_kernel,
-                                         _out_ch_bwd_qp_kernel, _output_torch, pick_bwd_qp=_pick_output_channel_bwd_qp)
+                                         _out_ch_bwd_qp_kernel, _output_torch)

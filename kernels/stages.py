@@ -103,13 +103,12 @@ def _fold_groups(t: torch.Tensor, H: int) -> torch.Tensor:
 
 
 def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay_shape: Callable,
-                  kernel_backward: Callable[[], bool] = lambda: True, pick_fwd: Callable | None = None,
-                  pick_bwd: Callable | None = None):
+                  kernel_backward: Callable[[], bool] = lambda: True, pick_fwd: Callable | None = None):
     """(K̂, P [Nc,H,C,K]; V [Nc,HV,C,V]; β [Nc,HV,C]; Γ) -> (W, U, P̃, d) as float32 tensors.
 
     decay_shape(Nc, HV, K) gives d's shape; kernel_backward() says whether to use ``bwd_kernel``;
     pick_fwd(K), when given, returns (forward kernel, its num_warps or None for the tile config's), chosen per
-    call (by the key size, or an env switch); pick_bwd(K) likewise returns the backward kernel.
+    call (by the key size, or an env switch).
     """
 
     class Stage(torch.autograd.Function):
@@ -143,8 +142,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
                 dk, dp = torch.empty_like(z[0]), torch.empty_like(z[0])
                 dv, dbeta, dgam = torch.empty_like(v, dtype=torch.float32), torch.empty_like(beta), torch.empty_like(
                     gamma)
-                kernel = bwd_kernel if pick_bwd is None else pick_bwd(K)
-                if launch_or_fallback(f"{name}_bwd", lambda: kernel[(Nc, HV)](
+                if launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
                         k_hat, p, v, beta, gamma, T, *z, dk, dp, dv, dbeta, dgam, H, HV, HV // H, K=K, V=V, C=C,
                         BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=tuned_warps(f"{name}_bwd", warps),
                         num_stages=stages)):
@@ -162,11 +160,8 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
     return apply
 
 
-def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, torch_form: Callable,
-                      pick_bwd_qp: Callable | None = None):
-    """(Q̂, P [Nc,H,C,K]; Γ; W [Nc,HV,C,K]; U [Nc,HV,C,V]; S [Nc,HV,K,V]) -> O [Nc,HV,C,V] (float32).
-
-    pick_bwd_qp(K), when given, returns the dQ̂/dP/dΓ kernel to launch (chosen per call)."""
+def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, torch_form: Callable):
+    """(Q̂, P [Nc,H,C,K]; Γ; W [Nc,HV,C,K]; U [Nc,HV,C,V]; S [Nc,HV,K,V]) -> O [Nc,HV,C,V] (float32)."""
 
     class Stage(torch.autograd.Function):
         @staticmethod
@@ -193,12 +188,11 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             dq, dp, dW = torch.empty_like(W), torch.empty_like(W), torch.empty_like(W)
             dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
             common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), num_stages=stages)
-            qp_kernel = bwd_qp_kernel if pick_bwd_qp is None else pick_bwd_qp(K)
             if Nc and not ctx.fallback and launch_or_fallback(
                     f"{name}_bwd_state", lambda: bwd_state_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H,
                         num_warps=tuned_warps(f"{name}_bwd_state", warps), **common)) \
-                    and launch_or_fallback(f"{name}_bwd_qp", lambda: qp_kernel[(Nc, HV)](
+                    and launch_or_fallback(f"{name}_bwd_qp", lambda: bwd_qp_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H,
                         num_warps=tuned_warps(f"{name}_bwd_qp", warps), **common)):
                 return _fold_groups(dq, H), _fold_groups(dp, H), dgam, dW, dU, dS, None

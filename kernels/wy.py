@@ -169,53 +169,20 @@ def _blocked_inverse(L00, L11, L22, L33, L10, L20, L21, L30, L31, L32, r16, PREC
 
 
 @triton.jit
-def _l_block_channel(KH, P, GAM, BETA, krow, vrow, i0, j0, r16, rk, mk, K: tl.constexpr, DIAG: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    """L rows i0.., columns j0.. (16×16) for a per-channel decay Γ [C, K]: β_i Σ_d k̂_id p_jd e^{Γ_id − Γ_jd},
-    strictly lower on the diagonal. Off-diagonal blocks are one product split at the decay just before the row
-    block (both exponents ≤ 0); diagonal blocks are built column by column as gram_lower does."""
-    a = _rows(KH, krow + i0, r16, rk, mk, K)
-    ga = _rows(GAM, vrow + i0, r16, rk, mk, K)
-    if DIAG:
-        blk = tl.zeros([16, 16], dtype=tl.float32)
-        for jj in range(16):
-            ok = r16 > jj
-            bj = tl.load(P + (krow + j0 + jj) * K + rk, mask=mk, other=0.0)
-            gj = tl.load(GAM + (vrow + j0 + jj) * K + rk, mask=mk, other=0.0)
-            val = tl.sum(a * bj[None, :] * tl.exp(tl.where(ok[:, None], ga - gj[None, :], 0.0)), axis=1)
-            blk = tl.where((r16[None, :] == jj) & ok[:, None], val[:, None], blk)
-    else:
-        ref = tl.load(GAM + (vrow + i0 - 1) * K + rk, mask=mk, other=0.0)
-        right_t = _rows_t(P, krow + j0, r16, rk, mk, K) * tl.exp(ref[:, None] - _rows_t(GAM, vrow + j0, r16, rk, mk, K))
-        blk = tl.dot(a * tl.exp(ga - ref[None, :]), right_t, input_precision=PRECISION)
-    return blk * tl.load(BETA + vrow + i0 + r16)[:, None]
-
-
-@triton.jit
-def _l_block_of(KH, P, GAM, BETA, krow, vrow, i0, j0, r16, rk, mk, K: tl.constexpr, DIAG: tl.constexpr,
-                PRECISION: tl.constexpr, CHANNEL: tl.constexpr):
-    if CHANNEL:
-        return _l_block_channel(KH, P, GAM, BETA, krow, vrow, i0, j0, r16, rk, mk, K, DIAG, PRECISION)
-    else:
-        return _l_block(KH, P, GAM, BETA, krow, vrow, i0, j0, r16, rk, mk, K, DIAG, PRECISION)
-
-
-@triton.jit
 def _blocked_l_inverse(KH, P, GAM, BETA, krow, vrow, r16, rk, mk, K: tl.constexpr, PRECISION: tl.constexpr,
-                       DOUBLING: tl.constexpr, CHANNEL: tl.constexpr):
-    """The ten 16×16 blocks of (I + L)^-1 (as `_blocked_inverse` orders them), L from a scalar decay Γ [C] or,
-    with CHANNEL, a per-channel one [C, K]."""
+                       DOUBLING: tl.constexpr):
+    """The ten 16×16 blocks of (I + L)^-1 (as `_blocked_inverse` orders them) for a scalar decay Γ [C]."""
     return _blocked_inverse(
-        _l_block_of(KH, P, GAM, BETA, krow, vrow, 0, 0, r16, rk, mk, K, True, PRECISION, CHANNEL),
-        _l_block_of(KH, P, GAM, BETA, krow, vrow, 16, 16, r16, rk, mk, K, True, PRECISION, CHANNEL),
-        _l_block_of(KH, P, GAM, BETA, krow, vrow, 32, 32, r16, rk, mk, K, True, PRECISION, CHANNEL),
-        _l_block_of(KH, P, GAM, BETA, krow, vrow, 48, 48, r16, rk, mk, K, True, PRECISION, CHANNEL),
-        _l_block_of(KH, P, GAM, BETA, krow, vrow, 16, 0, r16, rk, mk, K, False, PRECISION, CHANNEL),
-        _l_block_of(KH, P, GAM, BETA, krow, vrow, 32, 0, r16, rk, mk, K, False, PRECISION, CHANNEL),
-        _l_block_of(KH, P, GAM, BETA, krow, vrow, 32, 16, r16, rk, mk, K, False, PRECISION, CHANNEL),
-        _l_block_of(KH, P, GAM, BETA, krow, vrow, 48, 0, r16, rk, mk, K, False, PRECISION, CHANNEL),
-        _l_block_of(KH, P, GAM, BETA, krow, vrow, 48, 16, r16, rk, mk, K, False, PRECISION, CHANNEL),
-        _l_block_of(KH, P, GAM, BETA, krow, vrow, 48, 32, r16, rk, mk, K, False, PRECISION, CHANNEL), r16, PRECISION,
+        _l_block(KH, P, GAM, BETA, krow, vrow, 0, 0, r16, rk, mk, K, True, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 16, 16, r16, rk, mk, K, True, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 32, 32, r16, rk, mk, K, True, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 48, 48, r16, rk, mk, K, True, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 16, 0, r16, rk, mk, K, False, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 32, 0, r16, rk, mk, K, False, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 32, 16, r16, rk, mk, K, False, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 48, 0, r16, rk, mk, K, False, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 48, 16, r16, rk, mk, K, False, PRECISION),
+        _l_block(KH, P, GAM, BETA, krow, vrow, 48, 32, r16, rk, mk, K, False, PRECISION), r16, PRECISION,
         DOUBLING)
 
 
@@ -287,7 +254,7 @@ def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
     rk = tl.arange(0, BK)
     mk = rk < K
     T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _blocked_l_inverse(KH, P, GAM, BETA, krow, vrow, r16, rk, mk,
-                                                                          K, PRECISION, DOUBLING, False)
+                                                                          K, PRECISION, DOUBLING)
     _store_blocked_inverse(TINV, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, C)
     # W = T diag(β e^Γ) K̂ by row blocks
     be0 = tl.load(BETA + vrow + r16) * tl.exp(tl.load(GAM + vrow + r16))
@@ -402,72 +369,6 @@ def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     tl.store(DGAM + vrow + rc, d_gam)
 
 
-@triton.jit
-def _wy_bwd_kblocks_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
-                           DK, DP, DV, DBETA, DGAM, H, HV, G,
-                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           PRECISION: tl.constexpr, BKC: tl.constexpr = 16):
-    """The backward above over 16-column blocks of K (opt-in: PDELTA_WY_BWD_KBLOCKS=1 until a GPU A/B): the
-    [C, C] sums (dT, dTᵀ, K̂Pᵀ and PK̂ᵀ) first, then dK̂ and dP one column block at a time — no [C, K] float32
-    tile is held (ptxas, K = 128: the whole-K kernel spills 2.7 KB per thread)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_c64 = i_c.to(tl.int64)
-    krow = (i_c64 * H + i_h // G) * C
-    vrow = (i_c64 * HV + i_h) * C
-    rc = tl.arange(0, C)
-    beta = tl.load(BETA + vrow + rc)
-    gam = tl.load(GAM + vrow + rc)
-    eg = tl.exp(gam)
-    be = beta * eg
-    g_end = tl.sum(tl.where(rc == C - 1, gam, 0.0), axis=0)
-    T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
-    dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, beta, T_t, rc, V, C, BV, PRECISION)
-    kp = tl.zeros([C, C], dtype=tl.float32)
-    pk_t = tl.zeros([C, C], dtype=tl.float32)  # formed by its own products: never a transposed dot result
-    for k0 in tl.static_range(0, BK, BKC):
-        rk = k0 + tl.arange(0, BKC)
-        mk = rk < K
-        dT += tl.dot(_rows(DW, vrow, rc, rk, mk, K), _rows_t(KH, krow, rc, rk, mk, K) * be[None, :],
-                     input_precision=PRECISION)
-        dT_t += tl.dot(_rows(KH, krow, rc, rk, mk, K) * be[:, None], _rows_t(DW, vrow, rc, rk, mk, K),
-                       input_precision=PRECISION)
-        kp += tl.dot(_rows(KH, krow, rc, rk, mk, K), _rows_t(P, krow, rc, rk, mk, K), input_precision=PRECISION)
-        pk_t += tl.dot(_rows(P, krow, rc, rk, mk, K), _rows_t(KH, krow, rc, rk, mk, K), input_precision=PRECISION)
-    strict = rc[:, None] > rc[None, :]
-    strict_t = rc[:, None] < rc[None, :]
-    dL = tl.where(strict, -tl.dot(tl.dot(T_t, dT, input_precision=PRECISION), T_t, input_precision=PRECISION), 0.0)
-    T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
-    dL_t = tl.where(strict_t, -tl.dot(tl.dot(T, dT_t, input_precision=PRECISION), T, input_precision=PRECISION),
-                    0.0)
-    decay = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0))
-    gl = tl.where(strict, dL * kp * decay, 0.0)
-    d_beta += tl.sum(gl, axis=1)
-    d_gam = tl.sum(gl, axis=1) * beta  # rowsum of dL ⊙ L
-    decay_t = tl.exp(tl.where(strict_t, gam[None, :] - gam[:, None], 0.0))
-    d_gam -= tl.sum(tl.where(strict_t, dL_t * pk_t * decay_t, 0.0) * beta[None, :], axis=1)  # colsum of dL ⊙ L
-    a_low = tl.where(strict, dL * beta[:, None] * decay, 0.0)
-    a_up = tl.where(strict_t, dL_t * beta[None, :] * decay_t, 0.0)
-    scale_end = tl.exp(g_end - gam)
-    s = tl.zeros([C], dtype=tl.float32)
-    for k0 in tl.static_range(0, BK, BKC):
-        rk = k0 + tl.arange(0, BKC)
-        mk = rk < K
-        kk = _rows(KH, krow, rc, rk, mk, K)
-        d_bk = tl.dot(T_t, _rows(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)  # key side of W = T Bk
-        d_beta += tl.sum(d_bk * kk * eg[:, None], axis=1)
-        d_gam += tl.sum(d_bk * kk, axis=1) * be
-        d_k = d_bk * be[:, None] + tl.dot(a_low, _rows(P, krow, rc, rk, mk, K), input_precision=PRECISION)
-        tl.store(DK + (vrow + rc[:, None]) * K + rk[None, :], d_k, mask=mk[None, :])
-        dpt = _rows(DPT, vrow, rc, rk, mk, K)  # P̃ = P ⊙ e^{Γ_C − Γ}
-        d_p = tl.dot(a_up, kk, input_precision=PRECISION) + dpt * scale_end[:, None]
-        s += tl.sum(dpt * _rows(P, krow, rc, rk, mk, K), axis=1) * scale_end
-        tl.store(DP + (vrow + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
-    d_gam -= s
-    d_end = tl.sum(s, axis=0) + tl.load(DDEC + i_c64 * HV + i_h) * tl.exp(g_end)  # d = e^{Γ_C}
-    d_gam += tl.where(rc == C - 1, d_end, 0.0)
-    tl.store(DBETA + vrow + rc, d_beta)
-    tl.store(DGAM + vrow + rc, d_gam)
-
 
 def _wy_torch(k_hat, p, v, beta, gamma):
     """The stage in PyTorch (value-head layout), with d as [Nc, HV]."""
@@ -486,12 +387,6 @@ def _pick_wy_forward(K: int):
     return _wy_fwd_blocked_kernel, 4
 
 
-def _pick_wy_backward(K: int):
-    """The whole-K kernel; PDELTA_WY_BWD_KBLOCKS=1 the one over key-column blocks (CPU-tested only)."""
-    return _wy_bwd_kblocks_kernel if os.environ.get("PDELTA_WY_BWD_KBLOCKS") == "1" else _wy_bwd_kernel
-
-
 wy_scalar_decay = make_wy_stage("wy", _wy_fwd_kernel, _wy_bwd_kernel, _wy_torch,
                                 decay_shape=lambda Nc, HV, K: (Nc, HV),
-                                kernel_backward=lambda: TRITON_WY_BACKWARD, pick_fwd=_pick_wy_forward,
-                                pick_bwd=_pick_wy_backward)
+                                kernel_backward=lambda: TRITON_WY_BACKWARD, pick_fwd=_pick_wy_forward)

@@ -100,18 +100,10 @@ def test_recomputing_wy_in_backward_changes_nothing(monkeypatch, variant):
 
 
 @pytest.mark.parametrize("flag,value,variant", [("PDELTA_WY_BLOCKED", "0", "pdn"), ("PDELTA_WY_BLOCKED", "0", "pgdn"),
-                                                ("PDELTA_WY_CHANNEL_BLOCKED", "1", "pkda"),
-                                                ("PDELTA_WY_CHANNEL_BWD_KBLOCKS", "1", "pkda"),
-                                                ("PDELTA_WY_BWD_KBLOCKS", "1", "pgdn"),
-                                                ("PDELTA_OUTPUT_CHANNEL_BWD_KBLOCKS", "1", "pkda"),
                                                 ("PDELTA_STATE_BWD_SPLIT", "0", "pgdn"),
                                                 ("PDELTA_STATE_BWD_SPLIT", "0", "pkda")])
 def test_switchable_kernel_paths_match_reference(flag, value, variant, monkeypatch):
     """Non-default paths give the same op: PDELTA_WY_BLOCKED=0 (opt-out), the WY forward by 63 row steps;
-    PDELTA_WY_CHANNEL_BLOCKED=1 (opt-in), PKDA's WY forward in 16-row blocks; PDELTA_WY_CHANNEL_BWD_KBLOCKS=1
-    (opt-in), PKDA's WY backward over key-column blocks, PDELTA_WY_BWD_KBLOCKS=1 PGDN's,
-    PDELTA_OUTPUT_CHANNEL_BWD_KBLOCKS=1 PKDA's output backward likewise (K = 12 here: one partial block; the
-    K = 72 stage tests cover several);
     PDELTA_STATE_BWD_SPLIT=0 (opt-out), the reverse state pass forms the chunk gradients itself as per-V-block
     partials. Every output and gradient against float64."""
     monkeypatch.setenv(flag, value)
@@ -168,96 +160,9 @@ def test_bf16_values_reach_the_kernels_unconverted(variant):
     assert grads["v"].dtype == torch.bfloat16
 
 
-def test_blocked_channel_wy_forward_equals_the_row_kernel():
-    """PKDA's stage: the 16-row blocked forward gives the row kernel's W, U, P̃, d and T, with per-channel decays
-    strong enough that an unsplit exponent inside a chunk would overflow."""
-    from pdelta_cp.kernels import channel
-    from pdelta_cp.kernels._triton_utils import chunk_tile_config, dot_precision
-
-    gen = torch.Generator().manual_seed(9)
-    Nc, H, HV, C, K, V = 2, 2, 4, 64, 20, 40
-    k = torch.nn.functional.normalize(torch.randn(Nc, H, C, K, generator=gen), dim=-1)
-    p = k * (0.7 + 0.6 * torch.rand(Nc, H, C, K, generator=gen))
-    v = torch.randn(Nc, HV, C, V, generator=gen)
-    beta = torch.rand(Nc, HV, C, generator=gen)
-    gamma = torch.nn.functional.logsigmoid(3 * torch.randn(Nc, HV, C, K, generator=gen)).cumsum(2)
-    assert gamma[:, :, -1].min() < -100  # e^{-Γ} alone would overflow float32
-    BK, BV, warps, stages = chunk_tile_config(K, V)
-    outs = []
-    for kernel in (channel._wy_ch_fwd_kernel, channel._wy_ch_fwd_blocked_kernel):
-        W, P_t = k.new_empty(Nc, HV, C, K), k.new_empty(Nc, HV, C, K)
-        U, T, d = k.new_empty(Nc, HV, C, V), k.new_empty(Nc, HV, C, C), k.new_empty(Nc, HV, K)
-        kernel[(Nc, HV)](k, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
-                         PRECISION=dot_precision(), num_warps=warps, num_stages=stages)
-        outs.append((W, U, P_t, T, d))
-    for a, b in zip(*outs):
-        assert torch.isfinite(b).all() and rel_rms(b, a) < 1e-5
-
-
-@pytest.mark.parametrize("decay", ["scalar", "channel"])
-@pytest.mark.parametrize("K", [72, 16])
-def test_wy_backward_over_key_blocks_equals_the_whole_k_kernel(decay, K):
-    """The WY backward over 16-column blocks of K (K = 72: four full blocks, a partial one, empty ones) gives
-    the whole-K kernel's dK̂, dP, dV, dβ and dΓ — PDN/PGDN's (scalar decay) and PKDA's (per channel)."""
-    from pdelta_cp.kernels import channel, wy
-    from pdelta_cp.kernels._triton_utils import chunk_tile_config, dot_precision
-
-    gen = torch.Generator().manual_seed(10)
-    Nc, H, HV, C, V = 2, 2, 4, 64, 40
-    k = torch.nn.functional.normalize(torch.randn(Nc, H, C, K, generator=gen), dim=-1)
-    p = k * (0.7 + 0.6 * torch.rand(Nc, H, C, K, generator=gen))
-    v = torch.randn(Nc, HV, C, V, generator=gen)
-    beta = torch.rand(Nc, HV, C, generator=gen)
-    per_channel = decay == "channel"
-    gamma = torch.nn.functional.logsigmoid(torch.randn((Nc, HV, C, K) if per_channel else (Nc, HV, C),
-                                                       generator=gen) + 2).cumsum(2)
-    fwd, whole, blocks = ((channel._wy_ch_fwd_kernel, channel._wy_ch_bwd_kernel, channel._wy_ch_bwd_kblocks_kernel)
-                          if per_channel else (wy._wy_fwd_kernel, wy._wy_bwd_kernel, wy._wy_bwd_kblocks_kernel))
-    BK, BV, warps, stages = chunk_tile_config(K, V)
-    common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=warps, num_stages=stages)
-    W, P_t = k.new_empty(Nc, HV, C, K), k.new_empty(Nc, HV, C, K)
-    U, T = k.new_empty(Nc, HV, C, V), k.new_empty(Nc, HV, C, C)
-    d = k.new_empty((Nc, HV, K) if per_channel else (Nc, HV))
-    fwd[(Nc, HV)](k, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, **common)
-    dW, dU, dPt, dd = (torch.randn(t.shape, generator=gen) for t in (W, U, P_t, d))
-    outs = []
-    for kernel in (whole, blocks):
-        dk, dp = torch.empty(Nc, HV, C, K), torch.empty(Nc, HV, C, K)
-        dv, dbeta, dgam = torch.empty_like(v), torch.empty_like(beta), torch.empty_like(gamma)
-        kernel[(Nc, HV)](k, p, v, beta, gamma, T, dW, dU, dPt, dd, dk, dp, dv, dbeta, dgam, H, HV, HV // H,
-                         **common)
-        outs.append((dk, dp, dv, dbeta, dgam))
-    for a, b in zip(*outs):
-        assert rel_rms(b, a) < 1e-5
-
-
-@pytest.mark.parametrize("K", [72, 16])
-def test_channel_output_backward_over_key_blocks_equals_the_whole_k_kernel(K):
-    """PKDA's dQ̂, dP, dΓ kernel over 32-column blocks of K gives the whole-K kernel's (K = 72: a partial block
-    and an empty one)."""
-    from pdelta_cp.kernels import channel
-    from pdelta_cp.kernels._triton_utils import chunk_tile_config, dot_precision
-
-    gen = torch.Generator().manual_seed(11)
-    Nc, H, HV, C, V = 2, 2, 4, 64, 40
-    q = torch.randn(Nc, H, C, K, generator=gen)
-    p = torch.randn(Nc, H, C, K, generator=gen)
-    gamma = torch.nn.functional.logsigmoid(torch.randn(Nc, HV, C, K, generator=gen) + 2).cumsum(2)
-    W, U = torch.randn(Nc, HV, C, K, generator=gen), torch.randn(Nc, HV, C, V, generator=gen)
-    S, dO = torch.randn(Nc, HV, K, V, generator=gen), torch.randn(Nc, HV, C, V, generator=gen)
-    BK, BV, warps, stages = chunk_tile_config(K, V)
-    outs = []
-    for kernel in (channel._out_ch_bwd_qp_kernel, channel._out_ch_bwd_qp_kblocks_kernel):
-        dq, dp, dgam = torch.empty(Nc, HV, C, K), torch.empty(Nc, HV, C, K), torch.empty_like(gamma)
-        kernel[(Nc, HV)](q, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
-                         PRECISION=dot_precision(), num_warps=warps, num_stages=stages)
-        outs.append((dq, dp, dgam))
-    for a, b in zip(*outs):
-        assert rel_rms(b, a) < 1e-5
-
-
 def test_wy_forward_choice(monkeypatch):
-    """Blocked forward at 4 warps for K <= 128; the row kernel above (not GPU-tried blocked) or when opted out."""
+    """Blocked forward at 4 warps for K <= 128; the row kernel above (not GPU-tried blocked) or when opted out.
+    PKDA: the row kernel, at 4 warps up to K = 128."""
     from pdelta_cp.kernels import wy
 
     monkeypatch.delenv("PDELTA_WY_BLOCKED", raising=False)
@@ -267,10 +172,7 @@ def test_wy_forward_choice(monkeypatch):
     assert wy._pick_wy_forward(64) == (wy._wy_fwd_kernel, None)
     from pdelta_cp.kernels import channel
 
-    monkeypatch.delenv("PDELTA_WY_CHANNEL_BLOCKED", raising=False)
-    assert channel._pick_wy_channel_forward(128) == (channel._wy_ch_fwd_kernel, None)
-    monkeypatch.setenv("PDELTA_WY_CHANNEL_BLOCKED", "1")
-    assert channel._pick_wy_channel_forward(128) == (channel._wy_ch_fwd_blocked_kernel, 4)
+    assert channel._pick_wy_channel_forward(128) == (channel._wy_ch_fwd_kernel, 4)
     assert channel._pick_wy_channel_forward(256) == (channel._wy_ch_fwd_kernel, None)
 
 
