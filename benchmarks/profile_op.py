@@ -1,6 +1,9 @@
 """Where the time goes: torch.profiler table of one pdelta-cp fwd+bwd (CUDA kernels by total time).
 
     python benchmarks/profile_op.py --variant pgdn --T 32768 --out profile.txt
+
+--variant takes bench_kernels.py's op names: ours (pdn, pgdn, pkda) or fla-core's (fla-gdn, fla-pgdn, fla-kda,
+fla-pkda), so the two can be compared kernel by kernel in one call.
 """
 import argparse
 
