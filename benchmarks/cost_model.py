@@ -1,7 +1,7 @@
 """Cost model of state-passing context parallelism, fitted to measurements and projected to many GPUs.
 
-    python benchmarks/cost_model.py --kernels docs/benchmarks/kernels_sessionf_verify_h200.json \
-        --cp docs/benchmarks/cp.json --out docs/benchmarks/cost_model.md
+    python benchmarks/cost_model.py --cp docs/benchmarks/cp.json --out docs/benchmarks/cost_model.md \
+        [--kernels a bench_kernels.py JSON of the same machine kind]
 
 One layer's forward+backward on W ranks with T tokens in total:
 
