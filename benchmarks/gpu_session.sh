@@ -182,6 +182,19 @@ wyab)  # one GPU: the WY forward kernels side by side (accuracy against float64,
   python3 benchmarks/kernel_resources.py --out "$OUT/kernel_resources.json" > "$OUT/kernel_resources.log" 2>&1
   unset CUDA_VISIBLE_DEVICES
   ;;
+gap)  # one GPU, issue 3: where fla's GDN/KDA and our PGDN/PKDA spend a 32K fwd+bwd, kernel by kernel, then the
+  # same-process benchmark with fla at 32K and 128K (carry .triton_autotune: fla then skips its autotuning)
+  export CUDA_VISIBLE_DEVICES=0
+  for v in fla-gdn pgdn fla-kda pkda; do
+    (cd benchmarks && timeout 120 python3 profile_op.py --variant $v --T 32768 --out "$OUT/profile_$v.txt" \
+        > /dev/null 2>&1); echo "profile $v rc=$?"
+  done
+  (cd "$OUT" && tar czf profiles.tgz profile_*.txt && rm -f profile_*.txt)
+  timeout ${LIMIT:-240} python3 benchmarks/bench_kernels.py --T 32768 131072 --warmup 5 --rep 20 \
+      --ops pgdn fla-gdn fla-pgdn pkda fla-kda fla-pkda --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+  echo "bench rc=$?"
+  unset CUDA_VISIBLE_DEVICES
+  ;;
 warps)  # one GPU: every kernel family at 4 and 8 warps (miscompile check against the default, then timing)
   CUDA_VISIBLE_DEVICES=0 timeout ${LIMIT:-540} python3 benchmarks/warps_sweep.py --variants pgdn pkda \
       --out "$OUT/warps.json" > "$OUT/warps.log" 2>&1; echo "warps rc=$?"

@@ -5,6 +5,10 @@ Runs anywhere (CPU: Triton kernels under TRITON_INTERPRET=1), so glue and memory
 GPU sessions. Triton kernel launches are not aten ops and are not counted; everything around them is.
 
     TRITON_INTERPRET=1 python benchmarks/graph_stats.py --variant pgdn --T 2048
+
+``alive_at_peak`` lists what was alive at the peak (bytes per token, op, shape, dtype, phase, the line that made
+it): the map for memory work. Per-token bytes scale with H (and with K·V for per-chunk states), so small H and
+T on a CPU give the layout of an H100's peak.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import collections
 import json
 import os
 import sys
+import traceback
 import weakref
 
 import torch
@@ -45,7 +50,9 @@ class _CountOps(TorchDispatchMode):
 
 
 class _LiveBytes(TorchDispatchMode):
-    """Bytes of tensor storage created inside the mode and still alive; remembers the peak.
+    """Bytes of tensor storage created inside the mode and still alive; remembers the peak and, at the peak,
+    what was alive: (bytes, description) per storage, the description naming the op, shape, dtype, the phase
+    (``self.phase``: set it to "bwd" before backward) and the repository line that made it.
 
     A storage is alive while any tensor made here refers to it (views included); Triton interpreter temporaries
     are hidden by :func:`_uncounted_kernel_launches`, so on CPU this is the GPU allocator's view of the op.
@@ -53,13 +60,15 @@ class _LiveBytes(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.refs, self.nbytes = collections.Counter(), {}
+        self.refs, self.made = collections.Counter(), {}
         self.current = self.peak = 0
+        self.at_peak: list[tuple[int, str]] = []
+        self.phase = "fwd"
 
     def _drop(self, ptr: int) -> None:
         self.refs[ptr] -= 1
         if not self.refs[ptr]:
-            self.current -= self.nbytes.pop(ptr)
+            self.current -= self.made.pop(ptr)[0]
             del self.refs[ptr]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -68,13 +77,27 @@ class _LiveBytes(TorchDispatchMode):
             if not isinstance(t, torch.Tensor) or t.device.type == "meta" or not t.untyped_storage().data_ptr():
                 continue
             ptr = t.untyped_storage().data_ptr()
-            if ptr not in self.nbytes:
-                self.nbytes[ptr] = t.untyped_storage().nbytes()
-                self.current += self.nbytes[ptr]
-                self.peak = max(self.peak, self.current)
+            if ptr not in self.made:
+                what = f"{self.phase} {func.overloadpacket.__name__} {tuple(t.shape)} {t.dtype} at {_made_at()}"
+                self.made[ptr] = (t.untyped_storage().nbytes(), what)
+                self.current += self.made[ptr][0]
+                if self.current > self.peak:
+                    self.peak, self.at_peak = self.current, list(self.made.values())
             self.refs[ptr] += 1
             weakref.finalize(t, self._drop, ptr)
         return out
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _made_at() -> str:
+    """The innermost line of this repository's package code on the stack (``autograd`` when none: the engine)."""
+    for frame in reversed(traceback.extract_stack()):
+        path = os.path.realpath(frame.filename)
+        if path.startswith(_REPO) and "/benchmarks/" not in path and "/.venv/" not in path:
+            return f"{os.path.relpath(path, _REPO)}:{frame.lineno}"
+    return "autograd"
 
 
 def _uncounted_kernel_launches() -> collections.Counter:
@@ -117,6 +140,7 @@ def graph_stats(variant: str, T: int, H: int, K: int, V: int, dtype, backend: st
             o = call(precond_delta_rule, inp, backend=backend)[0]
         fwd_launches = sum(launches.values())
         loss = (o.float() ** 2).sum()
+        live.phase = "bwd"
         with bwd:
             loss.backward()
     input_bytes = sum(t.untyped_storage().nbytes() for t in inp.values())
@@ -126,6 +150,8 @@ def graph_stats(variant: str, T: int, H: int, K: int, V: int, dtype, backend: st
             "fwd_kernels": fwd_launches, "bwd_kernels": sum(launches.values()) - fwd_launches,
             "saved_bytes_per_token": saved_bytes / T, "saved_over_inputs": saved_bytes / input_bytes,
             "peak_bytes_per_token": live.peak / T,
+            "alive_at_peak": [f"{n / T:.0f} B/token: {what}" for n, what in sorted(live.at_peak, reverse=True)
+                              if n >= live.peak / 200],  # the storages of at least 0.5% of the peak
             "top_fwd": fwd.counts.most_common(12), "top_bwd": bwd.counts.most_common(12)}
 
 
