@@ -182,9 +182,12 @@ wyab)  # one GPU: the WY forward kernels side by side (accuracy against float64,
   python3 benchmarks/kernel_resources.py --out "$OUT/kernel_resources.json" > "$OUT/kernel_resources.log" 2>&1
   unset CUDA_VISIBLE_DEVICES
   ;;
-gap)  # one GPU, issue 3: where fla's GDN/KDA and our PGDN/PKDA spend a 32K fwd+bwd, kernel by kernel, then the
-  # same-process benchmark with fla at 32K and 128K (carry .triton_autotune: fla then skips its autotuning)
+gap)  # one GPU, issue 3: the kernel GPU tests (session g's dW/dU reuse never ran on a GPU), then where fla's
+  # GDN/KDA and our PGDN/PKDA spend a 32K fwd+bwd, kernel by kernel, then the same-process benchmark with fla at
+  # 32K and 128K (carry .triton_autotune: fla then skips its autotuning)
   export CUDA_VISIBLE_DEVICES=0
+  timeout 280 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s > "$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$?"
   for v in fla-gdn pgdn fla-kda pkda; do
     (cd benchmarks && timeout 120 python3 profile_op.py --variant $v --T 32768 --out "$OUT/profile_$v.txt" \
         > /dev/null 2>&1); echo "profile $v rc=$?"

@@ -43,7 +43,7 @@ class CPStatePass(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W, U, P, D, init_all, after, layout: StreamLayout, group, seg_first, seg_len, sub_len, narrow,
-                recompute):
+                recompute, reuse_grad):
         K = W.shape[-1]
         subs = split_segments(seg_first, seg_len, sub_len)
         first, length = [s[0] for s in subs], [s[1] for s in subs]
@@ -65,13 +65,13 @@ class CPStatePass(torch.autograd.Function):
                                        first, length, narrow=narrow)
         last_sub = last_subs(subs)
         save_wy(ctx, recompute, (W, U, P), D, starts, M_sub, gathered[..., :K])
-        ctx.meta = (layout, group, subs, last_sub, narrow, init_all.shape)
+        ctx.meta = (layout, group, subs, last_sub, narrow, init_all.shape, reuse_grad)
         return starts, take_rows(finals, last_sub)
 
     @staticmethod
     def backward(ctx, g_starts, g_final):
         (W, U, P), (D, starts, M_sub, M_gathered) = load_wy(ctx)
-        layout, group, subs, last_sub, narrow, init_shape = ctx.meta
+        layout, group, subs, last_sub, narrow, init_shape, reuse_grad = ctx.meta
         first, length = [s[0] for s in subs], [s[1] for s in subs]
         segs = layout.segments
         HV, K, V = W.shape[1], W.shape[-1], U.shape[-1]
@@ -93,12 +93,12 @@ class CPStatePass(torch.autograd.Function):
         # (c) the full reverse pass
         out = _fold_backward(M_sub, local, terminal, subs, last_sub)
         dW, dU, dP, dD, dS0 = state_backward(W, U, P, D, starts, g_starts, out.contiguous(), first, length,
-                                             narrow=narrow)
+                                             narrow=narrow, reuse_g=reuse_grad)
         d_init = W.new_zeros(init_shape)
         for i, s in enumerate(segs):  # states that entered from an initial state (own pieces' only: no double count)
             if not _continues(layout, i):
                 d_init[s.seq] += dS0[first_sub[i]]
-        return dW, dU, dP, dD, d_init, None, None, None, None, None, None, None, None
+        return dW, dU, dP, dD, d_init, None, None, None, None, None, None, None, None, None
 
 
 def _continues(layout: StreamLayout, seg: int) -> bool:
@@ -123,10 +123,12 @@ def _arriving_adjoints(layout: StreamLayout, nu_gathered: Tensor, M_gathered: Te
 
 def cp_state_pass(W: Tensor, U: Tensor, P: Tensor, D: Tensor, init_all: Tensor, layout: StreamLayout, group,
                   seg_first, seg_len, sub_len: int, after: Tensor | None = None,
-                  recompute: Recompute | None = None) -> tuple[Tensor, Tensor] | None:
+                  recompute: Recompute | None = None, reuse_grad: bool = False) -> tuple[Tensor, Tensor] | None:
     """W, P [Nc,HV,C,K]; U [Nc,HV,C,V]; D [Nc,HV,K]; init_all [N,HV,K,V] (float32) -> (starts, finals), or None
     when the kernels do not fit this GPU (the caller then uses the PyTorch exchange). ``after``: the A exchange's
-    gathered tensor, so that backward meets this pass's collective before that one's (see cp.comm)."""
+    gathered tensor, so that backward meets this pass's collective before that one's (see cp.comm). ``reuse_grad``
+    as in :func:`.state_pass.state_pass`."""
     args = [t.contiguous() for t in (W, U, P, D, init_all)]
     return _with_narrow_retry(lambda narrow: CPStatePass.apply(*args, after, layout, group, tuple(seg_first),
-                                                               tuple(seg_len), sub_len, narrow, recompute))
+                                                               tuple(seg_len), sub_len, narrow, recompute,
+                                                               reuse_grad))

@@ -17,6 +17,7 @@ Reverse kernel (adjoint Λ_c = dL/dS_c, carried transposed as X = Λᵀ so no do
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -214,8 +215,14 @@ def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=Tru
     return starts, final
 
 
-def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=True, narrow=False):
-    """Launch the reverse pass; returns (dW, dU, dP, dD, dS_enter) (grads None when not ``store_grads``)."""
+def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=True, narrow=False,
+                   reuse_g=False):
+    """Launch the reverse pass; returns (dW, dU, dP, dD, dS_enter) (grads None when not ``store_grads``).
+
+    ``reuse_g``: the caller no longer needs G (the gradient of the chunk states, [Nc, HV, K, V]) after this call,
+    so the split backward may place dW and dU in its storage once the reverse pass has read it (both fit when
+    K = V ≥ C; at K = V = 128 that is 9% of PGDN's fwd+bwd memory peak by benchmarks/graph_stats.py). Kernel
+    launches on one stream run in order: the reverse pass has finished reading G when the gradients are written."""
     Nc, HV, C, K = W.shape
     V = U.shape[-1]
     BK, BV, warps, stages = _config(K, V, narrow)
@@ -235,8 +242,9 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
                                        STORE_LAM=split, PRECISION=_precision(False),
                                        num_warps=tuned_warps("state_bwd", warps), num_stages=stages)
     if split:
-        dW, dP = W.new_empty((Nc, HV, C, K)), W.new_empty((Nc, HV, C, K))
-        dU, dD = W.new_empty((Nc, HV, C, V)), W.new_empty((Nc, HV, K))
+        take = _carve(G) if reuse_g else W.new_empty
+        dW, dU = take((Nc, HV, C, K)), take((Nc, HV, C, V))
+        dP, dD = W.new_empty((Nc, HV, C, K)), W.new_empty((Nc, HV, K))
         _state_grads_kernel[(Nc, HV)](W, U, P, starts, lam, dW, dU, dP, dD, HV, K=K, V=V, C=C, BK=BK, BV=BV,
                                       PRECISION=_precision(False), num_warps=tuned_warps("state_grads", warps),
                                       num_stages=stages)
@@ -246,6 +254,21 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
     if NV == 1:  # one V block: the partial slots are the gradients (a sum would copy them)
         return dW[0], dU, dP[0], dD[0], dS0
     return dW.sum(0), dU, dP.sum(0), dD.sum(0), dS0
+
+
+def _carve(buffer: Tensor):
+    """new_empty-like: float32 tensors laid out one after another in ``buffer``'s (dead) storage while they fit,
+    fresh ones after that."""
+    flat, used = buffer.view(-1), 0
+
+    def take(shape) -> Tensor:
+        nonlocal used
+        n = math.prod(shape)
+        if buffer.dtype != torch.float32 or not buffer.is_contiguous() or used + n > flat.numel():
+            return buffer.new_empty(shape, dtype=torch.float32)
+        used += n
+        return flat[used - n:used].view(shape)
+    return take
 
 
 def split_segments(seg_first, seg_len, sub_len: int):
@@ -281,7 +304,7 @@ class StatePass(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, W, U, P, D, S_enter, seg_first, seg_len, sub_len, narrow, recompute):
+    def forward(ctx, W, U, P, D, S_enter, seg_first, seg_len, sub_len, narrow, recompute, reuse_grad):
         subs = split_segments(seg_first, seg_len, sub_len)
         first, length = [s[0] for s in subs], [s[1] for s in subs]
         split = len(subs) > len(seg_first)
@@ -297,7 +320,7 @@ class StatePass(torch.autograd.Function):
         starts, finals = state_forward(W, U, P, D, S_sub, first, length, narrow=narrow)
         last = last_subs(subs)
         save_wy(ctx, recompute, (W, U, P), D, S_enter, starts, M)
-        ctx.subs, ctx.last, ctx.segments = subs, last, (seg_first, seg_len)
+        ctx.subs, ctx.last, ctx.segments, ctx.reuse_grad = subs, last, (seg_first, seg_len), reuse_grad
         return starts, take_rows(finals, last)
 
     @staticmethod
@@ -308,7 +331,7 @@ class StatePass(torch.autograd.Function):
         if grads is None:  # recompute the pass in PyTorch and differentiate that
             grads = torch_form_grads(lambda *t: state_pass_torch(*t, *ctx.segments), (W, U, P, D, S_enter),
                                      (g_starts, g_final))
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final, narrow):
@@ -324,7 +347,7 @@ def _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final, narrow):
                                    store_grads=False, narrow=narrow)
         terminal = _fold_backward(M, local, terminal, subs, last)
     dW, dU, dP, dD, dS0 = state_backward(W, U, P, D, starts, g_starts, terminal.contiguous(), first, length,
-                                         narrow=narrow)
+                                         narrow=narrow, reuse_g=ctx.reuse_grad)
     first_sub = [i for i, s in enumerate(subs) if s[3] == 0]
     return dW, dU, dP, dD, take_rows(dS0, first_sub)
 
@@ -365,12 +388,15 @@ def _fold_backward(M, local, terminal, subs, last):
 
 
 def state_pass(W: Tensor, U: Tensor, P: Tensor, D: Tensor, S_enter: Tensor, seg_first, seg_len,
-               sub_len: int | None = None, recompute: Recompute | None = None) -> tuple[Tensor, Tensor]:
+               sub_len: int | None = None, recompute: Recompute | None = None,
+               reuse_grad: bool = False) -> tuple[Tensor, Tensor]:
     """W, P [Nc,HV,C,K]; U [Nc,HV,C,V]; D [Nc,HV,K]; S_enter [Nseg,HV,K,V] (float32) -> (starts, finals).
-    ``recompute``: remakes (W, U, P̃) in backward instead of keeping them (see stages.Recompute)."""
+    ``recompute``: remakes (W, U, P̃) in backward instead of keeping them (see stages.Recompute).
+    ``reuse_grad``: the gradient arriving for ``starts`` is private to this pass (made by the one stage that
+    reads ``starts``, never a caller's tensor): backward may overwrite it (see :func:`state_backward`)."""
     if sub_len is None:
         sub_len = default_sub_len(seg_len, W.shape[1], U.shape[-1], W.device)
     args = [t.contiguous() for t in (W, U, P, D, S_enter)]
     out = _with_narrow_retry(lambda narrow: StatePass.apply(*args, tuple(seg_first), tuple(seg_len), sub_len,
-                                                            narrow, recompute))
+                                                            narrow, recompute, reuse_grad))
     return out if out is not None else state_pass_torch(*args, seg_first, seg_len)

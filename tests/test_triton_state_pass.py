@@ -90,3 +90,46 @@ def _check_state_pass(K, V, sub_len):
     assert rel_rms(starts, ref_starts) < tol and rel_rms(final, ref_final) < tol
     for name, a, b in zip("W U P D S0".split(), grads, ref_grads):
         assert rel_rms(a, b) < tol, (name, rel_rms(a, b))
+
+
+def test_split_backward_places_dw_du_in_the_dead_state_gradient():
+    """reuse_g: dW and dU live in G's storage (dead once the reverse pass has read it) and equal the fresh ones;
+    dP, dd and dS_enter too. K = V = 128, C = 64: G holds K·V floats per chunk and head, exactly dW's C·K and
+    dU's C·V."""
+    from pdelta_cp.kernels.state_pass import state_backward, state_forward
+
+    gen = torch.Generator().manual_seed(3)
+    Nc, HV, C, K, V = 3, 1, 64, 128, 128
+    W, P = (torch.randn(Nc, HV, C, K, generator=gen).to(DEVICE) * 0.1 for _ in range(2))
+    U = torch.randn(Nc, HV, C, V, generator=gen).to(DEVICE)
+    D = torch.rand(Nc, HV, K, generator=gen).to(DEVICE)
+    S0 = torch.randn(1, HV, K, V, generator=gen).to(DEVICE)
+    starts, _ = state_forward(W, U, P, D, S0, [0], [Nc])
+    G = torch.randn(Nc, HV, K, V, generator=gen).to(DEVICE)
+    terminal = torch.randn(1, HV, K, V, generator=gen).to(DEVICE)
+    fresh = state_backward(W, U, P, D, starts, G.clone(), terminal, [0], [Nc])
+    G_reused = G.clone()
+    reused = state_backward(W, U, P, D, starts, G_reused, terminal, [0], [Nc], reuse_g=True)
+    for a, b in zip(fresh, reused):
+        assert torch.equal(a, b)
+    storage = G_reused.untyped_storage().data_ptr()
+    assert reused[0].untyped_storage().data_ptr() == storage and reused[1].untyped_storage().data_ptr() == storage
+    assert reused[2].untyped_storage().data_ptr() != storage  # dP does not fit: a buffer of its own
+
+
+def test_state_pass_leaves_a_callers_gradient_alone():
+    """Without reuse_grad (the default for callers outside the op's pipeline) the gradient handed to backward is
+    read, never written."""
+    gen = torch.Generator().manual_seed(4)
+    HV, C, K, V = 2, 64, 16, 16
+    plan = make_chunk_plan([(0, 320)], 320, C, DEVICE)
+    Nc = plan.num_chunks
+    W, P = (torch.randn(Nc, HV, C, K, generator=gen).mul(0.1).to(DEVICE).requires_grad_(True) for _ in range(2))
+    U = torch.randn(Nc, HV, C, V, generator=gen).to(DEVICE).requires_grad_(True)
+    D = torch.rand(Nc, HV, K, generator=gen).to(DEVICE).requires_grad_(True)
+    S0 = torch.randn(1, HV, K, V, generator=gen).to(DEVICE)
+    starts, _ = state_pass(W, U, P, D, S0, plan.seg_first_chunk, plan.seg_num_chunks)
+    gs = torch.randn_like(starts)
+    kept = gs.clone()
+    torch.autograd.grad(starts, (W, U, P, D), gs)
+    assert torch.equal(gs, kept)

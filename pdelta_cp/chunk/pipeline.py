@@ -223,8 +223,9 @@ class _DeltaStage:
             return ch.output(S_start), S_final
         from ..kernels.state_pass import state_pass
 
+        # the states' gradient comes only from the output stage below: the pass may reuse its storage
         S_start, S_final = state_pass(*self._kernel_chunks(), S_enter, plan.seg_first_chunk, plan.seg_num_chunks,
-                                      recompute=self.recompute)
+                                      recompute=self.recompute, reuse_grad=True)
         return self._kernel_outputs(S_start), S_final
 
     def run_across_ranks(self, layout: StreamLayout, group, init_all: Tensor, after: Tensor | None):
@@ -237,7 +238,7 @@ class _DeltaStage:
         W = self.chunks.W
         sub_len = default_sub_len(plan.seg_num_chunks, W.shape[1], self.chunks.U.shape[-1], W.device)
         out = cp_state_pass(*self._kernel_chunks(), init_all, layout, group, plan.seg_first_chunk,
-                            plan.seg_num_chunks, sub_len, after, self.recompute)
+                            plan.seg_num_chunks, sub_len, after, self.recompute, reuse_grad=True)
         return None if out is None else (self._kernel_outputs(out[0]), out[1])
 
     def _kernel_chunks(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
