@@ -26,9 +26,9 @@ from ..cp.exchange import fold_in_stream_order
 from ..cp.layout import StreamLayout
 from ..indices import put_rows, take_rows
 from ..chunk.summary import DENSE
-from .stages import Recompute, load_wy, save_wy
-from .state_pass import _fold_backward, _fold_forward, _with_narrow_retry, last_subs, split_segments, \
-    state_backward, state_forward
+from .stages import Recompute, load_states, load_wy, save_states, save_wy
+from .state_pass import _fold_backward, _fold_forward, _with_narrow_retry, last_subs, remake_starts, \
+    split_segments, state_backward, state_forward
 
 
 def _segment_maps(M_sub: Tensor, b_sub: Tensor, subs, seg: int) -> tuple[Tensor, Tensor]:
@@ -61,16 +61,18 @@ class CPStatePass(torch.autograd.Function):
         entering = fold_in_stream_order(layout, DENSE, gathered, lambda seq: init_all[seq])
         S_enter = torch.stack([entering[s.piece] if _continues(layout, i) else init_all[s.seq]
                                for i, s in enumerate(segs)])
-        starts, finals = state_forward(W, U, P, D, _fold_forward(M_sub, b_sub, S_enter, subs).contiguous(),
-                                       first, length, narrow=narrow)
+        S_sub = _fold_forward(M_sub, b_sub, S_enter, subs).contiguous()
+        starts, finals = state_forward(W, U, P, D, S_sub, first, length, narrow=narrow)
         last_sub = last_subs(subs)
-        save_wy(ctx, recompute, (W, U, P), D, starts, M_sub, gathered[..., :K])
+        kept = save_states(ctx, recompute, starts, functools.partial(remake_starts, first, length, narrow), S_sub)
+        save_wy(ctx, recompute, (W, U, P), D, kept, M_sub, gathered[..., :K])
         ctx.meta = (layout, group, subs, last_sub, narrow, init_all.shape, reuse_grad)
         return starts, take_rows(finals, last_sub)
 
     @staticmethod
     def backward(ctx, g_starts, g_final):
         (W, U, P), (D, starts, M_sub, M_gathered) = load_wy(ctx)
+        starts = load_states(ctx, starts)
         layout, group, subs, last_sub, narrow, init_shape, reuse_grad = ctx.meta
         first, length = [s[0] for s in subs], [s[1] for s in subs]
         segs = layout.segments

@@ -35,9 +35,67 @@ class Recompute:
     shape, which made 1M-token training run out of memory). ``cache`` holds no tensor until backward.
     """
 
-    def __init__(self, fn: Callable, *inputs: torch.Tensor):
+    def __init__(self, fn: Callable, *inputs: torch.Tensor, states: bool = False):
         self.inputs = tuple(t.detach() for t in inputs)
         self.cache = _WYCache(fn)
+        self.states = _States(self.cache) if states else None
+
+
+class _States:
+    """With ``Recompute(..., states=True)``: the chunk-entering states S [Nc, HV, K, V] are not kept for backward
+    either (1 KB per token and head in float32, the largest saved tensor). The state pass saves the small
+    per-sub-segment entering states instead and hands them to the output stage; in backward one state-pass
+    forward launch remakes S from them and the remade WY outputs, once for both stages (as fla remakes its h)."""
+
+    def __init__(self, wy_cache: "_WYCache"):
+        self.wy_cache = wy_cache
+        self.cache = _WYCache(self._remake)
+        self.remake_starts: Callable | None = None  # (W, U, P̃, d, S_sub) -> S, set by the state pass
+        self.pending: torch.Tensor | None = None  # S_sub, from the state pass's forward to the output stage's
+
+    def _remake(self, *inputs):
+        W, U, P_t, d = self.wy_cache(inputs[:-1])
+        return (self.remake_starts(W, U, P_t, d, inputs[-1]),)
+
+    def give(self, remake_starts: Callable, S_sub: torch.Tensor) -> torch.Tensor:
+        """State pass forward: S_sub is what it saves for S from now on (and what the output stage will save)."""
+        self.remake_starts, self.pending = remake_starts, S_sub
+        self.wy_cache.register()  # the remake reads the WY outputs once more
+        self.cache.register()
+        return S_sub
+
+    def take(self, S: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Output stage forward: (what to save for S, whether it is S_sub). S itself when the state pass did not
+        give S_sub (its PyTorch fallback ran)."""
+        S_sub, self.pending = self.pending, None
+        if S_sub is None:
+            return S, False
+        self.cache.register()
+        return S_sub, True
+
+
+def save_states(ctx, recompute: Recompute | None, S: torch.Tensor, remake_starts: Callable | None = None,
+                S_sub: torch.Tensor | None = None) -> torch.Tensor:
+    """What a stage saves for the chunk states S: S, or S_sub when the states are remade in backward. The state
+    pass passes ``remake_starts`` and ``S_sub``; the output stage passes S alone. Read back with
+    :func:`load_states` (after :func:`save_wy` saved the WY inputs)."""
+    states = None if recompute is None else recompute.states
+    if states is not None and remake_starts is not None:
+        ctx.states = states
+        return states.give(remake_starts, S_sub)
+    if states is not None:
+        saved, remade = states.take(S)
+        ctx.states = states if remade else None
+        return saved
+    ctx.states = None
+    return S
+
+
+def load_states(ctx, saved: torch.Tensor) -> torch.Tensor:
+    """S from what :func:`save_states` returned (remade once per backward for both stages)."""
+    if ctx.states is None:
+        return saved
+    return ctx.states.cache(tuple(ctx.saved_tensors[:ctx.n_first]) + (saved,))[0]
 
 
 class _WYCache:
@@ -175,12 +233,13 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
                 PRECISION=dot_precision(), num_warps=tuned_warps(f"{name}_fwd", warps), num_stages=stages))
             if ctx.fallback:
                 O = torch_form(q_hat, p, gamma, W, U, S)
-            save_wy(ctx, recompute, (W, U), q_hat, p, gamma, S)
+            save_wy(ctx, recompute, (W, U), q_hat, p, gamma, save_states(ctx, recompute, S))
             return O
 
         @staticmethod
         def backward(ctx, dO):
             (W, U), (q_hat, p, gamma, S) = load_wy(ctx)
+            S = load_states(ctx, S)
             Nc, H, _, K = q_hat.shape
             HV, V = U.shape[1], U.shape[-1]
             BK, BV, warps, stages = chunk_tile_config(K, V)

@@ -17,6 +17,7 @@ Reverse kernel (adjoint Λ_c = dL/dS_c, carried transposed as X = Λᵀ so no do
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from ..indices import index_tensor, put_rows, take_rows
 from ._triton_utils import INTERPRET, next_pow2, num_sms, tuned_warps, warn_fallback
-from .stages import Recompute, load_wy, save_wy, torch_form_grads
+from .stages import Recompute, load_states, load_wy, save_states, save_wy, torch_form_grads
 
 
 @triton.jit
@@ -271,6 +272,13 @@ def _carve(buffer: Tensor):
     return take
 
 
+def remake_starts(first, length, narrow, W, U, P, d, S_sub) -> Tensor:
+    """The states entering every chunk again (backward, when they were not kept): the forward pass from the
+    entering states of the sub-segments ``first``/``length``; d as the WY stage gives it ([Nc, HV] or [.., K])."""
+    D = (d[..., None] if d.dim() == 2 else d).expand(W.shape[0], W.shape[1], W.shape[-1]).contiguous()
+    return state_forward(W, U, P, D, S_sub, first, length, narrow=narrow)[0]
+
+
 def split_segments(seg_first, seg_len, sub_len: int):
     """Cut each segment's chunk range into sub-segments of at most ``sub_len`` chunks.
 
@@ -319,13 +327,15 @@ class StatePass(torch.autograd.Function):
             S_sub = S_enter.contiguous()
         starts, finals = state_forward(W, U, P, D, S_sub, first, length, narrow=narrow)
         last = last_subs(subs)
-        save_wy(ctx, recompute, (W, U, P), D, S_enter, starts, M)
+        kept = save_states(ctx, recompute, starts, functools.partial(remake_starts, first, length, narrow), S_sub)
+        save_wy(ctx, recompute, (W, U, P), D, S_enter, kept, M)
         ctx.subs, ctx.last, ctx.segments, ctx.reuse_grad = subs, last, (seg_first, seg_len), reuse_grad
         return starts, take_rows(finals, last)
 
     @staticmethod
     def backward(ctx, g_starts, g_final):
         (W, U, P), (D, S_enter, starts, M) = load_wy(ctx)
+        starts = load_states(ctx, starts)
         grads = _with_narrow_retry(lambda narrow: _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final,
                                                                    narrow))
         if grads is None:  # recompute the pass in PyTorch and differentiate that

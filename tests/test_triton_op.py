@@ -1,4 +1,7 @@
 """precond_delta_rule(backend="triton") against the PyTorch chunk path and the float64 reference."""
+import os
+import sys
+
 import pytest
 import torch
 
@@ -97,6 +100,37 @@ def test_recomputing_wy_in_backward_changes_nothing(monkeypatch, variant):
     assert all(torch.equal(a, b) for a, b in zip(out_r, out_k))
     assert all(torch.equal(grads_r[n], grads_k[n]) for n in grads_k), [n for n in grads_k
                                                                          if not torch.equal(grads_r[n], grads_k[n])]
+
+
+@pytest.mark.parametrize("variant", ["pgdn", "pkda"])
+def test_recomputing_the_states_in_backward_changes_nothing_but_memory(monkeypatch, variant):
+    """PDELTA_RECOMPUTE_STATES=1: the chunk states are remade in backward from the sub-segments' entering states
+    (T = 330: six chunks in sub-segments of four) — outputs and every gradient bit-identical, and (PGDN) the
+    states [Nc, HV, K, V] no longer among the saved tensors, only the sub-segments' entering states."""
+    inp = make_inputs(T=330, H=2, HV=4, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE)
+    out_k, grads_k = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    from pdelta_cp.kernels import stages
+
+    monkeypatch.setenv("PDELTA_RECOMPUTE_STATES", "1")
+    remade = []
+    real = stages._States._remake
+    monkeypatch.setattr(stages._States, "_remake", lambda self, *inputs: remade.append(1) or real(self, *inputs))
+    out_r, grads_r = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    assert len(remade) == 1  # once per backward, shared by the output stage and the state pass
+    assert all(torch.equal(a, b) for a, b in zip(out_r, out_k))
+    assert all(torch.equal(grads_r[n], grads_k[n]) for n in grads_k), [n for n in grads_k
+                                                                         if not torch.equal(grads_r[n], grads_k[n])]
+    if variant == "pgdn":
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+        import graph_stats
+
+        saved_r = graph_stats.graph_stats(variant, 330, 2, 12, 20, torch.float32, "triton", DEVICE)
+        monkeypatch.delenv("PDELTA_RECOMPUTE_STATES")
+        saved_k = graph_stats.graph_stats(variant, 330, 2, 12, 20, torch.float32, "triton", DEVICE)
+        state_bytes = 2 * 12 * 20 * 4  # one state [HV = H = 2, K, V] in float32
+        # 6 chunk states kept before; 2 sub-segment entering states now (negligible at real sizes)
+        expected = (6 - 2) * state_bytes / 330
+        assert saved_k["saved_bytes_per_token"] - saved_r["saved_bytes_per_token"] == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("flag,value,variant", [("PDELTA_WY_BLOCKED", "0", "pdn"), ("PDELTA_WY_BLOCKED", "0", "pgdn"),

@@ -202,7 +202,9 @@ class _DeltaStage:
             from ..kernels.stages import Recompute
 
             keep = os.environ.get("PDELTA_KEEP_WY") == "1" or not torch.is_grad_enabled()
-            self.recompute = None if keep else Recompute(wy, k_hat, p, v, beta, self.gamma)
+            # PDELTA_RECOMPUTE_STATES=1: the chunk states are remade in backward too (one more state-pass launch)
+            states = os.environ.get("PDELTA_RECOMPUTE_STATES") == "1"
+            self.recompute = None if keep else Recompute(wy, k_hat, p, v, beta, self.gamma, states=states)
             self.q_hat, self.p = q_hat, p
             decay = d if self.per_channel else d[..., None]
             self.chunks = DeltaChunks(q_decayed=None, qp=None, W=W, U=U, p_tilde=p_tilde, decay=decay)

@@ -122,6 +122,22 @@ def test_cp_with_triton_kernels(cp_groups, cp, variant, layout, case):
     check_cp(cp_groups, cp, variant, layout, TRITON_CASES[case], torch.float32, 2e-5, backend="triton")
 
 
+@pytest.mark.parametrize("cp", [2, 4])
+def test_cp_with_triton_kernels_recomputing_the_states(cp_groups, monkeypatch, cp):
+    """PDELTA_RECOMPUTE_STATES=1 under CP: the cross-rank pass saves its sub-segments' entering states and
+    backward remakes the chunk states from them — still the one-process answer."""
+    pytest.importorskip("triton")
+    _only_in_a_world_of(cp)
+    from pdelta_cp.kernels import stages
+
+    monkeypatch.setenv("PDELTA_RECOMPUTE_STATES", "1")
+    remade = []
+    real = stages._States._remake
+    monkeypatch.setattr(stages._States, "_remake", lambda self, *inputs: remade.append(1) or real(self, *inputs))
+    check_cp(cp_groups, cp, "pgdn", "zigzag", TRITON_CASES["long_pieces"], torch.float32, 2e-5, backend="triton")
+    assert remade  # the states were remade in backward, not kept
+
+
 def test_cp_triton_falls_back_to_pytorch_exchange(cp_groups, monkeypatch):
     """When the cross-rank state-pass kernels do not fit the GPU, the PyTorch exchange takes over: same answers."""
     pytest.importorskip("triton")
