@@ -26,7 +26,7 @@ from ..cp.exchange import fold_in_stream_order
 from ..cp.layout import StreamLayout
 from ..indices import put_rows, take_rows
 from ..chunk.summary import DENSE
-from .stages import Recompute, load_states, load_wy, save_states, save_wy
+from .stages import Recompute, load_wy, save_states, save_wy
 from .state_pass import _fold_backward, _fold_forward, _with_narrow_retry, last_subs, remake_starts, \
     split_segments, state_backward, state_forward
 
@@ -71,8 +71,7 @@ class CPStatePass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_starts, g_final):
-        (W, U, P), (D, starts, M_sub, M_gathered) = load_wy(ctx)
-        starts = load_states(ctx, starts)
+        (W, U, P), (D, starts, M_sub, M_gathered) = load_wy(ctx, states_at=1)
         layout, group, subs, last_sub, narrow, init_shape, reuse_grad = ctx.meta
         first, length = [s[0] for s in subs], [s[1] for s in subs]
         segs = layout.segments

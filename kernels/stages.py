@@ -78,7 +78,7 @@ def save_states(ctx, recompute: Recompute | None, S: torch.Tensor, remake_starts
                 S_sub: torch.Tensor | None = None) -> torch.Tensor:
     """What a stage saves for the chunk states S: S, or S_sub when the states are remade in backward. The state
     pass passes ``remake_starts`` and ``S_sub``; the output stage passes S alone. Read back with
-    :func:`load_states` (after :func:`save_wy` saved the WY inputs)."""
+    :func:`load_wy` with ``states_at`` (the position of what this returned among the saved ``others``)."""
     states = None if recompute is None else recompute.states
     if states is not None and remake_starts is not None:
         ctx.states = states
@@ -89,13 +89,6 @@ def save_states(ctx, recompute: Recompute | None, S: torch.Tensor, remake_starts
         return saved
     ctx.states = None
     return S
-
-
-def load_states(ctx, saved: torch.Tensor) -> torch.Tensor:
-    """S from what :func:`save_states` returned (remade once per backward for both stages)."""
-    if ctx.states is None:
-        return saved
-    return ctx.states.cache(tuple(ctx.saved_tensors[:ctx.n_first]) + (saved,))[0]
 
 
 class _WYCache:
@@ -143,10 +136,15 @@ def save_wy(ctx, recompute: Recompute | None, wy: tuple, *others) -> None:
         ctx.save_for_backward(*recompute.inputs, *others)
 
 
-def load_wy(ctx) -> tuple[tuple, tuple]:
-    """(WY tensors, others) as saved by :func:`save_wy`."""
+def load_wy(ctx, states_at: int | None = None) -> tuple[tuple, tuple]:
+    """(WY tensors, others) as saved by :func:`save_wy`; ``others[states_at]`` is the chunk states S, remade
+    (once per backward, for both stages) if :func:`save_states` saved S_sub in its place. One read of
+    ``ctx.saved_tensors``: non-reentrant checkpointing refuses a second."""
     saved = ctx.saved_tensors
     first, others = saved[:ctx.n_first], saved[ctx.n_first:]
+    if states_at is not None and ctx.states is not None:
+        remade = ctx.states.cache(tuple(first) + (others[states_at],))[0]
+        others = others[:states_at] + (remade,) + others[states_at + 1:]
     if ctx.wy_cache is not None:
         return tuple(ctx.wy_cache(first)[:ctx.n_wy]), others
     return first, others
@@ -238,8 +236,7 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
 
         @staticmethod
         def backward(ctx, dO):
-            (W, U), (q_hat, p, gamma, S) = load_wy(ctx)
-            S = load_states(ctx, S)
+            (W, U), (q_hat, p, gamma, S) = load_wy(ctx, states_at=3)
             Nc, H, _, K = q_hat.shape
             HV, V = U.shape[1], U.shape[-1]
             BK, BV, warps, stages = chunk_tile_config(K, V)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..indices import index_tensor, put_rows, take_rows
 from ._triton_utils import INTERPRET, next_pow2, num_sms, tuned_warps, warn_fallback
-from .stages import Recompute, load_states, load_wy, save_states, save_wy, torch_form_grads
+from .stages import Recompute, load_wy, save_states, save_wy, torch_form_grads
 
 
 @triton.jit
@@ -334,8 +334,7 @@ class StatePass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_starts, g_final):
-        (W, U, P), (D, S_enter, starts, M) = load_wy(ctx)
-        starts = load_states(ctx, starts)
+        (W, U, P), (D, S_enter, starts, M) = load_wy(ctx, states_at=2)
         grads = _with_narrow_retry(lambda narrow: _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final,
                                                                    narrow))
         if grads is None:  # recompute the pass in PyTorch and differentiate that

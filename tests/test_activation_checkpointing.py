@@ -19,7 +19,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.mark.parametrize("variant", ["pdn", "pgdn", "pkda"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_no_tensor_held_on_ctx(variant, backend):
+def test_no_tensor_held_on_ctx(variant, backend, states):
     inp = make_inputs(T=150, H=2, HV=4, K=16, V=16, variant=variant, dtype=torch.float32, device=DEVICE)
     o, _, _ = call(precond_delta_rule, inp, output_final_state=True, backend=backend)
     assert not tensors_on_ctx(o), f"tensors kept on ctx (use save_for_backward): {tensors_on_ctx(o)}"
@@ -27,11 +27,20 @@ def test_no_tensor_held_on_ctx(variant, backend):
         assert custom_autograd_nodes(o)
 
 
+@pytest.fixture(params=["keep", "recompute"])
+def states(request, monkeypatch):
+    """The chunk states kept for backward (default) or remade there (PDELTA_RECOMPUTE_STATES=1)."""
+    if request.param == "recompute":
+        monkeypatch.setenv("PDELTA_RECOMPUTE_STATES", "1")
+    return request.param
+
+
 @pytest.mark.parametrize("variant", ["pdn", "pgdn", "pkda"])
-def test_no_tensor_held_on_ctx_after_backward(variant):
-    """The WY outputs remade in backward are dropped once their last reader ran: the graph (and every ctx)
-    lives until the whole backward ends, so anything kept there would pile up over the layers of a model (this
-    held 12 KB per token per layer at the 340M shape: ~69 of the 115 GiB per GPU of the 1M-token run on 4 H200s)."""
+def test_no_tensor_held_on_ctx_after_backward(variant, states):
+    """The WY outputs (and the chunk states, when remade) remade in backward are dropped once their last reader
+    ran: the graph (and every ctx) lives until the whole backward ends, so anything kept there would pile up
+    over the layers of a model (this held 12 KB per token per layer at the 340M shape: ~69 of the 115 GiB per
+    GPU of the 1M-token run on 4 H200s)."""
     inp = make_inputs(T=150, H=2, HV=4, K=16, V=16, variant=variant, dtype=torch.float32, device=DEVICE)
     o, S, _ = call(precond_delta_rule, inp, output_final_state=True, backend="triton")
     (o.square().sum() + S.square().sum()).backward(retain_graph=True)
@@ -44,7 +53,7 @@ def test_no_tensor_held_on_ctx_after_backward(variant):
 
 
 @pytest.mark.parametrize("variant", ["pgdn", "pkda"])
-def test_checkpointed_op_matches_plain(variant):
+def test_checkpointed_op_matches_plain(variant, states):
     """Gradients through a non-reentrant checkpoint equal the plain ones (the WY outputs remade from remade
     inputs in backward)."""
     inp = make_inputs(T=150, H=2, HV=4, K=16, V=16, variant=variant, dtype=torch.float32, device=DEVICE)
