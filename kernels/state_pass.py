@@ -222,7 +222,7 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
 
     ``reuse_g``: the caller no longer needs G (the gradient of the chunk states, [Nc, HV, K, V]) after this call,
     so the split backward may place dW and dU in its storage once the reverse pass has read it (both fit when
-    K = V ≥ C; at K = V = 128 that is 9% of PGDN's fwd+bwd memory peak by benchmarks/graph_stats.py). Kernel
+    K = V ≥ 2C; at K = V = 128 that is 9% of PGDN's fwd+bwd memory peak by benchmarks/graph_stats.py). Kernel
     launches on one stream run in order: the reverse pass has finished reading G when the gradients are written."""
     Nc, HV, C, K = W.shape
     V = U.shape[-1]
