@@ -196,6 +196,10 @@ gap)  # one GPU, issue 3: the kernel GPU tests (session g's dW/dU reuse never ra
   timeout ${LIMIT:-240} python3 benchmarks/bench_kernels.py --T 32768 131072 --warmup 5 --rep 20 \
       --ops pgdn fla-gdn fla-pgdn pkda fla-kda fla-pkda --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
   echo "bench rc=$?"
+  # the states remade in backward (session g, opt-in): time and peak beside the default rows above
+  PDELTA_RECOMPUTE_STATES=1 timeout 120 python3 benchmarks/bench_kernels.py --T 32768 131072 --warmup 5 --rep 20 \
+      --ops pgdn pkda --out "$OUT/kernels_recompute_states.json" >> "$OUT/kernels.log" 2>&1
+  echo "recompute states rc=$?"
   unset CUDA_VISIBLE_DEVICES
   ;;
 warps)  # one GPU: every kernel family at 4 and 8 warps (miscompile check against the default, then timing)
