@@ -37,7 +37,7 @@ class Recompute:
 
     def __init__(self, fn: Callable, *inputs: torch.Tensor, states: bool = False):
         self.inputs = tuple(t.detach() for t in inputs)
-        self.cache = _WYCache(fn)
+        self.cache = _RemadeOnce(fn)
         self.states = _States(self.cache) if states else None
 
 
@@ -47,9 +47,9 @@ class _States:
     per-sub-segment entering states instead and hands them to the output stage; in backward one state-pass
     forward launch remakes S from them and the remade WY outputs, once for both stages (as fla remakes its h)."""
 
-    def __init__(self, wy_cache: "_WYCache"):
+    def __init__(self, wy_cache: "_RemadeOnce"):
         self.wy_cache = wy_cache
-        self.cache = _WYCache(self._remake)
+        self.cache = _RemadeOnce(self._remake)
         self.remake_starts: Callable | None = None  # (W, U, P̃, d, S_sub) -> S, set by the state pass
         self.pending: torch.Tensor | None = None  # S_sub, from the state pass's forward to the output stage's
 
@@ -91,8 +91,9 @@ def save_states(ctx, recompute: Recompute | None, S: torch.Tensor, remake_starts
     return S
 
 
-class _WYCache:
-    """The WY outputs remade once in backward from the saved inputs, shared by every stage of one layer.
+class _RemadeOnce:
+    """Tensors remade once in backward by ``fn`` from saved inputs, shared by every stage of one layer that reads
+    them: the WY outputs (:class:`Recompute`) and, with ``states=True``, the chunk states (:class:`_States`).
 
     Dropped as soon as the last registered stage has read them: the autograd nodes (and so this cache) live
     until the whole backward ends, so a kept copy would pile up over all layers (12 KB per token per layer at

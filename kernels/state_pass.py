@@ -193,9 +193,11 @@ def _segments_tensor(values, device) -> Tensor:
     return index_tensor(values, device, torch.int32)
 
 
-# 4 warps for the forward pass up to K = 128 (H100, Triton 3.6, benchmarks/warps_sweep.py: PGDN fwd+bwd at 32K
-# tokens 27.3 -> 25.9 ms against 8 warps, PKDA 63.6 -> 61.6 ms; outputs identical); larger keys keep the tile config's.
-_FWD_WARPS = 4
+def forward_warps(K: int, config_warps: int) -> int:
+    """num_warps of the forward pass: 4 up to K = 128 (H100, Triton 3.6, benchmarks/warps_sweep.py: PGDN fwd+bwd at
+    32K tokens 27.3 -> 25.9 ms against 8 warps, PKDA 63.6 -> 61.6 ms; outputs identical); larger keys keep the
+    tile config's (not measured at 4)."""
+    return 4 if K <= 128 else config_warps
 
 
 def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=True, narrow=False):
@@ -211,7 +213,7 @@ def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=Tru
     _state_fwd_kernel[grid](W, U, P, D, W if S0 is None else S0, _segments_tensor(first, W.device),
                             _segments_tensor(length, W.device), starts, final, HV, K=K, V=V, C=C, BK=BK, BV=BV,
                             SUMMARY=summary, STORE_STARTS=store_starts, PRECISION=_precision(summary),
-                            num_warps=tuned_warps("state_fwd", _FWD_WARPS if K <= 128 else warps),
+                            num_warps=tuned_warps("state_fwd", forward_warps(K, warps)),
                             num_stages=stages)
     return starts, final
 
