@@ -206,4 +206,21 @@ warps)  # one GPU: every kernel family at 4 and 8 warps (miscompile check agains
   CUDA_VISIBLE_DEVICES=0 timeout ${LIMIT:-540} python3 benchmarks/warps_sweep.py --variants pgdn pkda \
       --out "$OUT/warps.json" > "$OUT/warps.log" 2>&1; echo "warps rc=$?"
   ;;
+accuracy)  # one GPU: ours and fla each against its own reference (benchmarks/accuracy_vs_fla.py), then num_stages
+  # trials of the state pass and output backward; one process per op and per trial (an illegal memory access poisons
+  # the CUDA context for the rest of its process), each under the call's time left ($BUDGET seconds, default 540)
+  export CUDA_VISIBLE_DEVICES=0; mkdir -p "$OUT/acc"
+  for op in fla-pgdn pgdn fla-gdn fla-pkda pkda fla-kda; do
+    [ $SECONDS -lt $(( ${BUDGET:-540} - 100 )) ] || break
+    timeout 100 python3 benchmarks/accuracy_vs_fla.py --T 8192 --H 16 --ops $op --out "$OUT/acc/$op.json" \
+        > "$OUT/acc/$op.log" 2>&1; echo "accuracy $op rc=$? at ${SECONDS}s"
+  done
+  for s in STATE_FWD STATE_BWD STATE_GRADS OUTPUT_BWD_STATE; do
+    [ $SECONDS -lt $(( ${BUDGET:-540} - 90 )) ] || break
+    timeout 90 python3 benchmarks/warps_sweep.py --variants pgdn --settings PDELTA_STAGES_$s=2 \
+        --out "$OUT/acc/stages_$s.json" > "$OUT/acc/stages_$s.log" 2>&1; echo "stages $s rc=$? at ${SECONDS}s"
+  done
+  (cd "$OUT" && tar czf accuracy.tgz acc && rm -rf acc)
+  unset CUDA_VISIBLE_DEVICES
+  ;;
 esac

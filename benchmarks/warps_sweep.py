@@ -1,8 +1,13 @@
-"""num_warps sweep of the chunk kernels on one GPU: each kernel family at 4 and 8 warps, one at a time.
+"""Launch-switch sweep of the chunk kernels on one GPU: each kernel family at 4 and 8 warps, one at a time, or any
+list of environment settings (num_stages, operand precision).
 
     python benchmarks/warps_sweep.py --out warps.json [--variants pgdn pkda] [--T 32768] [--warps 4 8]
+    python benchmarks/warps_sweep.py --out sweep.json --settings PDELTA_STAGES_STATE_FWD=2 PDELTA_DOT=bf16 \
+        "PDELTA_DOT=bf16,PDELTA_STAGES_STATE_FWD=2"
 
-For every kernel family (PDELTA_WARPS_<KERNEL>, kernels/_triton_utils.py `tuned_warps`) and warp count:
+For every kernel family (PDELTA_WARPS_<KERNEL>, kernels/_triton_utils.py `launch_config`) and warp count, or every
+--settings entry (comma-separated VAR=VALUE pairs; PDELTA_DOT changes the math, so its difference is reported, not
+called a miscompile):
   * a miscompile check — the op's output and every input gradient (T = 4096, H = 4, K = V = 128, float32 inputs)
     against the same op at the default warps: the math is identical, so anything above 1e-3 relative RMS is a
     miscompile (Triton 3.6 on Hopper has some), and the row says so;
@@ -53,6 +58,7 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=32768)
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--kernels", nargs="*", default=None, help="only these kernel families")
+    ap.add_argument("--settings", nargs="*", default=None, help="VAR=VALUE[,VAR=VALUE] entries instead of warps")
     ap.add_argument("--out", default="warps.json")
     args = ap.parse_args()
     emit = rows_writer(args.out, {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -66,25 +72,26 @@ def main() -> None:
         reference = outputs_and_grads(variant, check_x, check_do)
         base = time_op(variant, time_x, time_do)
         emit({"variant": variant, "kernel": "default", "T": args.T, "fwd_bwd_ms": base})
-        for kernel in KERNELS[variant]:
-            if args.kernels and kernel not in args.kernels:
-                continue
-            for warps in args.warps:
-                var = f"PDELTA_WARPS_{kernel.upper()}"
-                os.environ[var] = str(warps)
-                row = {"variant": variant, "kernel": kernel, "warps": warps, "T": args.T}
-                try:
-                    got = outputs_and_grads(variant, check_x, check_do)
-                    row["max_rel_diff_vs_default"] = max(rel_rms(a, b) for a, b in zip(got, reference))
-                    row["miscompiled"] = row["max_rel_diff_vs_default"] > 1e-3
-                    if not row["miscompiled"]:
-                        row["fwd_bwd_ms"] = time_op(variant, time_x, time_do)
-                        row["vs_default"] = row["fwd_bwd_ms"] / base
-                except Exception as exc:  # a config that does not compile or fit must not lose the others
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                finally:
+        trials = [dict(kv.split("=", 1) for kv in entry.split(",")) for entry in args.settings or []]
+        if args.settings is None:
+            trials = [{f"PDELTA_WARPS_{kernel.upper()}": str(warps)} for kernel in KERNELS[variant]
+                      if not args.kernels or kernel in args.kernels for warps in args.warps]
+        for env in trials:
+            row = {"variant": variant, "settings": env, "T": args.T}
+            os.environ.update(env)
+            try:
+                got = outputs_and_grads(variant, check_x, check_do)
+                row["max_rel_diff_vs_default"] = max(rel_rms(a, b) for a, b in zip(got, reference))
+                row["miscompiled"] = "PDELTA_DOT" not in env and row["max_rel_diff_vs_default"] > 1e-3
+                if not row["miscompiled"]:
+                    row["fwd_bwd_ms"] = time_op(variant, time_x, time_do)
+                    row["vs_default"] = row["fwd_bwd_ms"] / base
+            except Exception as exc:  # a config that does not compile or fit must not lose the others
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            finally:
+                for var in env:
                     os.environ.pop(var)
-                emit(row)
+            emit(row)
         emit({"variant": variant, "kernel": "default (again)", "T": args.T,
               "fwd_bwd_ms": time_op(variant, time_x, time_do)})
         del check_x, check_do, time_x, time_do, reference

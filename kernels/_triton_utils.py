@@ -59,8 +59,9 @@ def chunk_tile_config(K: int, V: int) -> tuple[int, int, int, int]:
     return BK, BV, 4 if BK <= 64 else 8, 1
 
 
-WARPS_CHOICES = ("1", "2", "4", "8", "16")
-# The kernel families with a PDELTA_WARPS_<NAME> switch, by the variant that launches them (PDN as PGDN).
+# Values each tuning switch accepts: PDELTA_WARPS_<KERNEL> (num_warps) and PDELTA_STAGES_<KERNEL> (num_stages).
+SWITCH_CHOICES = {"WARPS": ("1", "2", "4", "8", "16"), "STAGES": ("1", "2", "3", "4")}
+# The kernel families with tuning switches, by the variant that launches them (PDN as PGDN).
 WARPS_SWITCHES = {
     "pgdn": ("wy_fwd", "wy_bwd", "output_fwd", "output_bwd_state", "output_bwd_qp",
              "state_fwd", "state_bwd", "state_grads"),
@@ -69,16 +70,22 @@ WARPS_SWITCHES = {
 }
 
 
-def tuned_warps(kernel: str, default: int) -> int:
-    """num_warps for one kernel family: ``default``, unless PDELTA_WARPS_<KERNEL> (e.g. PDELTA_WARPS_WY_BWD=4)
-    overrides it — a tuning switch for GPU A/B runs (benchmarks/warps_sweep.py), read at every launch."""
-    var = f"PDELTA_WARPS_{kernel.upper()}"
+def _switch(kind: str, kernel: str, default: int) -> int:
+    var = f"PDELTA_{kind}_{kernel.upper()}"
     value = os.environ.get(var)
     if value is None:
         return default
-    if value not in WARPS_CHOICES:
-        raise ValueError(f"{var} must be one of {', '.join(WARPS_CHOICES)}, got {value!r}; unset it for the default")
+    choices = SWITCH_CHOICES[kind]
+    if value not in choices:
+        raise ValueError(f"{var} must be one of {', '.join(choices)}, got {value!r}; unset it for the default")
     return int(value)
+
+
+def launch_config(kernel: str, warps: int, stages: int) -> dict[str, int]:
+    """num_warps and num_stages for one kernel family's launch: the defaults given, unless PDELTA_WARPS_<KERNEL> or
+    PDELTA_STAGES_<KERNEL> (e.g. PDELTA_WARPS_WY_BWD=4) override them — tuning switches for GPU A/B runs
+    (benchmarks/warps_sweep.py), read at every launch."""
+    return {"num_warps": _switch("WARPS", kernel, warps), "num_stages": _switch("STAGES", kernel, stages)}
 
 
 def dot_precision() -> str:

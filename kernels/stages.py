@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._triton_utils import chunk_tile_config, dot_precision, launch_or_fallback, tuned_warps
+from ._triton_utils import chunk_tile_config, dot_precision, launch_config, launch_or_fallback
 
 C = 64
 
@@ -180,7 +180,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
             kernel, fwd_warps = (fwd_kernel, None) if pick_fwd is None else pick_fwd(K)
             ctx.fallback = Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: kernel[(Nc, HV)](
                 k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
-                PRECISION=dot_precision(), num_warps=tuned_warps(f"{name}_fwd", fwd_warps or warps), num_stages=stages))
+                PRECISION=dot_precision(), **launch_config(f"{name}_fwd", fwd_warps or warps, stages)))
             if ctx.fallback:
                 W, U, P_t, d = (t.contiguous() for t in torch_form(k_hat, p, v.float(), beta, gamma))
             ctx.save_for_backward(k_hat, p, v, beta, gamma, T)
@@ -201,8 +201,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
                     gamma)
                 if launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
                         k_hat, p, v, beta, gamma, T, *z, dk, dp, dv, dbeta, dgam, H, HV, HV // H, K=K, V=V, C=C,
-                        BK=BK, BV=BV, PRECISION=dot_precision(), num_warps=tuned_warps(f"{name}_bwd", warps),
-                        num_stages=stages)):
+                        BK=BK, BV=BV, PRECISION=dot_precision(), **launch_config(f"{name}_bwd", warps, stages))):
                     return _fold_groups(dk, H), _fold_groups(dp, H), dv, dbeta, dgam
             return torch_form_grads(torch_form, (k_hat, p, v.float(), beta, gamma), grads)
 
@@ -229,7 +228,7 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             O = U.new_empty(Nc, HV, C, V)
             ctx.fallback = Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: fwd_kernel[(Nc, HV)](
                 q_hat, p, gamma, W, U, S, O, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
-                PRECISION=dot_precision(), num_warps=tuned_warps(f"{name}_fwd", warps), num_stages=stages))
+                PRECISION=dot_precision(), **launch_config(f"{name}_fwd", warps, stages)))
             if ctx.fallback:
                 O = torch_form(q_hat, p, gamma, W, U, S)
             save_wy(ctx, recompute, (W, U), q_hat, p, gamma, save_states(ctx, recompute, S))
@@ -244,14 +243,14 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             dO = dO.contiguous()
             dq, dp, dW = torch.empty_like(W), torch.empty_like(W), torch.empty_like(W)
             dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
-            common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), num_stages=stages)
+            common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision())
             if Nc and not ctx.fallback and launch_or_fallback(
                     f"{name}_bwd_state", lambda: bwd_state_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H,
-                        num_warps=tuned_warps(f"{name}_bwd_state", warps), **common)) \
+                        **launch_config(f"{name}_bwd_state", warps, stages), **common)) \
                     and launch_or_fallback(f"{name}_bwd_qp", lambda: bwd_qp_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H,
-                        num_warps=tuned_warps(f"{name}_bwd_qp", warps), **common)):
+                        **launch_config(f"{name}_bwd_qp", warps, stages), **common)):
                 return _fold_groups(dq, H), _fold_groups(dp, H), dgam, dW, dU, dS, None
             if not Nc:
                 return torch.zeros_like(q_hat), torch.zeros_like(p), dgam, W.new_zeros(W.shape), dU, dS, None

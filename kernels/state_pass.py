@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..indices import index_tensor, put_rows, take_rows
-from ._triton_utils import INTERPRET, next_pow2, num_sms, tuned_warps, warn_fallback
+from ._triton_utils import INTERPRET, launch_config, next_pow2, num_sms, warn_fallback
 from .stages import Recompute, load_wy, save_states, save_wy, torch_form_grads
 
 
@@ -213,8 +213,7 @@ def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=Tru
     _state_fwd_kernel[grid](W, U, P, D, W if S0 is None else S0, _segments_tensor(first, W.device),
                             _segments_tensor(length, W.device), starts, final, HV, K=K, V=V, C=C, BK=BK, BV=BV,
                             SUMMARY=summary, STORE_STARTS=store_starts, PRECISION=_precision(summary),
-                            num_warps=tuned_warps("state_fwd", forward_warps(K, warps)),
-                            num_stages=stages)
+                            **launch_config("state_fwd", forward_warps(K, warps), stages))
     return starts, final
 
 
@@ -243,14 +242,13 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
                                        _segments_tensor(length, W.device), dW, dU, dP, dD, dS0, lam, HV, Nc * HV,
                                        K=K, V=V, C=C, BK=BK, BV=BV, STORE_GRADS=store_grads and not split,
                                        STORE_LAM=split, PRECISION=_precision(False),
-                                       num_warps=tuned_warps("state_bwd", warps), num_stages=stages)
+                                       **launch_config("state_bwd", warps, stages))
     if split:
         take = _carve(G) if reuse_g else W.new_empty
         dW, dU = take((Nc, HV, C, K)), take((Nc, HV, C, V))
         dP, dD = W.new_empty((Nc, HV, C, K)), W.new_empty((Nc, HV, K))
         _state_grads_kernel[(Nc, HV)](W, U, P, starts, lam, dW, dU, dP, dD, HV, K=K, V=V, C=C, BK=BK, BV=BV,
-                                      PRECISION=_precision(False), num_warps=tuned_warps("state_grads", warps),
-                                      num_stages=stages)
+                                      PRECISION=_precision(False), **launch_config("state_grads", warps, stages))
         return dW, dU, dP, dD, dS0
     if not store_grads:
         return None, None, None, None, dS0

@@ -216,22 +216,26 @@ def test_keys_above_128_take_the_row_forward_and_match_reference():
     assert_triton_matches_float64(inp)
 
 
-def test_tuned_warps_switch(monkeypatch):
-    from pdelta_cp.kernels._triton_utils import tuned_warps
+def test_launch_config_switches(monkeypatch):
+    from pdelta_cp.kernels._triton_utils import launch_config
 
-    monkeypatch.delenv("PDELTA_WARPS_STATE_FWD", raising=False)
-    assert tuned_warps("state_fwd", 8) == 8
+    for var in ("PDELTA_WARPS_STATE_FWD", "PDELTA_STAGES_STATE_FWD"):
+        monkeypatch.delenv(var, raising=False)
+    assert launch_config("state_fwd", 8, 1) == {"num_warps": 8, "num_stages": 1}
     monkeypatch.setenv("PDELTA_WARPS_STATE_FWD", "4")
-    assert tuned_warps("state_fwd", 8) == 4
+    monkeypatch.setenv("PDELTA_STAGES_STATE_FWD", "2")
+    assert launch_config("state_fwd", 8, 1) == {"num_warps": 4, "num_stages": 2}
     monkeypatch.setenv("PDELTA_WARPS_STATE_FWD", "3")
     with pytest.raises(ValueError, match="PDELTA_WARPS_STATE_FWD must be one of 1, 2, 4, 8, 16, got '3'"):
-        tuned_warps("state_fwd", 8)
+        launch_config("state_fwd", 8, 1)
 
 
+@pytest.mark.parametrize("kind", ["WARPS", "STAGES"])
 @pytest.mark.parametrize("variant,kernel", [(v, k) for v, names in WARPS_SWITCHES.items() for k in names])
-def test_every_kernel_family_reads_its_warps_switch(variant, kernel, monkeypatch):
+def test_every_kernel_family_reads_its_switches(variant, kernel, kind, monkeypatch):
     """The names benchmarks/warps_sweep.py sweeps are the ones the launches read (a bad value must surface)."""
-    monkeypatch.setenv(f"PDELTA_WARPS_{kernel.upper()}", "3")
+    monkeypatch.setenv(f"PDELTA_{kind}_{kernel.upper()}", "3" if kind == "WARPS" else "9")
     inp = make_inputs(T=70, H=1, HV=1, K=16, V=16, variant=variant, dtype=torch.float32, device=DEVICE)
-    with pytest.raises(ValueError, match=f"PDELTA_WARPS_{kernel.upper()}"):
+    with pytest.raises(ValueError, match=f"PDELTA_{kind}_{kernel.upper()}"):
         outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+
