@@ -26,7 +26,7 @@ from ..cp.exchange import fold_in_stream_order
 from ..cp.layout import StreamLayout
 from ..indices import put_rows, take_rows
 from ..chunk.summary import DENSE
-from .stages import Recompute, load_wy, save_states, save_wy
+from .stages import GradHandoff, Recompute, load_wy, save_states, save_wy
 from .state_pass import _fold_backward, _fold_forward, _with_narrow_retry, last_subs, remake_starts, \
     split_segments, state_backward, state_forward
 
@@ -43,7 +43,7 @@ class CPStatePass(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W, U, P, D, init_all, after, layout: StreamLayout, group, seg_first, seg_len, sub_len, narrow,
-                recompute, reuse_grad):
+                recompute, handoff):
         K = W.shape[-1]
         subs = split_segments(seg_first, seg_len, sub_len)
         first, length = [s[0] for s in subs], [s[1] for s in subs]
@@ -66,13 +66,15 @@ class CPStatePass(torch.autograd.Function):
         last_sub = last_subs(subs)
         kept = save_states(ctx, recompute, starts, functools.partial(remake_starts, first, length, narrow), S_sub)
         save_wy(ctx, recompute, (W, U, P), D, kept, M_sub, gathered[..., :K])
-        ctx.meta = (layout, group, subs, last_sub, narrow, init_all.shape, reuse_grad)
+        ctx.meta = (layout, group, subs, last_sub, narrow, init_all.shape, handoff)
+        if handoff is not None:
+            handoff.arm()
         return starts, take_rows(finals, last_sub)
 
     @staticmethod
     def backward(ctx, g_starts, g_final):
         (W, U, P), (D, starts, M_sub, M_gathered) = load_wy(ctx, states_at=1)
-        layout, group, subs, last_sub, narrow, init_shape, reuse_grad = ctx.meta
+        layout, group, subs, last_sub, narrow, init_shape, handoff = ctx.meta
         first, length = [s[0] for s in subs], [s[1] for s in subs]
         segs = layout.segments
         HV, K, V = W.shape[1], W.shape[-1], U.shape[-1]
@@ -94,7 +96,8 @@ class CPStatePass(torch.autograd.Function):
         # (c) the full reverse pass
         out = _fold_backward(M_sub, local, terminal, subs, last_sub)
         dW, dU, dP, dD, dS0 = state_backward(W, U, P, D, starts, g_starts, out.contiguous(), first, length,
-                                             narrow=narrow, reuse_g=reuse_grad)
+                                             narrow=narrow, reuse_g=handoff is not None,
+                                             add_to=None if handoff is None else handoff.take())
         d_init = W.new_zeros(init_shape)
         for i, s in enumerate(segs):  # states that entered from an initial state (own pieces' only: no double count)
             if not _continues(layout, i):
@@ -124,12 +127,13 @@ def _arriving_adjoints(layout: StreamLayout, nu_gathered: Tensor, M_gathered: Te
 
 def cp_state_pass(W: Tensor, U: Tensor, P: Tensor, D: Tensor, init_all: Tensor, layout: StreamLayout, group,
                   seg_first, seg_len, sub_len: int, after: Tensor | None = None,
-                  recompute: Recompute | None = None, reuse_grad: bool = False) -> tuple[Tensor, Tensor] | None:
+                  recompute: Recompute | None = None, handoff: GradHandoff | None = None
+                  ) -> tuple[Tensor, Tensor] | None:
     """W, P [Nc,HV,C,K]; U [Nc,HV,C,V]; D [Nc,HV,K]; init_all [N,HV,K,V] (float32) -> (starts, finals), or None
     when the kernels do not fit this GPU (the caller then uses the PyTorch exchange). ``after``: the A exchange's
-    gathered tensor, so that backward meets this pass's collective before that one's (see cp.comm). ``reuse_grad``
+    gathered tensor, so that backward meets this pass's collective before that one's (see cp.comm). ``handoff``
     as in :func:`.state_pass.state_pass`."""
     args = [t.contiguous() for t in (W, U, P, D, init_all)]
     return _with_narrow_retry(lambda narrow: CPStatePass.apply(*args, after, layout, group, tuple(seg_first),
                                                                tuple(seg_len), sub_len, narrow, recompute,
-                                                               reuse_grad))
+                                                               handoff))

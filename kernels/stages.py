@@ -124,6 +124,42 @@ class _RemadeOnce:
         return out
 
 
+class GradHandoff:
+    """The gradients of W and U between the two stages of one layer that read them (and the chunk states S).
+
+    The output stage's backward runs first: it leaves its dW, dU here instead of returning them, and its dS goes
+    only to the state pass, which may therefore overwrite it. The state pass's backward then writes its adjoints Λ
+    into dS's storage and adds its own dW, dU into the ones left here (inside its kernel) and returns the sums:
+    autograd never adds two [Nc, HV, C, K] float32 gradients, and the pass needs no gradient buffers of its own
+    (PGDN at K = V = 128: −10% of the fwd+bwd memory peak, benchmarks/graph_stats.py).
+
+    If only gradients that do not pass through the state pass are asked for (``torch.autograd.grad(o, q)``), the
+    left tensors stay here until the graph is freed: correct (that pass's inputs get no gradient), only not early.
+    """
+
+    def __init__(self):
+        self.left: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.armed = False  # set by the state pass's kernel forward, whose backward takes what is left
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def leave(self, dW: torch.Tensor, dU: torch.Tensor) -> None:
+        self.left = (dW, dU)
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        left, self.left = self.left, None
+        return left
+
+
+def add_left(grads: tuple, left: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
+    """(dW, dU, *rest) with the output stage's left dW, dU added (a state pass's backward off its kernel path)."""
+    if left is None:
+        return tuple(grads)
+    dW, dU, *rest = grads
+    return (left[0] if dW is None else left[0] + dW, left[1] if dU is None else left[1] + dU, *rest)
+
+
 def save_wy(ctx, recompute: Recompute | None, wy: tuple, *others) -> None:
     """Save ``others`` for backward, and the WY tensors ``wy`` (W, U[, P̃]) too unless ``recompute`` remakes them
     (then its inputs are saved instead)."""
@@ -221,7 +257,7 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
 
     class Stage(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, q_hat, p, gamma, W, U, S, recompute):
+        def forward(ctx, q_hat, p, gamma, W, U, S, recompute, handoff):
             Nc, H, _, K = q_hat.shape
             HV, V = U.shape[1], U.shape[-1]
             BK, BV, warps, stages = chunk_tile_config(K, V)
@@ -232,6 +268,7 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             if ctx.fallback:
                 O = torch_form(q_hat, p, gamma, W, U, S)
             save_wy(ctx, recompute, (W, U), q_hat, p, gamma, save_states(ctx, recompute, S))
+            ctx.handoff = handoff if handoff is not None and handoff.armed else None  # not after a PyTorch pass
             return O
 
         @staticmethod
@@ -251,14 +288,18 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
                     and launch_or_fallback(f"{name}_bwd_qp", lambda: bwd_qp_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H,
                         **launch_config(f"{name}_bwd_qp", warps, stages), **common)):
-                return _fold_groups(dq, H), _fold_groups(dp, H), dgam, dW, dU, dS, None
+                if ctx.handoff is not None:  # the state pass adds its own dW, dU to these and returns the sums
+                    ctx.handoff.leave(dW, dU)
+                    dW = dU = None
+                return _fold_groups(dq, H), _fold_groups(dp, H), dgam, dW, dU, dS, None, None
             if not Nc:
-                return torch.zeros_like(q_hat), torch.zeros_like(p), dgam, W.new_zeros(W.shape), dU, dS, None
-            return (*torch_form_grads(torch_form, (q_hat, p, gamma, W, U, S), (dO,)), None)
+                return torch.zeros_like(q_hat), torch.zeros_like(p), dgam, W.new_zeros(W.shape), dU, dS, None, None
+            return (*torch_form_grads(torch_form, (q_hat, p, gamma, W, U, S), (dO,)), None, None)
 
     Stage.__name__ = f"{name}_stage"
 
-    def apply(q_hat, p, gamma, W, U, S, recompute: Recompute | None = None):
-        return Stage.apply(*[t.contiguous().float() for t in (q_hat, p, gamma, W, U, S)], recompute)
+    def apply(q_hat, p, gamma, W, U, S, recompute: Recompute | None = None, handoff: GradHandoff | None = None):
+        """``handoff``: shared with the state pass that made S from the same W, U (see :class:`GradHandoff`)."""
+        return Stage.apply(*[t.contiguous().float() for t in (q_hat, p, gamma, W, U, S)], recompute, handoff)
 
     return apply

@@ -18,7 +18,6 @@ Reverse kernel (adjoint Λ_c = dL/dS_c, carried transposed as X = Λᵀ so no do
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -27,8 +26,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..indices import index_tensor, put_rows, take_rows
-from ._triton_utils import INTERPRET, launch_config, next_pow2, num_sms, warn_fallback
-from .stages import Recompute, load_wy, save_states, save_wy, torch_form_grads
+from ._triton_utils import INTERPRET, launch_config, launch_or_fallback, next_pow2, num_sms, warn_fallback
+from .stages import GradHandoff, Recompute, add_left, load_wy, save_states, save_wy, torch_form_grads
 
 
 @triton.jit
@@ -116,9 +115,10 @@ def _state_bwd_kernel(W, U, P, D, STARTS, G, TERMINAL, FIRST, LENGTH,
 @triton.jit
 def _state_grads_kernel(W, U, P, STARTS, LAM, DW, DU, DP, DD, HV,
                         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr):
     """Per (chunk, value head), all of V in a loop of BV-wide tiles, from S_c (STARTS) and Λ_{c+1} (LAM):
-    dU = P̃ Λ, dW = −dU Sᵀ, dP̃ = (U − W S) Λᵀ, dd = Σ_v S ⊙ Λ — complete sums, no per-V-block copies."""
+    dU = P̃ Λ, dW = −dU Sᵀ, dP̃ = (U − W S) Λᵀ, dd = Σ_v S ⊙ Λ — complete sums, no per-V-block copies.
+    ACCUMULATE: dW and dU are added to what DW and DU hold (the output stage's, see stages.GradHandoff)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     base = i_c.to(tl.int64) * HV + i_h
     rk = tl.arange(0, BK)
@@ -140,12 +140,19 @@ def _state_grads_kernel(W, U, P, STARTS, LAM, DW, DU, DP, DD, HV,
         lam = tl.load(LAM + kv, mask=m_kv, other=0.0)
         u = tl.load(U + (base * C + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
         d_u = tl.dot(p, lam, input_precision=PRECISION)  # [C, BV]
-        tl.store(DU + (base * C + rc[:, None]) * V + cols[None, :], d_u, mask=mv[None, :])
+        du_at = DU + (base * C + rc[:, None]) * V + cols[None, :]
+        if ACCUMULATE:
+            tl.store(du_at, d_u + tl.load(du_at, mask=mv[None, :], other=0.0), mask=mv[None, :])
+        else:
+            tl.store(du_at, d_u, mask=mv[None, :])
         delta = u - tl.dot(w, s, input_precision=PRECISION)  # [C, BV]
         d_p += tl.dot(delta, tl.load(LAM + vk, mask=m_vk, other=0.0), input_precision=PRECISION)
         d_w -= tl.dot(d_u, tl.load(STARTS + vk, mask=m_vk, other=0.0), input_precision=PRECISION)
         d_d += tl.sum(s * lam, axis=1)
-    tl.store(DW + (base * C + rc[:, None]) * K + rk[None, :], d_w, mask=mk[None, :])
+    dw_at = DW + (base * C + rc[:, None]) * K + rk[None, :]
+    if ACCUMULATE:
+        d_w += tl.load(dw_at, mask=mk[None, :], other=0.0)
+    tl.store(dw_at, d_w, mask=mk[None, :])
     tl.store(DP + (base * C + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
     tl.store(DD + base * K + rk, d_d, mask=mk)
 
@@ -218,13 +225,13 @@ def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=Tru
 
 
 def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=True, narrow=False,
-                   reuse_g=False):
+                   reuse_g=False, add_to: tuple[Tensor, Tensor] | None = None):
     """Launch the reverse pass; returns (dW, dU, dP, dD, dS_enter) (grads None when not ``store_grads``).
 
-    ``reuse_g``: the caller no longer needs G (the gradient of the chunk states, [Nc, HV, K, V]) after this call,
-    so the split backward may place dW and dU in its storage once the reverse pass has read it (both fit when
-    K = V ≥ 2C; at K = V = 128 that is 9% of PGDN's fwd+bwd memory peak by benchmarks/graph_stats.py). Kernel
-    launches on one stream run in order: the reverse pass has finished reading G when the gradients are written."""
+    ``reuse_g``: the caller no longer needs G (the gradient of the chunk states, [Nc, HV, K, V]) after this call:
+    the split backward writes the adjoints Λ over it (each program reads a chunk's G tile before it writes that
+    tile's Λ, and no other program touches it). ``add_to``: (dW, dU) tensors that receive dW and dU added to what
+    they hold (the output stage's gradients, see stages.GradHandoff), returned in their place."""
     Nc, HV, C, K = W.shape
     V = U.shape[-1]
     BK, BV, warps, stages = _config(K, V, narrow)
@@ -236,7 +243,8 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
         dD, dU = W.new_empty((NV, Nc, HV, K)), W.new_empty((Nc, HV, C, V))
     else:
         dW = dP = dD = dU = W.new_empty(1)
-    lam = W.new_empty((Nc, HV, K, V)) if split else W.new_empty(1)
+    in_place = split and reuse_g and G.dtype == torch.float32 and G.is_contiguous()
+    lam = (G if in_place else W.new_empty((Nc, HV, K, V))) if split else W.new_empty(1)
     dS0 = W.new_empty((nseg, HV, K, V))
     _state_bwd_kernel[(NV, HV, nseg)](W, U, P, D, starts, G, terminal, _segments_tensor(first, W.device),
                                        _segments_tensor(length, W.device), dW, dU, dP, dD, dS0, lam, HV, Nc * HV,
@@ -244,32 +252,38 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
                                        STORE_LAM=split, PRECISION=_precision(False),
                                        **launch_config("state_bwd", warps, stages))
     if split:
-        take = _carve(G) if reuse_g else W.new_empty
-        dW, dU = take((Nc, HV, C, K)), take((Nc, HV, C, V))
+        dW, dU = add_to if add_to is not None else (W.new_empty((Nc, HV, C, K)), W.new_empty((Nc, HV, C, V)))
         dP, dD = W.new_empty((Nc, HV, C, K)), W.new_empty((Nc, HV, K))
-        _state_grads_kernel[(Nc, HV)](W, U, P, starts, lam, dW, dU, dP, dD, HV, K=K, V=V, C=C, BK=BK, BV=BV,
-                                      PRECISION=_precision(False), **launch_config("state_grads", warps, stages))
+        if not launch_or_fallback("state_grads", lambda: _state_grads_kernel[(Nc, HV)](
+                W, U, P, starts, lam, dW, dU, dP, dD, HV, K=K, V=V, C=C, BK=BK, BV=BV,
+                ACCUMULATE=add_to is not None, PRECISION=_precision(False),
+                **launch_config("state_grads", warps, stages))):
+            # Λ may already be in G's storage: no retry from G, but the grads follow from Λ and S directly
+            _state_grads_torch(W, U, P, starts, lam, dW, dU, dP, dD, accumulate=add_to is not None)
         return dW, dU, dP, dD, dS0
     if not store_grads:
         return None, None, None, None, dS0
     if NV == 1:  # one V block: the partial slots are the gradients (a sum would copy them)
-        return dW[0], dU, dP[0], dD[0], dS0
-    return dW.sum(0), dU, dP.sum(0), dD.sum(0), dS0
+        dW, dP, dD = dW[0], dP[0], dD[0]
+    else:
+        dW, dP, dD = dW.sum(0), dP.sum(0), dD.sum(0)
+    if add_to is not None:
+        dW, dU = add_to[0].add_(dW), add_to[1].add_(dU)
+    return dW, dU, dP, dD, dS0
 
 
-def _carve(buffer: Tensor):
-    """new_empty-like: float32 tensors laid out one after another in ``buffer``'s (dead) storage while they fit,
-    fresh ones after that."""
-    flat, used = buffer.view(-1), 0
-
-    def take(shape) -> Tensor:
-        nonlocal used
-        n = math.prod(shape)
-        if buffer.dtype != torch.float32 or not buffer.is_contiguous() or used + n > flat.numel():
-            return buffer.new_empty(shape, dtype=torch.float32)
-        used += n
-        return flat[used - n:used].view(shape)
-    return take
+def _state_grads_torch(W, U, P, starts, lam, dW, dU, dP, dD, accumulate: bool) -> None:
+    """:func:`_state_grads_kernel` in PyTorch (its fallback), writing (or adding) into the same tensors."""
+    d_u = P @ lam  # [Nc, HV, C, V]
+    d_w = -(d_u @ starts.mT)
+    if accumulate:
+        dW.add_(d_w)
+        dU.add_(d_u)
+    else:
+        dW.copy_(d_w)
+        dU.copy_(d_u)
+    dP.copy_((U - W @ starts) @ lam.mT)
+    dD.copy_((starts * lam).sum(-1))
 
 
 def remake_starts(first, length, narrow, W, U, P, d, S_sub) -> Tensor:
@@ -312,7 +326,7 @@ class StatePass(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, W, U, P, D, S_enter, seg_first, seg_len, sub_len, narrow, recompute, reuse_grad):
+    def forward(ctx, W, U, P, D, S_enter, seg_first, seg_len, sub_len, narrow, recompute, handoff):
         subs = split_segments(seg_first, seg_len, sub_len)
         first, length = [s[0] for s in subs], [s[1] for s in subs]
         split = len(subs) > len(seg_first)
@@ -329,21 +343,24 @@ class StatePass(torch.autograd.Function):
         last = last_subs(subs)
         kept = save_states(ctx, recompute, starts, functools.partial(remake_starts, first, length, narrow), S_sub)
         save_wy(ctx, recompute, (W, U, P), D, S_enter, kept, M)
-        ctx.subs, ctx.last, ctx.segments, ctx.reuse_grad = subs, last, (seg_first, seg_len), reuse_grad
+        ctx.subs, ctx.last, ctx.segments, ctx.handoff = subs, last, (seg_first, seg_len), handoff
+        if handoff is not None:
+            handoff.arm()
         return starts, take_rows(finals, last)
 
     @staticmethod
     def backward(ctx, g_starts, g_final):
         (W, U, P), (D, S_enter, starts, M) = load_wy(ctx, states_at=2)
+        left = None if ctx.handoff is None else ctx.handoff.take()
         grads = _with_narrow_retry(lambda narrow: _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final,
-                                                                   narrow))
+                                                                   narrow, left))
         if grads is None:  # recompute the pass in PyTorch and differentiate that
-            grads = torch_form_grads(lambda *t: state_pass_torch(*t, *ctx.segments), (W, U, P, D, S_enter),
-                                     (g_starts, g_final))
+            grads = add_left(torch_form_grads(lambda *t: state_pass_torch(*t, *ctx.segments),
+                                              (W, U, P, D, S_enter), (g_starts, g_final)), left)
         return (*grads, None, None, None, None, None, None)
 
 
-def _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final, narrow):
+def _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final, narrow, left):
     subs, last = ctx.subs, ctx.last
     first, length = [s[0] for s in subs], [s[1] for s in subs]
     HV, K, V = W.shape[1], W.shape[-1], U.shape[-1]
@@ -356,7 +373,7 @@ def _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final, narrow):
                                    store_grads=False, narrow=narrow)
         terminal = _fold_backward(M, local, terminal, subs, last)
     dW, dU, dP, dD, dS0 = state_backward(W, U, P, D, starts, g_starts, terminal.contiguous(), first, length,
-                                         narrow=narrow, reuse_g=ctx.reuse_grad)
+                                         narrow=narrow, reuse_g=ctx.handoff is not None, add_to=left)
     first_sub = [i for i, s in enumerate(subs) if s[3] == 0]
     return dW, dU, dP, dD, take_rows(dS0, first_sub)
 
@@ -398,14 +415,15 @@ def _fold_backward(M, local, terminal, subs, last):
 
 def state_pass(W: Tensor, U: Tensor, P: Tensor, D: Tensor, S_enter: Tensor, seg_first, seg_len,
                sub_len: int | None = None, recompute: Recompute | None = None,
-               reuse_grad: bool = False) -> tuple[Tensor, Tensor]:
+               handoff: GradHandoff | None = None) -> tuple[Tensor, Tensor]:
     """W, P [Nc,HV,C,K]; U [Nc,HV,C,V]; D [Nc,HV,K]; S_enter [Nseg,HV,K,V] (float32) -> (starts, finals).
     ``recompute``: remakes (W, U, P̃) in backward instead of keeping them (see stages.Recompute).
-    ``reuse_grad``: the gradient arriving for ``starts`` is private to this pass (made by the one stage that
-    reads ``starts``, never a caller's tensor): backward may overwrite it (see :func:`state_backward`)."""
+    ``handoff``: shared with the one stage that reads ``starts`` (the output stage): the gradient arriving for
+    ``starts`` is private to this pass (backward overwrites it, see :func:`state_backward`), and that stage's dW,
+    dU wait there for this pass's own to be added (see stages.GradHandoff)."""
     if sub_len is None:
         sub_len = default_sub_len(seg_len, W.shape[1], U.shape[-1], W.device)
     args = [t.contiguous() for t in (W, U, P, D, S_enter)]
     out = _with_narrow_retry(lambda narrow: StatePass.apply(*args, tuple(seg_first), tuple(seg_len), sub_len,
-                                                            narrow, recompute, reuse_grad))
+                                                            narrow, recompute, handoff))
     return out if out is not None else state_pass_torch(*args, seg_first, seg_len)

@@ -90,6 +90,33 @@ def test_kernels_that_do_not_fit_fall_back_to_pytorch(monkeypatch, variant):
     assert all(rel_rms(grads_f[n], grads_k[n]) < tol for n in grads_k)
 
 
+@pytest.mark.parametrize("where", ["state_pass_forward", "state_pass_backward"])
+def test_output_gradients_of_w_and_u_survive_a_pytorch_state_pass(monkeypatch, where):
+    """The output stage leaves its dW, dU for the state pass's kernel backward to add (stages.GradHandoff). When
+    that pass runs in PyTorch instead (its kernels do not fit: forward, or backward only), nothing may be lost."""
+    import pdelta_cp.kernels._triton_utils as utils
+    import pdelta_cp.kernels.state_pass as sp
+    from triton.runtime.errors import OutOfResources
+
+    utils._warned.clear()
+    inp = make_inputs(T=150, H=2, HV=4, K=12, V=20, variant="pgdn", dtype=torch.float32, device=DEVICE)
+    out_k, grads_k = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+
+    def too_big(*args, **kwargs):
+        raise OutOfResources(1, 0, "shared")
+
+    if where == "state_pass_forward":
+        monkeypatch.setattr(sp.StatePass, "apply", too_big)
+    else:
+        monkeypatch.setattr(sp, "_kernel_backward", too_big)
+    with pytest.warns(RuntimeWarning, match="does not fit"):
+        out_f, grads_f = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    tol = 1e-5 if DEVICE == "cpu" else 5e-3
+    assert all(rel_rms(a, b) < tol for a, b in zip(out_f, out_k))
+    assert all(rel_rms(grads_f[n], grads_k[n]) < tol for n in grads_k), {n: rel_rms(grads_f[n], grads_k[n])
+                                                                          for n in grads_k}
+
+
 @pytest.mark.parametrize("variant", ["pdn", "pkda"])
 def test_recomputing_wy_in_backward_changes_nothing(monkeypatch, variant):
     """Backward remakes W, U, P̃ (default) or keeps them from forward (PDELTA_KEEP_WY=1): identical results."""

@@ -92,11 +92,13 @@ def _check_state_pass(K, V, sub_len):
         assert rel_rms(a, b) < tol, (name, rel_rms(a, b))
 
 
-def test_split_backward_places_dw_du_in_the_dead_state_gradient():
-    """reuse_g: dW and dU live in G's storage (dead once the reverse pass has read it) and equal the fresh ones;
-    dP, dd and dS_enter too. K = V = 128, C = 64: G holds K·V floats per chunk and head, exactly dW's C·K and
-    dU's C·V."""
-    from pdelta_cp.kernels.state_pass import state_backward, state_forward
+@pytest.mark.parametrize("grads_kernel_fits", [True, False])
+def test_split_backward_writes_the_adjoints_over_g_and_adds_into_the_left_gradients(grads_kernel_fits, monkeypatch):
+    """reuse_g: the adjoints Λ overwrite G (dead once the reverse pass has read it); add_to: dW and dU are added
+    into the given tensors (the output stage's, stages.GradHandoff), which come back holding the sums. Everything
+    equals the fresh computation — also when the gradient kernel does not fit and its PyTorch form adds instead."""
+    import pdelta_cp.kernels.state_pass as sp
+    from triton.runtime.errors import OutOfResources
 
     gen = torch.Generator().manual_seed(3)
     Nc, HV, C, K, V = 3, 1, 64, 128, 128
@@ -104,17 +106,28 @@ def test_split_backward_places_dw_du_in_the_dead_state_gradient():
     U = torch.randn(Nc, HV, C, V, generator=gen).to(DEVICE)
     D = torch.rand(Nc, HV, K, generator=gen).to(DEVICE)
     S0 = torch.randn(1, HV, K, V, generator=gen).to(DEVICE)
-    starts, _ = state_forward(W, U, P, D, S0, [0], [Nc])
+    starts, _ = sp.state_forward(W, U, P, D, S0, [0], [Nc])
     G = torch.randn(Nc, HV, K, V, generator=gen).to(DEVICE)
     terminal = torch.randn(1, HV, K, V, generator=gen).to(DEVICE)
-    fresh = state_backward(W, U, P, D, starts, G.clone(), terminal, [0], [Nc])
-    G_reused = G.clone()
-    reused = state_backward(W, U, P, D, starts, G_reused, terminal, [0], [Nc], reuse_g=True)
-    for a, b in zip(fresh, reused):
-        assert torch.equal(a, b)
-    storage = G_reused.untyped_storage().data_ptr()
-    assert reused[0].untyped_storage().data_ptr() == storage and reused[1].untyped_storage().data_ptr() == storage
-    assert reused[2].untyped_storage().data_ptr() != storage  # dP does not fit: a buffer of its own
+    left_W, left_U = torch.randn(Nc, HV, C, K, generator=gen).to(DEVICE), torch.randn(Nc, HV, C, V, generator=gen).to(
+        DEVICE)
+    fresh = sp.state_backward(W, U, P, D, starts, G.clone(), terminal, [0], [Nc])
+    if not grads_kernel_fits:
+        real = sp.launch_or_fallback
+
+        def grads_too_big(name, launch):
+            if name != "state_grads":
+                return real(name, launch)
+            return real(name, lambda: (_ for _ in ()).throw(OutOfResources(1, 0, "shared")))
+        monkeypatch.setattr(sp, "launch_or_fallback", grads_too_big)
+    G_reused, into = G.clone(), (left_W.clone(), left_U.clone())
+    got = sp.state_backward(W, U, P, D, starts, G_reused, terminal, [0], [Nc], reuse_g=True, add_to=into)
+    assert got[0] is into[0] and got[1] is into[1]
+    tol = 1e-6 if grads_kernel_fits else 1e-5  # the PyTorch form sums in its own order
+    assert rel_rms(got[0], fresh[0] + left_W) <= tol and rel_rms(got[1], fresh[1] + left_U) <= tol
+    for a, b in zip(got[2:], fresh[2:]):
+        assert rel_rms(a, b) <= tol
+    assert not torch.equal(G_reused, G)  # it holds the adjoints now
 
 
 def test_state_pass_leaves_a_callers_gradient_alone():

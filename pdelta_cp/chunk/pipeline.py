@@ -199,12 +199,14 @@ class _DeltaStage:
             W, U, p_tilde, d = wy(k_hat, p, v, beta, self.gamma)
             # backward remakes W, U, P̃ with one WY launch instead of keeping them (as fla does for w, u);
             # PDELTA_KEEP_WY=1 keeps them: a faster backward for more memory
-            from ..kernels.stages import Recompute
+            from ..kernels.stages import GradHandoff, Recompute
 
             keep = os.environ.get("PDELTA_KEEP_WY") == "1" or not torch.is_grad_enabled()
             # PDELTA_RECOMPUTE_STATES=1: the chunk states are remade in backward too (one more state-pass launch)
             states = os.environ.get("PDELTA_RECOMPUTE_STATES") == "1"
             self.recompute = None if keep else Recompute(wy, k_hat, p, v, beta, self.gamma, states=states)
+            # the output stage's dW, dU go to the state pass's backward, which adds its own (no autograd sums)
+            self.handoff = GradHandoff() if torch.is_grad_enabled() else None
             self.q_hat, self.p = q_hat, p
             decay = d if self.per_channel else d[..., None]
             self.chunks = DeltaChunks(q_decayed=None, qp=None, W=W, U=U, p_tilde=p_tilde, decay=decay)
@@ -225,9 +227,8 @@ class _DeltaStage:
             return ch.output(S_start), S_final
         from ..kernels.state_pass import state_pass
 
-        # the states' gradient comes only from the output stage below: the pass may reuse its storage
         S_start, S_final = state_pass(*self._kernel_chunks(), S_enter, plan.seg_first_chunk, plan.seg_num_chunks,
-                                      recompute=self.recompute, reuse_grad=True)
+                                      recompute=self.recompute, handoff=self.handoff)
         return self._kernel_outputs(S_start), S_final
 
     def run_across_ranks(self, layout: StreamLayout, group, init_all: Tensor, after: Tensor | None):
@@ -240,7 +241,7 @@ class _DeltaStage:
         W = self.chunks.W
         sub_len = default_sub_len(plan.seg_num_chunks, W.shape[1], self.chunks.U.shape[-1], W.device)
         out = cp_state_pass(*self._kernel_chunks(), init_all, layout, group, plan.seg_first_chunk,
-                            plan.seg_num_chunks, sub_len, after, self.recompute, reuse_grad=True)
+                            plan.seg_num_chunks, sub_len, after, self.recompute, handoff=self.handoff)
         return None if out is None else (self._kernel_outputs(out[0]), out[1])
 
     def _kernel_chunks(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -253,7 +254,8 @@ class _DeltaStage:
             from ..kernels.channel import output_channel_decay as output
         else:
             from ..kernels.output import output_scalar_decay as output
-        return output(self.q_hat, self.p, self.gamma, self.chunks.W, self.chunks.U, S_start, self.recompute)
+        return output(self.q_hat, self.p, self.gamma, self.chunks.W, self.chunks.U, S_start, self.recompute,
+                      self.handoff)
 
 
 def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, backend: str = "torch") -> StreamOutputs:
