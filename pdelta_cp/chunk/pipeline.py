@@ -56,7 +56,7 @@ class StreamInputs:
 
 @dataclass
 class StreamOutputs:
-    o: Tensor  # [L, HV, V]
+    o: Tensor  # [L, HV, V] in v's dtype
     final_S: Tensor  # [Nseg, HV, K, V] state leaving each local segment
     final_A: Tensor  # [Nseg, H, K]
 
@@ -65,28 +65,42 @@ def _heads_first(plan: ChunkPlan, x: Tensor, dtype: torch.dtype) -> Tensor:
     """[L, heads, *rest] -> [Nc, heads, C, *rest] in ``dtype``, contiguous: one copy (the gather is a view when
     the plan has no padding), shared by every consumer and by what they save for backward."""
     if plan.dense and x.dim() >= 2:
-        return _DenseHeadsFirst.apply(x, plan.num_chunks, plan.chunk_size, dtype)
+        return _DenseRelayout.apply(x, True, plan.chunk_size, dtype)
     return plan.gather(x).movedim(1, 2).to(dtype=dtype, memory_format=torch.contiguous_format)
 
 
-class _DenseHeadsFirst(torch.autograd.Function):
-    """:func:`_heads_first` for plans without padding, whose backward changes layout and dtype in one copy
-    (autograd of the plain form casts, then copies into the stream layout: two passes over every gradient)."""
+def _tokens_first(plan: ChunkPlan, xc: Tensor, dtype: torch.dtype) -> Tensor:
+    """[Nc, heads, C, *rest] -> [L, heads, *rest] in ``dtype`` (the inverse of :func:`_heads_first`): one copy."""
+    if plan.dense:
+        return _DenseRelayout.apply(xc, False, plan.chunk_size, dtype)
+    return plan.scatter(xc.movedim(2, 1)).to(dtype)
+
+
+class _DenseRelayout(torch.autograd.Function):
+    """Between the stream layout [L, heads, *rest] and the chunk layout [Nc, heads, C, *rest] of a plan without
+    padding (L = Nc·C), with a dtype change, in one copy each way (autograd of the plain form casts, then copies:
+    two passes over every tensor)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, num_chunks: int, chunk_size: int, dtype: torch.dtype) -> Tensor:
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        view = x.reshape((num_chunks, chunk_size) + x.shape[1:]).movedim(1, 2)
-        out = view.to(dtype=dtype, memory_format=torch.contiguous_format)  # cast and layout in one copy
-        if out.data_ptr() == x.data_ptr():  # same dtype: .to() handed back the view itself; copy it once
-            out = view.clone(memory_format=torch.contiguous_format)
-        return out
+    def forward(ctx, x: Tensor, to_chunks: bool, chunk_size: int, dtype: torch.dtype) -> Tensor:
+        ctx.to_chunks, ctx.chunk_size, ctx.x_dtype = to_chunks, chunk_size, x.dtype
+        return _relayout(x, to_chunks, chunk_size, dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        dx = g.new_empty(ctx.x_shape, dtype=ctx.x_dtype)
-        dx.view((g.shape[0], g.shape[2], g.shape[1]) + tuple(g.shape[3:])).copy_(g.movedim(1, 2))
-        return dx, None, None, None
+        return _relayout(g, not ctx.to_chunks, ctx.chunk_size, ctx.x_dtype), None, None, None
+
+
+def _relayout(x: Tensor, to_chunks: bool, C: int, dtype: torch.dtype) -> Tensor:
+    if to_chunks:  # [L, h, *r] -> [Nc, h, C, *r]
+        L, h, *rest = x.shape
+        out = x.new_empty((L // C, h, C, *rest), dtype=dtype)
+        out.movedim(1, 2).copy_(x.reshape(L // C, C, h, *rest))
+    else:  # [Nc, h, C, *r] -> [L, h, *r]
+        Nc, h, _, *rest = x.shape
+        out = x.new_empty((Nc * C, h, *rest), dtype=dtype)
+        out.view(Nc, C, h, *rest).copy_(x.movedim(1, 2))
+    return out
 
 
 class _L2Normalize(torch.autograd.Function):
@@ -299,5 +313,4 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
         # 4. state pass and outputs
         result = stage.run(S_enter)
     o_chunks, S_final = result
-    o = plan.scatter(o_chunks.movedim(2, 1))
-    return StreamOutputs(o=o, final_S=S_final, final_A=A_final)
+    return StreamOutputs(o=_tokens_first(plan, o_chunks, inp.v.dtype), final_S=S_final, final_A=A_final)
