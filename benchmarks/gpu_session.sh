@@ -227,8 +227,10 @@ validate)  # 2 GPUs, session h: the CP GPU tests (the output/state-pass gradient
   # the kernel GPU tests on GPU 0 and the same-process benchmark with fla on GPU 1 (timings: no other work on GPU 1)
   timeout ${CPLIMIT:-220} $TR --nproc-per-node 2 -m pytest -q -p no:cacheprovider -m gpu tests/distributed/test_cp_gpu.py \
       > "$OUT/cp_tests.log" 2>&1; echo "cp tests rc=$? at ${SECONDS}s"
-  CUDA_VISIBLE_DEVICES=0 timeout 230 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s \
-      > "$OUT/gpu_tests.log" 2>&1 &
+  { CUDA_VISIBLE_DEVICES=0 timeout 230 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s \
+      > "$OUT/gpu_tests.log" 2>&1
+    PDELTA_RECOMPUTE_STATES=1 CUDA_VISIBLE_DEVICES=0 timeout 60 python3 -m pytest -q -p no:cacheprovider \
+      tests/test_gpu.py -s -k "pgdn_16k or pkda_4k or varlen" > "$OUT/gpu_tests_recompute_states.log" 2>&1; } &
   CUDA_VISIBLE_DEVICES=1 timeout 230 python3 benchmarks/bench_kernels.py --T 32768 131072 --warmup 5 --rep 20 \
       --ops pgdn fla-gdn pkda fla-kda --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1 &
   wait; echo "gpu tests and bench done at ${SECONDS}s"; tail -1 "$OUT/gpu_tests.log"
