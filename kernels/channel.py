@@ -55,7 +55,7 @@ def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
 def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
                       DK, DP, DV, DBETA, DGAM, H, HV, G,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -100,7 +100,10 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     d_gam -= t
     d_end = tl.sum(t, axis=0) + tl.load(DDEC + (i_c64 * HV + i_h) * K + rk, mask=mk, other=0.0) * tl.exp(g_end)
     d_gam += tl.where(rc[:, None] == C - 1, d_end[None, :], 0.0)
-    tl.store(DP + (vrow + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
+    dp_at = DP + (vrow + rc[:, None]) * K + rk[None, :]
+    if ACCUMULATE_DP:  # the output stage's dP (stages.GradHandoff): return the sum in its buffer
+        d_p += tl.load(dp_at, mask=mk[None, :], other=0.0)
+    tl.store(dp_at, d_p, mask=mk[None, :])
     tl.store(DBETA + vrow + rc, d_beta)
     tl.store(DGAM + (vrow + rc[:, None]) * K + rk[None, :], d_gam, mask=mk[None, :])
 

@@ -68,7 +68,7 @@ class CPStatePass(torch.autograd.Function):
         save_wy(ctx, recompute, (W, U, P), D, kept, M_sub, gathered[..., :K])
         ctx.meta = (layout, group, subs, last_sub, narrow, init_all.shape, handoff)
         if handoff is not None:
-            handoff.arm()
+            handoff.arm("state_pass")
         return starts, take_rows(finals, last_sub)
 
     @staticmethod
@@ -97,7 +97,7 @@ class CPStatePass(torch.autograd.Function):
         out = _fold_backward(M_sub, local, terminal, subs, last_sub)
         dW, dU, dP, dD, dS0 = state_backward(W, U, P, D, starts, g_starts, out.contiguous(), first, length,
                                              narrow=narrow, reuse_g=handoff is not None,
-                                             add_to=None if handoff is None else handoff.take())
+                                             add_to=None if handoff is None else handoff.take("state_pass"))
         d_init = W.new_zeros(init_shape)
         for i, s in enumerate(segs):  # states that entered from an initial state (own pieces' only: no double count)
             if not _continues(layout, i):

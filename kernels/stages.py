@@ -125,31 +125,38 @@ class _RemadeOnce:
 
 
 class GradHandoff:
-    """The gradients of W and U between the two stages of one layer that read them (and the chunk states S).
+    """Gradients passed between the stages of one layer instead of being summed by autograd.
 
-    The output stage's backward runs first: it leaves its dW, dU here instead of returning them, and its dS goes
-    only to the state pass, which may therefore overwrite it. The state pass's backward then writes its adjoints Λ
-    into dS's storage and adds its own dW, dU into the ones left here (inside its kernel) and returns the sums:
-    autograd never adds two [Nc, HV, C, K] float32 gradients, and the pass needs no gradient buffers of its own
-    (PGDN at K = V = 128: −10% of the fwd+bwd memory peak, benchmarks/graph_stats.py).
+    The output stage's backward runs before the stages that made its inputs. For each input that another stage
+    also reads, it leaves its gradient here instead of returning it, and that stage's kernel backward adds its own
+    contribution into it (in-kernel) and returns the sum — no [Nc, HV, C, K] float32 sums by autograd, no second
+    gradient buffer:
 
-    If only gradients that do not pass through the state pass are asked for (``torch.autograd.grad(o, q)``), the
-    left tensors stay here until the graph is freed: correct (that pass's inputs get no gradient), only not early.
+    * ``"state_pass"``: dW, dU, for the state pass (which also writes its adjoints Λ over the dead dS: the output
+      stage's dS goes to it alone). PGDN at K = V = 128: −10% of the fwd+bwd memory peak (graph_stats.py).
+    * ``"wy"``: dP (per value head, before the fold over a key head's group), for the WY stage.
+
+    A slot is armed by the taking stage's forward (the state pass only on its kernel path); the output stage leaves
+    only into armed slots, and every PyTorch fallback of a taking stage adds what was left itself. If only
+    gradients that do not pass through a taking stage are asked for (``torch.autograd.grad(o, q)``), what was left
+    stays here until the graph is freed: correct (that stage's inputs get no gradient), only not early.
     """
 
     def __init__(self):
-        self.left: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.armed = False  # set by the state pass's kernel forward, whose backward takes what is left
+        self._armed: set[str] = set()
+        self._left: dict[str, tuple[torch.Tensor, ...]] = {}
 
-    def arm(self) -> None:
-        self.armed = True
+    def arm(self, slot: str) -> None:
+        self._armed.add(slot)
 
-    def leave(self, dW: torch.Tensor, dU: torch.Tensor) -> None:
-        self.left = (dW, dU)
+    def armed(self, slot: str) -> bool:
+        return slot in self._armed
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        left, self.left = self.left, None
-        return left
+    def leave(self, slot: str, *grads: torch.Tensor) -> None:
+        self._left[slot] = grads
+
+    def take(self, slot: str) -> tuple[torch.Tensor, ...] | None:
+        return self._left.pop(slot, None)
 
 
 def add_left(grads: tuple, left: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
@@ -206,7 +213,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
 
     class Stage(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, k_hat, p, v, beta, gamma):
+        def forward(ctx, k_hat, p, v, beta, gamma, handoff):
             Nc, H, _, K = k_hat.shape
             HV, V = v.shape[1], v.shape[-1]
             BK, BV, warps, stages = chunk_tile_config(K, V)
@@ -220,6 +227,9 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
             if ctx.fallback:
                 W, U, P_t, d = (t.contiguous() for t in torch_form(k_hat, p, v.float(), beta, gamma))
             ctx.save_for_backward(k_hat, p, v, beta, gamma, T)
+            ctx.handoff = handoff
+            if handoff is not None:
+                handoff.arm("wy")
             return W, U, P_t, d
 
         @staticmethod
@@ -228,26 +238,32 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
             Nc, H, _, K = k_hat.shape
             HV, V = v.shape[1], v.shape[-1]
             grads = (dW, dU, dP_t, dd)
+            left = None if ctx.handoff is None else ctx.handoff.take("wy")  # the output stage's dP, per value head
             if Nc and not ctx.fallback and kernel_backward():
                 BK, BV, warps, stages = chunk_tile_config(K, V)
                 shapes = ((Nc, HV, C, K), v.shape, (Nc, HV, C, K), decay_shape(Nc, HV, K))
                 z = [k_hat.new_zeros(s) if g is None else g.contiguous() for g, s in zip(grads, shapes)]
-                dk, dp = torch.empty_like(z[0]), torch.empty_like(z[0])
+                dk, dp = torch.empty_like(z[0]), torch.empty_like(z[0]) if left is None else left[0]
                 dv, dbeta, dgam = torch.empty_like(v, dtype=torch.float32), torch.empty_like(beta), torch.empty_like(
                     gamma)
                 if launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
                         k_hat, p, v, beta, gamma, T, *z, dk, dp, dv, dbeta, dgam, H, HV, HV // H, K=K, V=V, C=C,
-                        BK=BK, BV=BV, PRECISION=dot_precision(), **launch_config(f"{name}_bwd", warps, stages))):
-                    return _fold_groups(dk, H), _fold_groups(dp, H), dv, dbeta, dgam
-            return torch_form_grads(torch_form, (k_hat, p, v.float(), beta, gamma), grads)
+                        BK=BK, BV=BV, ACCUMULATE_DP=left is not None, PRECISION=dot_precision(),
+                        **launch_config(f"{name}_bwd", warps, stages))):
+                    return _fold_groups(dk, H), _fold_groups(dp, H), dv, dbeta, dgam, None
+            dk, dp, *rest = torch_form_grads(torch_form, (k_hat, p, v.float(), beta, gamma), grads)
+            if left is not None:
+                dp = _fold_groups(left[0], H) if dp is None else dp + _fold_groups(left[0], H)
+            return dk, dp, *rest, None
 
     Stage.__name__ = f"{name}_stage"
 
-    def apply(k_hat, p, v, beta, gamma):
-        """float32 everywhere, except that 16-bit V is passed as it is (the kernels promote it when loading)."""
+    def apply(k_hat, p, v, beta, gamma, handoff: GradHandoff | None = None):
+        """float32 everywhere, except that 16-bit V is passed as it is (the kernels promote it when loading).
+        ``handoff``: shared with the output stage that reads P too (see :class:`GradHandoff`)."""
         v = v.contiguous() if v.dtype in (torch.bfloat16, torch.float16) else v.contiguous().float()
         k_hat, p, beta, gamma = (t.contiguous().float() for t in (k_hat, p, beta, gamma))
-        return Stage.apply(k_hat, p, v, beta, gamma)
+        return Stage.apply(k_hat, p, v, beta, gamma, handoff)
 
     return apply
 
@@ -268,7 +284,7 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             if ctx.fallback:
                 O = torch_form(q_hat, p, gamma, W, U, S)
             save_wy(ctx, recompute, (W, U), q_hat, p, gamma, save_states(ctx, recompute, S))
-            ctx.handoff = handoff if handoff is not None and handoff.armed else None  # not after a PyTorch pass
+            ctx.handoff = handoff
             return O
 
         @staticmethod
@@ -288,10 +304,15 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
                     and launch_or_fallback(f"{name}_bwd_qp", lambda: bwd_qp_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H,
                         **launch_config(f"{name}_bwd_qp", warps, stages), **common)):
-                if ctx.handoff is not None:  # the state pass adds its own dW, dU to these and returns the sums
-                    ctx.handoff.leave(dW, dU)
+                handoff = ctx.handoff
+                if handoff is not None and handoff.armed("state_pass"):  # it adds its dW, dU and returns the sums
+                    handoff.leave("state_pass", dW, dU)
                     dW = dU = None
-                return _fold_groups(dq, H), _fold_groups(dp, H), dgam, dW, dU, dS, None, None
+                if handoff is not None and handoff.armed("wy"):  # the WY stage adds its dP and folds the sum
+                    handoff.leave("wy", dp)
+                    dp = None
+                return (_fold_groups(dq, H), None if dp is None else _fold_groups(dp, H), dgam, dW, dU, dS, None,
+                        None)
             if not Nc:
                 return torch.zeros_like(q_hat), torch.zeros_like(p), dgam, W.new_zeros(W.shape), dU, dS, None, None
             return (*torch_form_grads(torch_form, (q_hat, p, gamma, W, U, S), (dO,)), None, None)
@@ -299,7 +320,8 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
     Stage.__name__ = f"{name}_stage"
 
     def apply(q_hat, p, gamma, W, U, S, recompute: Recompute | None = None, handoff: GradHandoff | None = None):
-        """``handoff``: shared with the state pass that made S from the same W, U (see :class:`GradHandoff`)."""
+        """``handoff``: shared with the state pass that made S and the WY stage that made W, U (see
+        :class:`GradHandoff`)."""
         return Stage.apply(*[t.contiguous().float() for t in (q_hat, p, gamma, W, U, S)], recompute, handoff)
 
     return apply

@@ -345,13 +345,13 @@ class StatePass(torch.autograd.Function):
         save_wy(ctx, recompute, (W, U, P), D, S_enter, kept, M)
         ctx.subs, ctx.last, ctx.segments, ctx.handoff = subs, last, (seg_first, seg_len), handoff
         if handoff is not None:
-            handoff.arm()
+            handoff.arm("state_pass")
         return starts, take_rows(finals, last)
 
     @staticmethod
     def backward(ctx, g_starts, g_final):
         (W, U, P), (D, S_enter, starts, M) = load_wy(ctx, states_at=2)
-        left = None if ctx.handoff is None else ctx.handoff.take()
+        left = None if ctx.handoff is None else ctx.handoff.take("state_pass")
         grads = _with_narrow_retry(lambda narrow: _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final,
                                                                    narrow, left))
         if grads is None:  # recompute the pass in PyTorch and differentiate that

@@ -303,7 +303,7 @@ def _value_side_backward(DU, VV, DV, vrow, beta, T_t, rc, V: tl.constexpr, C: tl
 def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
                    DK, DP, DV, DBETA, DGAM, H, HV, G,
                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False):
     """Writes per-value-head dK̂ (read side), dP, and dV, dβ, dΓ.
 
     Every [C, K] tile is (re)loaded right before the product that uses it: short lifetimes keep the shared
@@ -364,7 +364,10 @@ def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     d_gam -= s
     d_end = tl.sum(s, axis=0) + tl.load(DDEC + i_c64 * HV + i_h) * tl.exp(g_end)
     d_gam += tl.where(rc == C - 1, d_end, 0.0)
-    tl.store(DP + (vrow + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
+    dp_at = DP + (vrow + rc[:, None]) * K + rk[None, :]
+    if ACCUMULATE_DP:  # the output stage's dP (stages.GradHandoff): return the sum in its buffer
+        d_p += tl.load(dp_at, mask=mk[None, :], other=0.0)
+    tl.store(dp_at, d_p, mask=mk[None, :])
     tl.store(DBETA + vrow + rc, d_beta)
     tl.store(DGAM + vrow + rc, d_gam)
 

@@ -90,16 +90,19 @@ def test_kernels_that_do_not_fit_fall_back_to_pytorch(monkeypatch, variant):
     assert all(rel_rms(grads_f[n], grads_k[n]) < tol for n in grads_k)
 
 
-@pytest.mark.parametrize("where", ["state_pass_forward", "state_pass_backward"])
-def test_output_gradients_of_w_and_u_survive_a_pytorch_state_pass(monkeypatch, where):
-    """The output stage leaves its dW, dU for the state pass's kernel backward to add (stages.GradHandoff). When
-    that pass runs in PyTorch instead (its kernels do not fit: forward, or backward only), nothing may be lost."""
+@pytest.mark.parametrize("where,variant", [("state_pass_forward", "pgdn"), ("state_pass_backward", "pgdn"),
+                                           ("wy_backward", "pgdn"), ("wy_backward", "pkda")])
+def test_output_gradients_left_for_other_stages_survive_their_pytorch_fallbacks(monkeypatch, where, variant):
+    """The output stage leaves its dW, dU for the state pass's kernel backward and its dP for the WY stage's to add
+    (stages.GradHandoff). When such a stage runs in PyTorch instead (its kernels do not fit: the state pass's
+    forward or backward, the WY backward), nothing may be lost. GVA (HV = 2H): dP is folded after the sum."""
     import pdelta_cp.kernels._triton_utils as utils
+    import pdelta_cp.kernels.stages as stages
     import pdelta_cp.kernels.state_pass as sp
     from triton.runtime.errors import OutOfResources
 
     utils._warned.clear()
-    inp = make_inputs(T=150, H=2, HV=4, K=12, V=20, variant="pgdn", dtype=torch.float32, device=DEVICE)
+    inp = make_inputs(T=150, H=2, HV=4, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE)
     out_k, grads_k = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
 
     def too_big(*args, **kwargs):
@@ -107,8 +110,12 @@ def test_output_gradients_of_w_and_u_survive_a_pytorch_state_pass(monkeypatch, w
 
     if where == "state_pass_forward":
         monkeypatch.setattr(sp.StatePass, "apply", too_big)
-    else:
+    elif where == "state_pass_backward":
         monkeypatch.setattr(sp, "_kernel_backward", too_big)
+    else:
+        real = stages.launch_or_fallback
+        monkeypatch.setattr(stages, "launch_or_fallback", lambda name, launch: real(
+            name, too_big if name in ("wy_bwd", "wy_channel_bwd") else launch))
     with pytest.warns(RuntimeWarning, match="does not fit"):
         out_f, grads_f = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
     tol = 1e-5 if DEVICE == "cpu" else 5e-3

@@ -210,17 +210,18 @@ class _DeltaStage:
                 self.gamma = torch.zeros_like(beta)
             else:
                 self.gamma = g.cumsum(-2) if self.per_channel else g.cumsum(-1)
-            W, U, p_tilde, d = wy(k_hat, p, v, beta, self.gamma)
-            # backward remakes W, U, P̃ with one WY launch instead of keeping them (as fla does for w, u);
-            # PDELTA_KEEP_WY=1 keeps them: a faster backward for more memory
             from ..kernels.stages import GradHandoff, Recompute
 
+            # the output stage's gradients of W, U and P go to the state pass's and the WY stage's backward, which
+            # add their own in-kernel (no autograd sums)
+            self.handoff = GradHandoff() if torch.is_grad_enabled() else None
+            W, U, p_tilde, d = wy(k_hat, p, v, beta, self.gamma, self.handoff)
+            # backward remakes W, U, P̃ with one WY launch instead of keeping them (as fla does for w, u);
+            # PDELTA_KEEP_WY=1 keeps them: a faster backward for more memory
             keep = os.environ.get("PDELTA_KEEP_WY") == "1" or not torch.is_grad_enabled()
             # PDELTA_RECOMPUTE_STATES=1: the chunk states are remade in backward too (one more state-pass launch)
             states = os.environ.get("PDELTA_RECOMPUTE_STATES") == "1"
             self.recompute = None if keep else Recompute(wy, k_hat, p, v, beta, self.gamma, states=states)
-            # the output stage's dW, dU go to the state pass's backward, which adds its own (no autograd sums)
-            self.handoff = GradHandoff() if torch.is_grad_enabled() else None
             self.q_hat, self.p = q_hat, p
             decay = d if self.per_channel else d[..., None]
             self.chunks = DeltaChunks(q_decayed=None, qp=None, W=W, U=U, p_tilde=p_tilde, decay=decay)
