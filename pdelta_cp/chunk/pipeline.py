@@ -213,8 +213,9 @@ class _DeltaStage:
             from ..kernels.stages import GradHandoff, Recompute
 
             # the output stage's gradients of W, U and P go to the state pass's and the WY stage's backward, which
-            # add their own in-kernel (no autograd sums)
-            self.handoff = GradHandoff() if torch.is_grad_enabled() else None
+            # add their own in-kernel (no autograd sums); PDELTA_GRAD_HANDOFF=0 leaves the sums to autograd
+            handoff = torch.is_grad_enabled() and os.environ.get("PDELTA_GRAD_HANDOFF", "1") != "0"
+            self.handoff = GradHandoff() if handoff else None
             W, U, p_tilde, d = wy(k_hat, p, v, beta, self.gamma, self.handoff)
             # backward remakes W, U, P̃ with one WY launch instead of keeping them (as fla does for w, u);
             # PDELTA_KEEP_WY=1 keeps them: a faster backward for more memory
