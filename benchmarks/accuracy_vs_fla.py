@@ -56,67 +56,44 @@ def ours(variant: str):
     return run
 
 
+# fla op: (module under fla.ops, chunk function, naive function, gate/gain arguments after q, k, v of the chunk
+# function and of the naive one, whether the naive one l2-normalises q and k itself)
+FLA_OPS = {
+    "fla-gdn": ("gated_delta_rule", "chunk_gated_delta_rule", "naive_recurrent_gated_delta_rule",
+                ("g", "beta"), ("beta", "g"), False),
+    "fla-pgdn": ("precond_gated_delta_rule", "chunk_precond_gated_delta_rule",
+                 "naive_recurrent_precond_gated_delta_rule", ("g_atk", "g", "beta_atk", "beta"),
+                 ("g_atk", "g", "beta_atk", "beta"), True),
+    "fla-kda": ("kda", "chunk_kda", "naive_recurrent_kda", ("gk", "beta"), ("gk", "beta"), False),
+    "fla-pkda": ("precond_kda", "chunk_precond_kda", "naive_recurrent_precond_kda",
+                 ("gk", "g_atk", "beta_atk", "beta"), ("gk", "g_atk", "beta_atk", "beta"), False),
+}
+
+
 def fla_ops(name: str):
-    """(chunk op, its reference) on the same dict of inputs; keys are l2-normalised outside for the ops whose
-    reference does not normalise them, so both sides see the same keys."""
+    """(chunk op, its reference) on the same dict of inputs. Where the reference normalises q and k itself, the
+    chunk op does so in-kernel; elsewhere both get keys l2-normalised here, so both sides see the same keys."""
+    import importlib
+
     import fla.ops.common.chunk_o as fla_chunk_o
 
     fla_chunk_o.IS_NVIDIA_HOPPER = False  # FLA #640 guard: bypassed to measure the gradients it guards
-    if name == "fla-pgdn":
-        from fla.ops.precond_gated_delta_rule import chunk_precond_gated_delta_rule
-        from fla.ops.precond_gated_delta_rule.naive import naive_recurrent_precond_gated_delta_rule as naive
+    module, chunk_name, naive_name, chunk_args, naive_args, naive_normalises = FLA_OPS[name]
+    chunk_fn = getattr(importlib.import_module(f"fla.ops.{module}"), chunk_name)
+    naive_fn = getattr(importlib.import_module(f"fla.ops.{module}.naive"), naive_name)
 
-        def chunk(x):
-            return chunk_precond_gated_delta_rule(x["q"], x["k"], x["v"], x["g_atk"], x["g"], x["beta_atk"],
-                                                  x["beta"], output_final_state=True, use_qk_l2norm_in_kernel=True)[:2]
+    def keys(x):
+        if naive_normalises:
+            return x["q"], x["k"]
+        return tuple(F.normalize(x[n].float(), dim=-1).to(x[n].dtype) for n in ("q", "k"))
 
-        def ref(x):
-            return naive(x["q"], x["k"], x["v"], x["g_atk"], x["g"], x["beta_atk"], x["beta"],
-                         output_final_state=True)[:2]
-        return chunk, ref
+    def chunk(x):
+        extra = {"use_qk_l2norm_in_kernel": True} if naive_normalises else {}
+        return chunk_fn(*keys(x), x["v"], *(x[n] for n in chunk_args), output_final_state=True, **extra)[:2]
 
-    def normed(x):
-        return F.normalize(x["q"].float(), dim=-1).to(x["q"].dtype), F.normalize(x["k"].float(), dim=-1).to(
-            x["k"].dtype)
-
-    if name == "fla-gdn":
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-        from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule as naive
-
-        def chunk(x):
-            q, k = normed(x)
-            return chunk_gated_delta_rule(q, k, x["v"], x["g"], x["beta"], output_final_state=True)[:2]
-
-        def ref(x):
-            q, k = normed(x)
-            return naive(q, k, x["v"], x["beta"], x["g"], output_final_state=True)[:2]
-        return chunk, ref
-    if name == "fla-kda":
-        from fla.ops.kda import chunk_kda
-        from fla.ops.kda.naive import naive_recurrent_kda as naive
-
-        def chunk(x):
-            q, k = normed(x)
-            return chunk_kda(q, k, x["v"], x["gk"], x["beta"], output_final_state=True)[:2]
-
-        def ref(x):
-            q, k = normed(x)
-            return naive(q, k, x["v"], x["gk"], x["beta"], output_final_state=True)[:2]
-        return chunk, ref
-    if name == "fla-pkda":
-        from fla.ops.precond_kda import chunk_precond_kda
-        from fla.ops.precond_kda.naive import naive_recurrent_precond_kda as naive
-
-        def chunk(x):
-            q, k = normed(x)
-            return chunk_precond_kda(q, k, x["v"], x["gk"], x["g_atk"], x["beta_atk"], x["beta"],
-                                     output_final_state=True)[:2]
-
-        def ref(x):
-            q, k = normed(x)
-            return naive(q, k, x["v"], x["gk"], x["g_atk"], x["beta_atk"], x["beta"], output_final_state=True)[:2]
-        return chunk, ref
-    raise ValueError(name)
+    def ref(x):
+        return naive_fn(*keys(x), x["v"], *(x[n] for n in naive_args), output_final_state=True)[:2]
+    return chunk, ref
 
 
 USED = {"pgdn": ("q", "k", "v", "beta", "g", "g_atk", "beta_atk"), "pkda": ("q", "k", "v", "beta", "gk", "g_atk",

@@ -159,12 +159,18 @@ class GradHandoff:
         return self._left.pop(slot, None)
 
 
+def plus_left(grad: torch.Tensor | None, left: torch.Tensor) -> torch.Tensor:
+    """A stage's own gradient (None: none) plus what the output stage left for it: the PyTorch fallbacks of the
+    stages that take from a :class:`GradHandoff`."""
+    return left if grad is None else grad + left
+
+
 def add_left(grads: tuple, left: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
     """(dW, dU, *rest) with the output stage's left dW, dU added (a state pass's backward off its kernel path)."""
     if left is None:
         return tuple(grads)
     dW, dU, *rest = grads
-    return (left[0] if dW is None else left[0] + dW, left[1] if dU is None else left[1] + dU, *rest)
+    return (plus_left(dW, left[0]), plus_left(dU, left[1]), *rest)
 
 
 def save_wy(ctx, recompute: Recompute | None, wy: tuple, *others) -> None:
@@ -253,7 +259,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
                     return _fold_groups(dk, H), _fold_groups(dp, H), dv, dbeta, dgam, None
             dk, dp, *rest = torch_form_grads(torch_form, (k_hat, p, v.float(), beta, gamma), grads)
             if left is not None:
-                dp = _fold_groups(left[0], H) if dp is None else dp + _fold_groups(left[0], H)
+                dp = plus_left(dp, _fold_groups(left[0], H))
             return dk, dp, *rest, None
 
     Stage.__name__ = f"{name}_stage"
