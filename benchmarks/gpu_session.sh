@@ -223,6 +223,37 @@ accuracy)  # one GPU: ours and fla each against its own reference (benchmarks/ac
   (cd "$OUT" && tar czf accuracy.tgz acc && rm -rf acc)
   unset CUDA_VISIBLE_DEVICES
   ;;
+single)  # one GPU (only one-GPU kinds lent): the kernel GPU tests first (CPU-only changes since the last GPU run),
+  # per-kernel profiles of PGDN and PKDA at 32K, then the same-process benchmark with fla at 32K (and $TS if set)
+  export CUDA_VISIBLE_DEVICES=0
+  timeout ${TLIMIT:-230} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s > "$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$? at ${SECONDS}s"; tail -1 "$OUT/gpu_tests.log"
+  for v in ${PROFILES:-pgdn pkda}; do
+    (cd benchmarks && timeout 60 python3 profile_op.py --variant $v --T 32768 --out "$OUT/profile_$v.txt" \
+        > /dev/null 2>&1); echo "profile $v rc=$? at ${SECONDS}s"
+  done
+  (cd "$OUT" && ls profile_*.txt > /dev/null 2>&1 && tar czf profiles.tgz profile_*.txt && rm -f profile_*.txt)
+  timeout $(( ${BUDGET:-560} - SECONDS )) python3 benchmarks/bench_kernels.py --T ${TS:-32768} --warmup 5 --rep 20 \
+      --ops ${OPS:-pgdn pkda fla-gdn fla-kda} --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+  echo "bench rc=$? at ${SECONDS}s"
+  unset CUDA_VISIBLE_DEVICES
+  ;;
+gram)  # one GPU, session i: PKDA's split diagonal Gram blocks — the Gram and PKDA GPU tests, then PKDA timed with
+  # the split and with the exact loop (PDELTA_GRAM_SPLIT=0), each in its own process, fla KDA beside, and a profile
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_gram.py tests/test_gpu.py -k "gram or pkda" -s \
+      > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$? at ${SECONDS}s"; tail -1 "$OUT/gpu_tests.log"
+  for split in 1 0; do
+    PDELTA_GRAM_SPLIT=$split timeout 120 python3 benchmarks/bench_kernels.py --T 32768 --warmup 5 --rep 20 \
+        --ops ${OPS:-pkda} --out "$OUT/kernels_split$split.json" > "$OUT/kernels_split$split.log" 2>&1
+    echo "bench split=$split rc=$? at ${SECONDS}s"
+  done
+  (cd benchmarks && timeout 60 python3 profile_op.py --variant pkda --T 32768 --out "$OUT/profile_pkda.txt" \
+      > /dev/null 2>&1); echo "profile rc=$? at ${SECONDS}s"
+  timeout $(( ${BUDGET:-560} - SECONDS )) python3 benchmarks/bench_kernels.py --T 32768 --warmup 5 --rep 20 \
+      --ops fla-kda --out "$OUT/kernels_fla.json" > "$OUT/kernels_fla.log" 2>&1; echo "fla rc=$? at ${SECONDS}s"
+  unset CUDA_VISIBLE_DEVICES
+  ;;
 validate)  # 2 GPUs, session h: the CP GPU tests (the output/state-pass gradient handoff under CP), then side by side
   # the kernel GPU tests on GPU 0 and the same-process benchmark with fla on GPU 1 (timings: no other work on GPU 1)
   timeout ${CPLIMIT:-220} $TR --nproc-per-node 2 -m pytest -q -p no:cacheprovider -m gpu tests/distributed/test_cp_gpu.py \
