@@ -254,6 +254,24 @@ gram)  # one GPU, session i: PKDA's split diagonal Gram blocks — the Gram and 
       --ops fla-kda --out "$OUT/kernels_fla.json" > "$OUT/kernels_fla.log" 2>&1; echo "fla rc=$? at ${SECONDS}s"
   unset CUDA_VISIBLE_DEVICES
   ;;
+strips)  # one GPU, session i: the Gram strips' shared row factors — Gram and PKDA GPU tests; PKDA's WY forward at 8 warps
+  # (miscompile check + same-process timing); PKDA without the strips change ($AB_OLD: the previous gram_channel.py,
+  # swapped in for one process); then the record benchmark with fla at 32K and 128K
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_gram.py tests/test_gpu.py -k "gram or pkda" -s \
+      > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$? at ${SECONDS}s"; tail -1 "$OUT/gpu_tests.log"
+  timeout 120 python3 benchmarks/warps_sweep.py --variants pkda --settings PDELTA_WARPS_WY_CHANNEL_FWD=8 \
+      --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1; echo "sweep rc=$? at ${SECONDS}s"
+  if [ -n "${AB_OLD:-}" ]; then
+    cp kernels/gram_channel.py /tmp/gram_new.py && cp "$AB_OLD" kernels/gram_channel.py
+    timeout 90 python3 benchmarks/bench_kernels.py --T 32768 --warmup 5 --rep 20 --ops pkda \
+        --out "$OUT/kernels_old.json" > "$OUT/kernels_old.log" 2>&1; echo "old rc=$? at ${SECONDS}s"
+    cp /tmp/gram_new.py kernels/gram_channel.py
+  fi
+  timeout $(( ${BUDGET:-560} - SECONDS )) python3 benchmarks/bench_kernels.py --T 32768 131072 --warmup 5 --rep 20 \
+      --ops pkda fla-kda pgdn fla-gdn --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; echo "bench rc=$? at ${SECONDS}s"
+  unset CUDA_VISIBLE_DEVICES
+  ;;
 validate)  # 2 GPUs, session h: the CP GPU tests (the output/state-pass gradient handoff under CP), then side by side
   # the kernel GPU tests on GPU 0 and the same-process benchmark with fla on GPU 1 (timings: no other work on GPU 1)
   timeout ${CPLIMIT:-220} $TR --nproc-per-node 2 -m pytest -q -p no:cacheprovider -m gpu tests/distributed/test_cp_gpu.py \

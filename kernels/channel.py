@@ -82,9 +82,11 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
     dL_t = tl.where(strict_t, -tl.dot(tl.dot(T, dT_t, input_precision=PRECISION), T, input_precision=PRECISION),
                     0.0)
-    X = gram_lower(KH, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, True, PRECISION)
-    d_beta += tl.sum(tl.where(strict, dL * X, 0.0), axis=1)
-    d_k_gram = gram_apply_lower(dL * beta[:, None], P, krow, GAM, vrow, rc, rk, mk, K, C, BK, True, PRECISION)
+    # L = diag(β) X with X = gram(K̂, P): dX = β ⊙ dL, and β's share Σ_j dL_ij X_ij = Σ_d k̂_id (Σ_j dL_ij P_jd
+    # e^{Γ_id − Γ_jd}) comes from the same apply, row-scaled afterwards: X itself is never formed
+    d_x = gram_apply_lower(dL, P, krow, GAM, vrow, rc, rk, mk, K, C, BK, True, PRECISION)
+    d_beta += tl.sum(kk * d_x, axis=1)
+    d_k_gram = d_x * beta[:, None]
     d_k += d_k_gram
     d_gam += kk * d_k_gram
     tl.store(DK + (vrow + rc[:, None]) * K + rk[None, :], d_k, mask=mk[None, :])
