@@ -50,6 +50,7 @@ def kernels(K: int, V: int) -> list[tuple[str, object, dict, int, int]]:
         ("output_bwd_state", output._out_bwd_state_kernel, chunk, warps, stages),
         ("output_bwd_qp", output._out_bwd_qp_kernel, chunk, warps, stages),
         ("wy_channel_fwd", channel._wy_ch_fwd_kernel, chunk, channel._pick_wy_channel_forward(K)[1] or warps, stages),
+        ("wy_channel_fwd (blocked)", channel._wy_ch_fwd_blocked_kernel, chunk, 4, stages),
         ("wy_channel_bwd", channel._wy_ch_bwd_kernel, chunk, warps, stages),
         ("output_channel_fwd", channel._out_ch_fwd_kernel, chunk, warps, stages),
         ("output_channel_bwd_state", channel._out_ch_bwd_state_kernel, chunk, warps, stages),

@@ -8,6 +8,8 @@ the decay gradient is dΓ = a ⊙ da − b ⊙ db.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton  # noqa: F401  (triton.jit)
 import triton.language as tl
@@ -16,7 +18,8 @@ from ..chunk.delta import wy_form
 from ..chunk.gram import gram
 from .stages import make_output_stage, make_wy_stage
 from .gram_channel import _rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_upper
-from .wy import _invert_unit_lower, _value_side_backward
+from .wy import (_blocked_inverse, _invert_unit_lower, _store_blocked_inverse, _store_blocked_product,
+                 _store_blocked_u, _value_side_backward)
 
 C = 64
 
@@ -49,6 +52,57 @@ def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
         vv = tl.load(VV + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
         u = tl.dot(T, vv * beta[:, None], input_precision=PRECISION)
         tl.store(U + (vrow + rc[:, None]) * V + cols[None, :], u, mask=mv[None, :])
+
+
+@triton.jit
+def _l_block_from(TINV, vrow, i0, j0, r16, C: tl.constexpr):
+    return tl.load(TINV + (vrow + i0 + r16[:, None]) * C + j0 + r16[None, :])
+
+
+@triton.jit
+def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
+                              K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                              BV: tl.constexpr, PRECISION: tl.constexpr):
+    """As `_wy_ch_fwd_kernel`, with (I + L)^-1 by 16-row blocks (wy.py's blocked solve) instead of 63 cross-warp
+    substitution steps on the [C, C] tile: L goes through TINV's storage (16 KB, cache-resident), which then
+    takes the inverse."""
+    tl.static_assert(C == 64, "four row blocks of 16")
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    rc = tl.arange(0, C)
+    r16 = tl.arange(0, 16)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    beta = tl.load(BETA + vrow + rc)
+    L = beta[:, None] * gram_lower(KH, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, True, PRECISION)
+    tl.store(TINV + (vrow + rc[:, None]) * C + rc[None, :], L)
+    tl.debug_barrier()  # the blocks below are read by other threads than wrote them
+    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _blocked_inverse(
+        _l_block_from(TINV, vrow, 0, 0, r16, C), _l_block_from(TINV, vrow, 16, 16, r16, C),
+        _l_block_from(TINV, vrow, 32, 32, r16, C), _l_block_from(TINV, vrow, 48, 48, r16, C),
+        _l_block_from(TINV, vrow, 16, 0, r16, C), _l_block_from(TINV, vrow, 32, 0, r16, C),
+        _l_block_from(TINV, vrow, 32, 16, r16, C), _l_block_from(TINV, vrow, 48, 0, r16, C),
+        _l_block_from(TINV, vrow, 48, 16, r16, C), _l_block_from(TINV, vrow, 48, 32, r16, C), r16, PRECISION, False)
+    tl.debug_barrier()  # every L block is read before the inverse overwrites them
+    _store_blocked_inverse(TINV, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, C)
+    # W = T (β K̂ ⊙ e^Γ) by row blocks
+    _store_blocked_product(
+        W, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33,
+        _rows(KH, krow, r16, rk, mk, K) * tl.exp(_rows(GAM, vrow, r16, rk, mk, K))
+        * tl.load(BETA + vrow + r16)[:, None],
+        _rows(KH, krow + 16, r16, rk, mk, K) * tl.exp(_rows(GAM, vrow + 16, r16, rk, mk, K))
+        * tl.load(BETA + vrow + 16 + r16)[:, None],
+        _rows(KH, krow + 32, r16, rk, mk, K) * tl.exp(_rows(GAM, vrow + 32, r16, rk, mk, K))
+        * tl.load(BETA + vrow + 32 + r16)[:, None],
+        _rows(KH, krow + 48, r16, rk, mk, K) * tl.exp(_rows(GAM, vrow + 48, r16, rk, mk, K))
+        * tl.load(BETA + vrow + 48 + r16)[:, None], r16, rk, mk, K, PRECISION)
+    g_end = tl.load(GAM + (vrow + C - 1) * K + rk, mask=mk, other=0.0)
+    p_t = _rows(P, krow, rc, rk, mk, K) * tl.exp(g_end[None, :] - _rows(GAM, vrow, rc, rk, mk, K))
+    tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], p_t, mask=mk[None, :])
+    tl.store(DEC + (i_c64 * HV + i_h) * K + rk, tl.exp(g_end), mask=mk)
+    _store_blocked_u(VV, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, V, BV, PRECISION)
 
 
 @triton.jit
@@ -226,7 +280,11 @@ def _output_torch(q_hat, p, gamma, W, U, S):
 
 def _pick_wy_channel_forward(K: int):
     """The row kernel at 4 warps up to K = 128 (H100, Triton 3.6: 5.8 ms against 6.5 ms at 8 warps per 32K-token
-    call, benchmarks/wy_forward_ab.py); the tile config's warps for larger keys, not measured at 4."""
+    call, benchmarks/wy_forward_ab.py; 8 warps still 3% slower after session i's split Gram); the tile config's
+    warps for larger keys, not measured at 4. PDELTA_WY_CHANNEL_BLOCKED=1 (K ≤ 128, opt-in until a GPU run
+    checks and times it): the blocked solve of `_wy_ch_fwd_blocked_kernel`."""
+    if os.environ.get("PDELTA_WY_CHANNEL_BLOCKED") == "1" and K <= 128:
+        return _wy_ch_fwd_blocked_kernel, 4
     return _wy_ch_fwd_kernel, (4 if K <= 128 else None)
 
 

@@ -38,14 +38,15 @@ def _rows_t(X, row0, rows, rk, mk, K: tl.constexpr):
 
 
 @triton.jit
-def _block_ref(G, g_row, rc, rk, mk, K: tl.constexpr):
-    """[C, BK]: row i holds Γ at row 8 of i's 16-row block (the reference of the split diagonal factors)."""
-    return _rows(G, g_row, (rc // 16) * 16 + 8, rk, mk, K)
+def _block_row(G, g_row, rc, rk, mk, K: tl.constexpr, OFFSET: tl.constexpr):
+    """[C, BK]: row i holds Γ at row OFFSET of i's 16-row block (clamped to row 0): a reference for split factors
+    (OFFSET 8: the diagonal blocks'; −1 and 15: the strips before and after a block)."""
+    return _rows(G, g_row, tl.maximum((rc // 16) * 16 + OFFSET, 0), rk, mk, K)
 
 
 @triton.jit
-def _block_ref_t(G, g_row, rc, rk, mk, K: tl.constexpr):
-    return _rows_t(G, g_row, (rc // 16) * 16 + 8, rk, mk, K)
+def _block_row_t(G, g_row, rc, rk, mk, K: tl.constexpr, OFFSET: tl.constexpr):
+    return _rows_t(G, g_row, tl.maximum((rc // 16) * 16 + OFFSET, 0), rk, mk, K)
 
 
 @triton.jit
@@ -71,18 +72,19 @@ def gram_lower(A, a_row, B, b_row, G, g_row, rc, rk, mk, K: tl.constexpr, C: tl.
     a = _rows(A, a_row, rc, rk, mk, K)
     ga = _rows(G, g_row, rc, rk, mk, K)
     out = tl.zeros([C, C], dtype=tl.float32)
+    # every strip's row factor e^{Γ_i − Γ_(row before i's block)} in one tile (block 0's rows are masked out)
+    left = a * tl.exp(ga - _block_row(G, g_row, rc, rk, mk, K, -1))
     for blk in tl.static_range(1, C // 16):
         r0 = blk * 16
         ref = tl.load(G + (g_row + r0 - 1) * K + rk, mask=mk, other=0.0)
         in_blk = (rc >= r0) & (rc < r0 + 16)
-        left = a * tl.exp(tl.where(in_blk[:, None], ga - ref[None, :], 0.0))
         before = rc < r0
         right_t = _rows_t(B, b_row, rc, rk, mk, K) * tl.exp(
             tl.where(before[None, :], ref[:, None] - _rows_t(G, g_row, rc, rk, mk, K), 0.0))
         out += tl.where(in_blk[:, None] & before[None, :], tl.dot(left, right_t, input_precision=PRECISION), 0.0)
-    ref = _block_ref(G, g_row, rc, rk, mk, K)
+    ref = _block_row(G, g_row, rc, rk, mk, K, 8)
     if _fits_split(ga, ref, EXACT_DIAG):
-        right_t = _rows_t(B, b_row, rc, rk, mk, K) * tl.exp(_block_ref_t(G, g_row, rc, rk, mk, K)
+        right_t = _rows_t(B, b_row, rc, rk, mk, K) * tl.exp(_block_row_t(G, g_row, rc, rk, mk, K, 8)
                                                             - _rows_t(G, g_row, rc, rk, mk, K))
         diag = _dot_fp32(a * tl.exp(ga - ref), right_t, PRECISION)
         if STRICT:
@@ -111,19 +113,20 @@ def gram_upper(A, a_row, B, b_row, G, g_row, rc, rk, mk, K: tl.constexpr, C: tl.
     b = _rows(B, b_row, rc, rk, mk, K)
     gb = _rows(G, g_row, rc, rk, mk, K)
     out = tl.zeros([C, C], dtype=tl.float32)
+    # every strip's row factor e^{Γ_(last row of j's block) − Γ_j} in one tile (the last block's rows are masked out)
+    left = b * tl.exp(_block_row(G, g_row, rc, rk, mk, K, 15) - gb)
     for blk in tl.static_range(0, C // 16 - 1):
         r1 = blk * 16 + 16
         ref = tl.load(G + (g_row + r1 - 1) * K + rk, mask=mk, other=0.0)
         in_blk = (rc >= r1 - 16) & (rc < r1)
-        left = b * tl.exp(tl.where(in_blk[:, None], ref[None, :] - gb, 0.0))
         after = rc >= r1
         right_t = _rows_t(A, a_row, rc, rk, mk, K) * tl.exp(
             tl.where(after[None, :], _rows_t(G, g_row, rc, rk, mk, K) - ref[:, None], 0.0))
         out += tl.where(in_blk[:, None] & after[None, :], tl.dot(left, right_t, input_precision=PRECISION), 0.0)
-    ref = _block_ref(G, g_row, rc, rk, mk, K)
+    ref = _block_row(G, g_row, rc, rk, mk, K, 8)
     if _fits_split(gb, ref, EXACT_DIAG):
         right_t = _rows_t(A, a_row, rc, rk, mk, K) * tl.exp(_rows_t(G, g_row, rc, rk, mk, K)
-                                                            - _block_ref_t(G, g_row, rc, rk, mk, K))
+                                                            - _block_row_t(G, g_row, rc, rk, mk, K, 8))
         diag = _dot_fp32(b * tl.exp(ref - gb), right_t, PRECISION)
         if STRICT:
             keep = rc[None, :] > rc[:, None]
@@ -157,9 +160,10 @@ def gram_apply_lower(dX, B, b_row, G, g_row, rc, rk, mk, K: tl.constexpr, C: tl.
         before = rc < r0
         right = _rows(B, b_row, rc, rk, mk, K) * tl.exp(
             tl.where(before[:, None], ref[None, :] - _rows(G, g_row, rc, rk, mk, K), 0.0))
-        part = tl.dot(tl.where(in_blk[:, None] & before[None, :], dX, 0.0), right, input_precision=PRECISION)
-        out += part * tl.exp(tl.where(in_blk[:, None], ga - ref[None, :], 0.0))
-    ref = _block_ref(G, g_row, rc, rk, mk, K)
+        out += tl.dot(tl.where(in_blk[:, None] & before[None, :], dX, 0.0), right, input_precision=PRECISION)
+    # each strip's rows times e^{Γ_i − Γ_(row before i's block)}, once for all strips (block 0's rows are zero)
+    out = out * tl.exp(ga - _block_row(G, g_row, rc, rk, mk, K, -1))
+    ref = _block_row(G, g_row, rc, rk, mk, K, 8)
     if _fits_split(ga, ref, EXACT_DIAG):
         if STRICT:
             keep = rc[:, None] > rc[None, :]
@@ -194,9 +198,10 @@ def gram_apply_upper(dXt, A, a_row, G, g_row, rc, rk, mk, K: tl.constexpr, C: tl
         after = rc >= r1
         right = _rows(A, a_row, rc, rk, mk, K) * tl.exp(
             tl.where(after[:, None], _rows(G, g_row, rc, rk, mk, K) - ref[None, :], 0.0))
-        part = tl.dot(tl.where(in_blk[:, None] & after[None, :], dXt, 0.0), right, input_precision=PRECISION)
-        out += part * tl.exp(tl.where(in_blk[:, None], ref[None, :] - gb, 0.0))
-    ref = _block_ref(G, g_row, rc, rk, mk, K)
+        out += tl.dot(tl.where(in_blk[:, None] & after[None, :], dXt, 0.0), right, input_precision=PRECISION)
+    # each strip's rows times e^{Γ_(last row of j's block) − Γ_j}, once for all strips (the last block's rows are zero)
+    out = out * tl.exp(_block_row(G, g_row, rc, rk, mk, K, 15) - gb)
+    ref = _block_row(G, g_row, rc, rk, mk, K, 8)
     if _fits_split(gb, ref, EXACT_DIAG):
         if STRICT:
             keep = rc[None, :] > rc[:, None]

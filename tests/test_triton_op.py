@@ -171,24 +171,26 @@ def test_recomputing_the_states_in_backward_changes_nothing_but_memory(monkeypat
                                                 ("PDELTA_STATE_BWD_SPLIT", "0", "pgdn"),
                                                 ("PDELTA_STATE_BWD_SPLIT", "0", "pkda"),
                                                 ("PDELTA_GRAD_HANDOFF", "0", "pgdn"),
-                                                ("PDELTA_GRAD_HANDOFF", "0", "pkda")])
+                                                ("PDELTA_GRAD_HANDOFF", "0", "pkda"),
+                                                ("PDELTA_WY_CHANNEL_BLOCKED", "1", "pkda")])
 def test_switchable_kernel_paths_match_reference(flag, value, variant, monkeypatch):
     """Non-default paths give the same op: PDELTA_WY_BLOCKED=0 (opt-out), the WY forward by 63 row steps;
     PDELTA_STATE_BWD_SPLIT=0 (opt-out), the reverse state pass forms the chunk gradients itself as per-V-block
-    partials; PDELTA_GRAD_HANDOFF=0 (opt-out), autograd sums the gradients of W, U and P. Every output and gradient
-    against float64."""
+    partials; PDELTA_GRAD_HANDOFF=0 (opt-out), autograd sums the gradients of W, U and P; PDELTA_WY_CHANNEL_BLOCKED=1
+    (opt-in), PKDA's WY forward by 16-row blocks. Every output and gradient against float64."""
     monkeypatch.setenv(flag, value)
     inp = make_inputs(T=150, H=2, HV=4, K=12, V=72, variant=variant, dtype=torch.float32, device=DEVICE)
     assert_triton_matches_float64(inp)
 
 
-@pytest.mark.parametrize("doubling", [False, True])
+@pytest.mark.parametrize("decay,doubling", [("scalar", False), ("scalar", True), ("channel", False)])
 @pytest.mark.parametrize("keys", ["random", "near-identical"])
-def test_blocked_wy_forward_equals_the_row_kernel(doubling, keys):
+def test_blocked_wy_forward_equals_the_row_kernel(decay, doubling, keys):
     """Stage level: W, U, P̃, d and the stored inverse T from both forward kernels agree — the blocked one with
-    its diagonal blocks inverted by substitution or by doubling products. Near-identical keys with gains near 1
+    its diagonal blocks inverted by substitution or by doubling products; for a scalar decay (PDN, PGDN) and a
+    per-channel one (PKDA, whose blocked kernel passes L through T's storage). Near-identical keys with gains near 1
     make (I + L)⁻¹ an alternating sum of large terms (the doubling products' hard case)."""
-    from pdelta_cp.kernels import wy
+    from pdelta_cp.kernels import channel, wy
     from pdelta_cp.kernels._triton_utils import chunk_tile_config, dot_precision
 
     gen = torch.Generator().manual_seed(8)
@@ -201,12 +203,18 @@ def test_blocked_wy_forward_equals_the_row_kernel(doubling, keys):
     v = torch.randn(Nc, HV, C, V, generator=gen)
     beta = torch.rand(Nc, HV, C, generator=gen) if keys == "random" else 0.9 + 0.1 * torch.rand(Nc, HV, C,
                                                                                                 generator=gen)
-    gamma = torch.nn.functional.logsigmoid(torch.randn(Nc, HV, C, generator=gen) + 3).cumsum(-1)
+    per_token = (Nc, HV, C, K) if decay == "channel" else (Nc, HV, C)
+    gamma = torch.nn.functional.logsigmoid(torch.randn(*per_token, generator=gen) + 3).cumsum(2)
     BK, BV, warps, stages = chunk_tile_config(K, V)
     outs = []
-    for kernel, extra in ((wy._wy_fwd_kernel, {}), (wy._wy_fwd_blocked_kernel, {"DOUBLING": doubling})):
+    if decay == "channel":
+        kernels = ((channel._wy_ch_fwd_kernel, {}), (channel._wy_ch_fwd_blocked_kernel, {}))
+    else:
+        kernels = ((wy._wy_fwd_kernel, {}), (wy._wy_fwd_blocked_kernel, {"DOUBLING": doubling}))
+    for kernel, extra in kernels:
         W, P_t = k.new_empty(Nc, HV, C, K), k.new_empty(Nc, HV, C, K)
-        U, T, d = k.new_empty(Nc, HV, C, V), k.new_empty(Nc, HV, C, C), k.new_empty(Nc, HV)
+        U, T = k.new_empty(Nc, HV, C, V), k.new_empty(Nc, HV, C, C)
+        d = k.new_empty(Nc, HV, K) if decay == "channel" else k.new_empty(Nc, HV)
         kernel[(Nc, HV)](k, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
                          PRECISION=dot_precision(), num_warps=warps, num_stages=stages, **extra)
         outs.append((W, U, P_t, T, d))
