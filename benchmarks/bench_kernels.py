@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -119,7 +120,8 @@ def rows_writer(path: str, meta: dict):
 def environment():
     info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("PDELTA_")}}
     try:
         import fla
 

@@ -18,8 +18,8 @@ from ..chunk.delta import wy_form
 from ..chunk.gram import gram
 from .stages import make_output_stage, make_wy_stage
 from .gram_channel import _rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_upper
-from .wy import (_blocked_inverse, _invert_unit_lower, _store_blocked_inverse, _store_blocked_product,
-                 _store_blocked_u, _value_side_backward)
+from .wy import (_blocked_inverse, _invert_unit_lower, _load_block, _load_blocked_inverse, _store_blocked_inverse,
+                 _store_blocked_product, _store_blocked_u, _value_side_backward)
 
 C = 64
 
@@ -27,7 +27,7 @@ C = 64
 @triton.jit
 def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      PRECISION: tl.constexpr, FROM_T: tl.constexpr = False):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -36,9 +36,12 @@ def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
     rk = tl.arange(0, BK)
     mk = rk < K
     beta = tl.load(BETA + vrow + rc)
-    L = beta[:, None] * gram_lower(KH, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, True, PRECISION)
-    T = _invert_unit_lower(L, rc, C)
-    tl.store(TINV + (vrow + rc[:, None]) * C + rc[None, :], T)
+    if FROM_T:  # the remake in backward (stages.make_wy_stage): T as the forward stored it
+        T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
+    else:
+        L = beta[:, None] * gram_lower(KH, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, True, PRECISION)
+        T = _invert_unit_lower(L, rc, C)
+        tl.store(TINV + (vrow + rc[:, None]) * C + rc[None, :], T)
     ga = _rows(GAM, vrow, rc, rk, mk, K)
     w = tl.dot(T, _rows(KH, krow, rc, rk, mk, K) * tl.exp(ga) * beta[:, None], input_precision=PRECISION)
     tl.store(W + (vrow + rc[:, None]) * K + rk[None, :], w, mask=mk[None, :])
@@ -55,14 +58,9 @@ def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
 
 
 @triton.jit
-def _l_block_from(TINV, vrow, i0, j0, r16, C: tl.constexpr):
-    return tl.load(TINV + (vrow + i0 + r16[:, None]) * C + j0 + r16[None, :])
-
-
-@triton.jit
 def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
                               K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                              BV: tl.constexpr, PRECISION: tl.constexpr):
+                              BV: tl.constexpr, PRECISION: tl.constexpr, FROM_T: tl.constexpr = False):
     """As `_wy_ch_fwd_kernel`, with (I + L)^-1 by 16-row blocks (wy.py's blocked solve) instead of 63 cross-warp
     substitution steps on the [C, C] tile: L goes through TINV's storage (16 KB, cache-resident), which then
     takes the inverse."""
@@ -75,18 +73,22 @@ def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, 
     r16 = tl.arange(0, 16)
     rk = tl.arange(0, BK)
     mk = rk < K
-    beta = tl.load(BETA + vrow + rc)
-    L = beta[:, None] * gram_lower(KH, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, True, PRECISION)
-    tl.store(TINV + (vrow + rc[:, None]) * C + rc[None, :], L)
-    tl.debug_barrier()  # the blocks below are read by other threads than wrote them
-    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _blocked_inverse(
-        _l_block_from(TINV, vrow, 0, 0, r16, C), _l_block_from(TINV, vrow, 16, 16, r16, C),
-        _l_block_from(TINV, vrow, 32, 32, r16, C), _l_block_from(TINV, vrow, 48, 48, r16, C),
-        _l_block_from(TINV, vrow, 16, 0, r16, C), _l_block_from(TINV, vrow, 32, 0, r16, C),
-        _l_block_from(TINV, vrow, 32, 16, r16, C), _l_block_from(TINV, vrow, 48, 0, r16, C),
-        _l_block_from(TINV, vrow, 48, 16, r16, C), _l_block_from(TINV, vrow, 48, 32, r16, C), r16, PRECISION, False)
-    tl.debug_barrier()  # every L block is read before the inverse overwrites them
-    _store_blocked_inverse(TINV, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, C)
+    if FROM_T:  # the remake in backward: T's blocks as the forward stored them
+        T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _load_blocked_inverse(TINV, vrow, r16, C)
+    else:
+        beta = tl.load(BETA + vrow + rc)
+        L = beta[:, None] * gram_lower(KH, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, True, PRECISION)
+        tl.store(TINV + (vrow + rc[:, None]) * C + rc[None, :], L)
+        tl.debug_barrier()  # the blocks below are read by other threads than wrote them
+        T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _blocked_inverse(
+            _load_block(TINV, vrow, 0, 0, r16, C), _load_block(TINV, vrow, 16, 16, r16, C),
+            _load_block(TINV, vrow, 32, 32, r16, C), _load_block(TINV, vrow, 48, 48, r16, C),
+            _load_block(TINV, vrow, 16, 0, r16, C), _load_block(TINV, vrow, 32, 0, r16, C),
+            _load_block(TINV, vrow, 32, 16, r16, C), _load_block(TINV, vrow, 48, 0, r16, C),
+            _load_block(TINV, vrow, 48, 16, r16, C), _load_block(TINV, vrow, 48, 32, r16, C), r16, PRECISION,
+            False)
+        tl.debug_barrier()  # every L block is read before the inverse overwrites them
+        _store_blocked_inverse(TINV, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, C)
     # W = T (β K̂ ⊙ e^Γ) by row blocks
     _store_blocked_product(
         W, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33,

@@ -214,32 +214,46 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
 
     decay_shape(Nc, HV, K) gives d's shape; kernel_backward() says whether to use ``bwd_kernel``;
     pick_fwd(K), when given, returns (forward kernel, its num_warps or None for the tile config's), chosen per
-    call (by the key size, or an env switch).
+    call (by the key size, or an env switch). The returned function has a ``remake`` attribute: (W, U, P̃, d)
+    again from the inverse T the forward stored, by the same kernel without its Gram and solve.
     """
+
+    def launch_forward(k_hat, p, v, beta, gamma, T=None):
+        """(W, U, P̃, d, T) from the forward kernel, or None when it does not fit the GPU; with T given, the
+        kernel reads it (FROM_T) instead of forming and storing it: the same arithmetic for everything else."""
+        Nc, H, _, K = k_hat.shape
+        HV, V = v.shape[1], v.shape[-1]
+        BK, BV, warps, stages = chunk_tile_config(K, V)
+        W, P_t = k_hat.new_empty(Nc, HV, C, K), k_hat.new_empty(Nc, HV, C, K)
+        U, d = k_hat.new_empty(Nc, HV, C, V), k_hat.new_empty(decay_shape(Nc, HV, K))
+        from_t, T = T is not None, k_hat.new_empty(Nc, HV, C, C) if T is None else T
+        kernel, fwd_warps = (fwd_kernel, None) if pick_fwd is None else pick_fwd(K)
+        if Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: kernel[(Nc, HV)](
+                k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
+                PRECISION=dot_precision(), FROM_T=from_t, **launch_config(f"{name}_fwd", fwd_warps or warps, stages))):
+            return None
+        return W, U, P_t, d, T
 
     class Stage(torch.autograd.Function):
         @staticmethod
         def forward(ctx, k_hat, p, v, beta, gamma, handoff):
-            Nc, H, _, K = k_hat.shape
-            HV, V = v.shape[1], v.shape[-1]
-            BK, BV, warps, stages = chunk_tile_config(K, V)
-            W, P_t = k_hat.new_empty(Nc, HV, C, K), k_hat.new_empty(Nc, HV, C, K)
-            U, T, d = k_hat.new_empty(Nc, HV, C, V), k_hat.new_empty(Nc, HV, C, C), k_hat.new_empty(
-                decay_shape(Nc, HV, K))
-            kernel, fwd_warps = (fwd_kernel, None) if pick_fwd is None else pick_fwd(K)
-            ctx.fallback = Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: kernel[(Nc, HV)](
-                k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
-                PRECISION=dot_precision(), **launch_config(f"{name}_fwd", fwd_warps or warps, stages)))
-            if ctx.fallback:
+            out = launch_forward(k_hat, p, v, beta, gamma)
+            ctx.fallback = out is None
+            if ctx.fallback:  # no inverse stored: an empty T tells the caller (and this backward) so
                 W, U, P_t, d = (t.contiguous() for t in torch_form(k_hat, p, v.float(), beta, gamma))
+                T = k_hat.new_empty(0)
+            else:
+                W, U, P_t, d, T = out
             ctx.save_for_backward(k_hat, p, v, beta, gamma, T)
+            ctx.mark_non_differentiable(T)
+            ctx.set_materialize_grads(False)  # no zero [Nc, HV, C, C] gradient for T (the backward takes None)
             ctx.handoff = handoff
             if handoff is not None:
                 handoff.arm("wy")
-            return W, U, P_t, d
+            return W, U, P_t, d, T
 
         @staticmethod
-        def backward(ctx, dW, dU, dP_t, dd):
+        def backward(ctx, dW, dU, dP_t, dd, dT):
             k_hat, p, v, beta, gamma, T = ctx.saved_tensors
             Nc, H, _, K = k_hat.shape
             HV, V = v.shape[1], v.shape[-1]
@@ -264,13 +278,29 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
 
     Stage.__name__ = f"{name}_stage"
 
-    def apply(k_hat, p, v, beta, gamma, handoff: GradHandoff | None = None):
-        """float32 everywhere, except that 16-bit V is passed as it is (the kernels promote it when loading).
-        ``handoff``: shared with the output stage that reads P too (see :class:`GradHandoff`)."""
+    def prepared(k_hat, p, v, beta, gamma):
+        """float32 everywhere, except that 16-bit V is passed as it is (the kernels promote it when loading)."""
         v = v.contiguous() if v.dtype in (torch.bfloat16, torch.float16) else v.contiguous().float()
-        k_hat, p, beta, gamma = (t.contiguous().float() for t in (k_hat, p, beta, gamma))
-        return Stage.apply(k_hat, p, v, beta, gamma, handoff)
+        return (*(t.contiguous().float() for t in (k_hat, p)), v, *(t.contiguous().float() for t in (beta, gamma)))
 
+    def apply(k_hat, p, v, beta, gamma, handoff: GradHandoff | None = None, with_inverse: bool = False):
+        """(W, U, P̃, d), and with ``with_inverse`` the stored inverse T [Nc, HV, C, C] too (None when the forward ran
+        in PyTorch). ``handoff``: shared with the output stage that reads P too (see :class:`GradHandoff`)."""
+        W, U, P_t, d, T = Stage.apply(*prepared(k_hat, p, v, beta, gamma), handoff)
+        if not with_inverse:
+            return W, U, P_t, d
+        return W, U, P_t, d, (T if T.numel() else None)
+
+    def remake(k_hat, p, v, beta, gamma, T):
+        """(W, U, P̃, d) from the stored inverse T (no gradient): bitwise what the forward returned."""
+        args = prepared(k_hat, p, v, beta, gamma)
+        out = launch_forward(*args, T=T)
+        if out is None:  # cannot happen after the same kernel ran in forward; stay correct anyway
+            k_hat, p, v, beta, gamma = args
+            return tuple(t.contiguous() for t in torch_form(k_hat, p, v.float(), beta, gamma))
+        return out[:4]
+
+    apply.remake = remake
     return apply
 
 

@@ -45,7 +45,7 @@ def _invert_unit_lower(L, rc, C: tl.constexpr):
 @triton.jit
 def _wy_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, FROM_T: tl.constexpr = False):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -56,12 +56,15 @@ def _wy_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
     beta = tl.load(BETA + vrow + rc)
     gam = tl.load(GAM + vrow + rc)
     kk = tl.load(KH + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
-    p_t = tl.load(P + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
-    strict = rc[:, None] > rc[None, :]
-    decay = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0))
-    L = tl.where(strict, beta[:, None] * tl.dot(kk, p_t, input_precision=PRECISION) * decay, 0.0)
-    T = _invert_unit_lower(L, rc, C)
-    tl.store(TINV + (vrow + rc[:, None]) * C + rc[None, :], T)
+    if FROM_T:  # the remake in backward (stages.make_wy_stage): T as the forward stored it
+        T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
+    else:
+        p_t = tl.load(P + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+        strict = rc[:, None] > rc[None, :]
+        decay = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0))
+        L = tl.where(strict, beta[:, None] * tl.dot(kk, p_t, input_precision=PRECISION) * decay, 0.0)
+        T = _invert_unit_lower(L, rc, C)
+        tl.store(TINV + (vrow + rc[:, None]) * C + rc[None, :], T)
     eg = tl.exp(gam)
     w = tl.dot(T, kk * (beta * eg)[:, None], input_precision=PRECISION)
     tl.store(W + (vrow + rc[:, None]) * K + rk[None, :], w, mask=mk[None, :])
@@ -129,6 +132,22 @@ def _accurate_dot(a, b, PRECISION: tl.constexpr):
         return tl.dot(a, b, input_precision="tf32x3")
     else:
         return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_block(TINV, vrow, i0, j0, r16, C: tl.constexpr):
+    """The 16×16 block at rows i0.., columns j0.. of a [C, C] matrix per program (T's storage)."""
+    return tl.load(TINV + (vrow + i0 + r16[:, None]) * C + j0 + r16[None, :])
+
+
+@triton.jit
+def _load_blocked_inverse(TINV, vrow, r16, C: tl.constexpr):
+    """The ten blocks of a stored (I + L)^-1, in `_blocked_inverse`'s order."""
+    return (_load_block(TINV, vrow, 0, 0, r16, C), _load_block(TINV, vrow, 16, 0, r16, C),
+            _load_block(TINV, vrow, 16, 16, r16, C), _load_block(TINV, vrow, 32, 0, r16, C),
+            _load_block(TINV, vrow, 32, 16, r16, C), _load_block(TINV, vrow, 32, 32, r16, C),
+            _load_block(TINV, vrow, 48, 0, r16, C), _load_block(TINV, vrow, 48, 16, r16, C),
+            _load_block(TINV, vrow, 48, 32, r16, C), _load_block(TINV, vrow, 48, 48, r16, C))
 
 
 @triton.jit
@@ -244,7 +263,8 @@ def _store_blocked_u(VV, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, 
 @triton.jit
 def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
                            K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                           BV: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False):
+                           BV: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False,
+                           FROM_T: tl.constexpr = False):
     tl.static_assert(C == 64, "four row blocks of 16")
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
@@ -253,9 +273,12 @@ def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
     r16 = tl.arange(0, 16)
     rk = tl.arange(0, BK)
     mk = rk < K
-    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _blocked_l_inverse(KH, P, GAM, BETA, krow, vrow, r16, rk, mk,
-                                                                          K, PRECISION, DOUBLING)
-    _store_blocked_inverse(TINV, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, C)
+    if FROM_T:  # the remake in backward: T's blocks as the forward stored them
+        T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _load_blocked_inverse(TINV, vrow, r16, C)
+    else:
+        T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _blocked_l_inverse(KH, P, GAM, BETA, krow, vrow, r16, rk,
+                                                                              mk, K, PRECISION, DOUBLING)
+        _store_blocked_inverse(TINV, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, C)
     # W = T diag(β e^Γ) K̂ by row blocks
     be0 = tl.load(BETA + vrow + r16) * tl.exp(tl.load(GAM + vrow + r16))
     be1 = tl.load(BETA + vrow + 16 + r16) * tl.exp(tl.load(GAM + vrow + 16 + r16))
@@ -341,21 +364,19 @@ def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
     dL_t = tl.where(strict_t, -tl.dot(tl.dot(T, dT_t, input_precision=PRECISION), T, input_precision=PRECISION),
                     0.0)
+    # L = diag(β) (K̂Pᵀ ⊙ D): with Y = (dL ⊙ D) P, dK̂ gets β ⊙ Y and rowsum(dL ⊙ L) = β ⊙ rowsum(K̂ ⊙ Y); with
+    # Z = (dLᵀ ⊙ Dᵀ) diag(β) K̂, dP = Z and colsum(dL ⊙ L) = rowsum(P ⊙ Z) — K̂Pᵀ itself is never formed
     decay = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0))
-    kp = tl.dot(_rows(KH, krow, rc, rk, mk, K), _rows_t(P, krow, rc, rk, mk, K),
-                input_precision=PRECISION) * decay  # (K̂Pᵀ ⊙ D), lower part used
-    gl = tl.where(strict, dL * kp, 0.0)
-    d_beta += tl.sum(gl, axis=1)
-    d_gam += tl.sum(gl, axis=1) * beta  # rowsum of dL ⊙ L
-    d_k += tl.dot(tl.where(strict, dL * beta[:, None] * decay, 0.0), _rows(P, krow, rc, rk, mk, K),
-                  input_precision=PRECISION)
+    y = tl.dot(tl.where(strict, dL * decay, 0.0), _rows(P, krow, rc, rk, mk, K), input_precision=PRECISION)
+    gl = tl.sum(_rows(KH, krow, rc, rk, mk, K) * y, axis=1)
+    d_beta += gl
+    d_gam += gl * beta  # rowsum of dL ⊙ L
+    d_k += y * beta[:, None]
     tl.store(DK + (vrow + rc[:, None]) * K + rk[None, :], d_k, mask=mk[None, :])
     decay_t = tl.exp(tl.where(strict_t, gam[None, :] - gam[:, None], 0.0))
-    pk_t = tl.dot(_rows(P, krow, rc, rk, mk, K), _rows_t(KH, krow, rc, rk, mk, K),
-                  input_precision=PRECISION) * decay_t  # its transpose, upper part used
-    d_gam -= tl.sum(tl.where(strict_t, dL_t * pk_t, 0.0) * beta[None, :], axis=1)  # colsum of dL ⊙ L
     d_p = tl.dot(tl.where(strict_t, dL_t * beta[None, :] * decay_t, 0.0), _rows(KH, krow, rc, rk, mk, K),
                  input_precision=PRECISION)
+    d_gam -= tl.sum(_rows(P, krow, rc, rk, mk, K) * d_p, axis=1)  # colsum of dL ⊙ L
     # P̃ = P ⊙ e^{Γ_C − Γ} and d = e^{Γ_C}
     scale_end = tl.exp(g_end - gam)
     dpt = _rows(DPT, vrow, rc, rk, mk, K)

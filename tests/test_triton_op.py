@@ -124,11 +124,25 @@ def test_output_gradients_left_for_other_stages_survive_their_pytorch_fallbacks(
                                                                           for n in grads_k}
 
 
-@pytest.mark.parametrize("variant", ["pdn", "pkda"])
-def test_recomputing_wy_in_backward_changes_nothing(monkeypatch, variant):
-    """Backward remakes W, U, P̃ (default) or keeps them from forward (PDELTA_KEEP_WY=1): identical results."""
+@pytest.mark.parametrize("variant,remake", [("pdn", "wy"), ("pkda", "wy"), ("pdn", "inverse"), ("pkda", "inverse"),
+                                            ("pkda", "inverse, blocked")])
+def test_recomputing_wy_in_backward_changes_nothing(monkeypatch, variant, remake):
+    """Backward remakes W, U, P̃ (default: the whole WY forward again; PDELTA_REMAKE_FROM_INVERSE=1: from the stored
+    inverse T, with PKDA's row or blocked forward kernel) or keeps them from forward (PDELTA_KEEP_WY=1): identical
+    results."""
+    if remake != "wy":
+        monkeypatch.setenv("PDELTA_REMAKE_FROM_INVERSE", "1")
+    if "blocked" in remake:
+        monkeypatch.setenv("PDELTA_WY_CHANNEL_BLOCKED", "1")
+    from pdelta_cp.kernels import stages
+
+    remakers = []
+    real_init = stages.Recompute.__init__
+    monkeypatch.setattr(stages.Recompute, "__init__",
+                        lambda self, fn, *a, **k: remakers.append(fn.__name__) or real_init(self, fn, *a, **k))
     inp = make_inputs(T=150, H=2, HV=4, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE)
     out_r, grads_r = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    assert remakers == ["apply" if remake == "wy" else "remake"]
     monkeypatch.setenv("PDELTA_KEEP_WY", "1")
     out_k, grads_k = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
     assert all(torch.equal(a, b) for a, b in zip(out_r, out_k))

@@ -216,13 +216,21 @@ class _DeltaStage:
             # add their own in-kernel (no autograd sums); PDELTA_GRAD_HANDOFF=0 leaves the sums to autograd
             handoff = torch.is_grad_enabled() and os.environ.get("PDELTA_GRAD_HANDOFF", "1") != "0"
             self.handoff = GradHandoff() if handoff else None
-            W, U, p_tilde, d = wy(k_hat, p, v, beta, self.gamma, self.handoff)
+            W, U, p_tilde, d, T = wy(k_hat, p, v, beta, self.gamma, self.handoff, with_inverse=True)
             # backward remakes W, U, P̃ with one WY launch instead of keeping them (as fla does for w, u);
             # PDELTA_KEEP_WY=1 keeps them: a faster backward for more memory
             keep = os.environ.get("PDELTA_KEEP_WY") == "1" or not torch.is_grad_enabled()
             # PDELTA_RECOMPUTE_STATES=1: the chunk states are remade in backward too (one more state-pass launch)
             states = os.environ.get("PDELTA_RECOMPUTE_STATES") == "1"
-            self.recompute = None if keep else Recompute(wy, k_hat, p, v, beta, self.gamma, states=states)
+            # PDELTA_REMAKE_FROM_INVERSE=1 (opt-in, CPU-tested): the remake reads the inverse T the WY stage keeps
+            # for its own backward anyway, skipping the Gram and the triangular solve (bitwise the same W, U, P̃)
+            from_inverse = T is not None and os.environ.get("PDELTA_REMAKE_FROM_INVERSE") == "1"
+            if keep:
+                self.recompute = None
+            elif from_inverse:
+                self.recompute = Recompute(wy.remake, k_hat, p, v, beta, self.gamma, T, states=states)
+            else:
+                self.recompute = Recompute(wy, k_hat, p, v, beta, self.gamma, states=states)
             self.q_hat, self.p = q_hat, p
             decay = d if self.per_channel else d[..., None]
             self.chunks = DeltaChunks(q_decayed=None, qp=None, W=W, U=U, p_tilde=p_tilde, decay=decay)
