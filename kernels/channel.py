@@ -16,6 +16,7 @@ import triton.language as tl
 
 from ..chunk.delta import wy_form
 from ..chunk.gram import gram
+from .output import transpose_via
 from .stages import make_output_stage, make_wy_stage
 from .gram_channel import _rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_upper
 from .wy import (_blocked_inverse, _invert_unit_lower, _load_block, _load_blocked_inverse, _store_blocked_inverse,
@@ -221,9 +222,10 @@ def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G,
 
 
 @triton.jit
-def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, H, HV, G,
+def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G,
                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          PRECISION: tl.constexpr, SCRATCH: tl.constexpr = False):
+    """As output.py's `_out_bwd_qp_kernel` (SCRATCH: dA as dAᵀ's transpose through scratch memory)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -241,14 +243,17 @@ def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, H, HV, G,
         s = tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
         u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        u_t = tl.load(U + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
         do = tl.load(DO + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
         do_t = tl.load(DO + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
         delta = u - tl.dot(_rows(W, vrow, rc, rk, mk, K), s, input_precision=PRECISION)
-        delta_t = u_t - tl.dot(s_t, _rows_t(W, vrow, rc, rk, mk, K), input_precision=PRECISION)
         d_q += tl.dot(do, s_t, input_precision=PRECISION)
-        dA += tl.dot(do, delta_t, input_precision=PRECISION)
         dA_t += tl.dot(delta, do_t, input_precision=PRECISION)
+        if not SCRATCH:
+            u_t = tl.load(U + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+            delta_t = u_t - tl.dot(s_t, _rows_t(W, vrow, rc, rk, mk, K), input_precision=PRECISION)
+            dA += tl.dot(do, delta_t, input_precision=PRECISION)
+    if SCRATCH:
+        dA = transpose_via(SCR, vrow, dA_t, rc, C)
     eg = tl.exp(_rows(GAM, vrow, rc, rk, mk, K))
     q = _rows(Q, krow, rc, rk, mk, K)
     d_gam = d_q * q * eg

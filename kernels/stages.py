@@ -6,6 +6,7 @@ fit the GPU, and folds grouped value heads back onto their key heads.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -333,13 +334,16 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             dq, dp, dW = torch.empty_like(W), torch.empty_like(W), torch.empty_like(W)
             dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
             common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision())
+            # PDELTA_OUTPUT_SCRATCH=1 (opt-in, CPU-tested): dA and Aᵀ as transposes through [C, C] scratch rows
+            scratch = dO.new_empty(Nc, HV, C, C) if os.environ.get("PDELTA_OUTPUT_SCRATCH") == "1" else None
             if Nc and not ctx.fallback and launch_or_fallback(
                     f"{name}_bwd_state", lambda: bwd_state_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H,
                         **launch_config(f"{name}_bwd_state", warps, stages), **common)) \
                     and launch_or_fallback(f"{name}_bwd_qp", lambda: bwd_qp_kernel[(Nc, HV)](
-                        q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, H, HV, HV // H,
-                        **launch_config(f"{name}_bwd_qp", warps, stages), **common)):
+                        q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, scratch if scratch is not None else dq, H, HV,
+                        HV // H, SCRATCH=scratch is not None, **launch_config(f"{name}_bwd_qp", warps, stages),
+                        **common)):
                 handoff = ctx.handoff
                 if handoff is not None and handoff.armed("state_pass"):  # it adds its dW, dU and returns the sums
                     handoff.leave("state_pass", dW, dU)
