@@ -278,13 +278,13 @@ optini)  # one GPU: session i's CPU-tested changes — the GPU tests at the defa
   export CUDA_VISIBLE_DEVICES=0
   timeout 230 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s > "$OUT/gpu_tests.log" 2>&1
   echo "gpu tests (defaults) rc=$? at ${SECONDS}s"; tail -1 "$OUT/gpu_tests.log"
-  PDELTA_REMAKE_FROM_INVERSE=1 PDELTA_WY_CHANNEL_BLOCKED=1 PDELTA_OUTPUT_SCRATCH=1 timeout 150 python3 -m pytest -q \
+  PDELTA_REMAKE_FROM_INVERSE=1 PDELTA_WY_CHANNEL_BLOCKED=1 PDELTA_SCRATCH_TRANSPOSE=1 timeout 150 python3 -m pytest -q \
       -p no:cacheprovider tests/test_gpu.py -k "${TESTS:-pgdn_16k or pkda_4k or varlen}" -s \
       > "$OUT/gpu_tests_optins.log" 2>&1
   echo "gpu tests (both opt-ins) rc=$? at ${SECONDS}s"; tail -1 "$OUT/gpu_tests_optins.log"
   i=0
-  for setting in PDELTA_DEFAULT=1 PDELTA_REMAKE_FROM_INVERSE=1 PDELTA_WY_CHANNEL_BLOCKED=1 PDELTA_OUTPUT_SCRATCH=1 \
-      "PDELTA_REMAKE_FROM_INVERSE=1 PDELTA_WY_CHANNEL_BLOCKED=1 PDELTA_OUTPUT_SCRATCH=1"; do
+  for setting in PDELTA_DEFAULT=1 PDELTA_REMAKE_FROM_INVERSE=1 PDELTA_WY_CHANNEL_BLOCKED=1 PDELTA_SCRATCH_TRANSPOSE=1 \
+      "PDELTA_REMAKE_FROM_INVERSE=1 PDELTA_WY_CHANNEL_BLOCKED=1 PDELTA_SCRATCH_TRANSPOSE=1"; do
     env $setting timeout 100 python3 benchmarks/bench_kernels.py --T 32768 --warmup 5 --rep 20 --ops pgdn pkda \
         --out "$OUT/kernels_$i.json" > "$OUT/kernels_$i.log" 2>&1; echo "bench [$setting] rc=$? at ${SECONDS}s"
     i=$((i + 1))

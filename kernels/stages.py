@@ -334,8 +334,8 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             dq, dp, dW = torch.empty_like(W), torch.empty_like(W), torch.empty_like(W)
             dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
             common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision())
-            # PDELTA_OUTPUT_SCRATCH=1 (opt-in, CPU-tested): dA and Aᵀ as transposes through [C, C] scratch rows
-            scratch = dO.new_empty(Nc, HV, C, C) if os.environ.get("PDELTA_OUTPUT_SCRATCH") == "1" else None
+            # PDELTA_SCRATCH_TRANSPOSE=1 (opt-in, CPU-tested): dA and Aᵀ as transposes through [C, C] scratch rows
+            scratch = dO.new_empty(Nc, HV, C, C) if os.environ.get("PDELTA_SCRATCH_TRANSPOSE") == "1" else None
             if Nc and not ctx.fallback and launch_or_fallback(
                     f"{name}_bwd_state", lambda: bwd_state_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H,

@@ -187,13 +187,13 @@ def test_recomputing_the_states_in_backward_changes_nothing_but_memory(monkeypat
                                                 ("PDELTA_GRAD_HANDOFF", "0", "pgdn"),
                                                 ("PDELTA_GRAD_HANDOFF", "0", "pkda"),
                                                 ("PDELTA_WY_CHANNEL_BLOCKED", "1", "pkda"),
-                                                ("PDELTA_OUTPUT_SCRATCH", "1", "pgdn"),
-                                                ("PDELTA_OUTPUT_SCRATCH", "1", "pkda")])
+                                                ("PDELTA_SCRATCH_TRANSPOSE", "1", "pgdn"),
+                                                ("PDELTA_SCRATCH_TRANSPOSE", "1", "pkda")])
 def test_switchable_kernel_paths_match_reference(flag, value, variant, monkeypatch):
     """Non-default paths give the same op: PDELTA_WY_BLOCKED=0 (opt-out), the WY forward by 63 row steps;
     PDELTA_STATE_BWD_SPLIT=0 (opt-out), the reverse state pass forms the chunk gradients itself as per-V-block
     partials; PDELTA_GRAD_HANDOFF=0 (opt-out), autograd sums the gradients of W, U and P; PDELTA_WY_CHANNEL_BLOCKED=1
-    (opt-in), PKDA's WY forward by 16-row blocks; PDELTA_OUTPUT_SCRATCH=1 (opt-in), the output backward's dA and Aᵀ
+    (opt-in), PKDA's WY forward by 16-row blocks; PDELTA_SCRATCH_TRANSPOSE=1 (opt-in), the output backward's dA and Aᵀ
     as transposes through scratch memory. Every output and gradient against float64."""
     monkeypatch.setenv(flag, value)
     inp = make_inputs(T=150, H=2, HV=4, K=12, V=72, variant=variant, dtype=torch.float32, device=DEVICE)
