@@ -276,16 +276,18 @@ optini)  # one GPU: session i's CPU-tested changes — the GPU tests at the defa
   # with the three opt-ins set, then PGDN and PKDA at 32K per setting, one process each (default, each, all).
   # Next session's first call (docs/gpu_runbook.md "Next work" 0)
   export CUDA_VISIBLE_DEVICES=0
-  timeout 230 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s > "$OUT/gpu_tests.log" 2>&1
-  echo "gpu tests (defaults) rc=$? at ${SECONDS}s"; tail -1 "$OUT/gpu_tests.log"
-  PDELTA_REMAKE_FROM_INVERSE=1 PDELTA_WY_CHANNEL_BLOCKED=1 PDELTA_SCRATCH_TRANSPOSE=1 timeout 150 python3 -m pytest -q \
+  # both test runs at once (correctness only; they share the GPU), then the timings alone on it
+  timeout 250 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s > "$OUT/gpu_tests.log" 2>&1 &
+  PDELTA_REMAKE_FROM_INVERSE=1 PDELTA_WY_CHANNEL_BLOCKED=1 PDELTA_SCRATCH_TRANSPOSE=1 timeout 250 python3 -m pytest -q \
       -p no:cacheprovider tests/test_gpu.py -k "${TESTS:-pgdn_16k or pkda_4k or varlen}" -s \
-      > "$OUT/gpu_tests_optins.log" 2>&1
-  echo "gpu tests (both opt-ins) rc=$? at ${SECONDS}s"; tail -1 "$OUT/gpu_tests_optins.log"
+      > "$OUT/gpu_tests_optins.log" 2>&1 &
+  wait
+  echo "gpu tests done at ${SECONDS}s"; tail -1 "$OUT/gpu_tests.log"; tail -1 "$OUT/gpu_tests_optins.log"
   i=0
   for setting in PDELTA_DEFAULT=1 PDELTA_REMAKE_FROM_INVERSE=1 PDELTA_WY_CHANNEL_BLOCKED=1 PDELTA_SCRATCH_TRANSPOSE=1 \
       "PDELTA_REMAKE_FROM_INVERSE=1 PDELTA_WY_CHANNEL_BLOCKED=1 PDELTA_SCRATCH_TRANSPOSE=1"; do
-    env $setting timeout 100 python3 benchmarks/bench_kernels.py --T 32768 --warmup 5 --rep 20 --ops pgdn pkda \
+    left=$(( ${BUDGET:-585} - SECONDS )); [ "$left" -gt 100 ] && left=100; [ "$left" -lt 20 ] && break
+    env $setting timeout $left python3 benchmarks/bench_kernels.py --T 32768 --warmup 5 --rep 20 --ops pgdn pkda \
         --out "$OUT/kernels_$i.json" > "$OUT/kernels_$i.log" 2>&1; echo "bench [$setting] rc=$? at ${SECONDS}s"
     i=$((i + 1))
   done
