@@ -288,9 +288,9 @@ def _output_torch(q_hat, p, gamma, W, U, S):
 def _pick_wy_channel_forward(K: int):
     """The row kernel at 4 warps up to K = 128 (H100, Triton 3.6: 5.8 ms against 6.5 ms at 8 warps per 32K-token
     call, benchmarks/wy_forward_ab.py; 8 warps still 3% slower after session i's split Gram); the tile config's
-    warps for larger keys, not measured at 4. PDELTA_WY_CHANNEL_BLOCKED=1 (K ≤ 128, opt-in until a GPU run
-    checks and times it): the blocked solve of `_wy_ch_fwd_blocked_kernel`."""
-    if os.environ.get("PDELTA_WY_CHANNEL_BLOCKED") == "1" and K <= 128:
+    warps for larger keys, not measured at 4. Up to K = 128 the blocked solve of `_wy_ch_fwd_blocked_kernel` is the
+    default (H100 session j: PKDA's forward 15.9 → 13.7 ms at 32K); PDELTA_WY_CHANNEL_BLOCKED=0 keeps the row kernel."""
+    if os.environ.get("PDELTA_WY_CHANNEL_BLOCKED", "1") != "0" and K <= 128:
         return _wy_ch_fwd_blocked_kernel, 4
     return _wy_ch_fwd_kernel, (4 if K <= 128 else None)
 

@@ -125,15 +125,15 @@ def test_output_gradients_left_for_other_stages_survive_their_pytorch_fallbacks(
 
 
 @pytest.mark.parametrize("variant,remake", [("pdn", "wy"), ("pkda", "wy"), ("pdn", "inverse"), ("pkda", "inverse"),
-                                            ("pkda", "inverse, blocked")])
+                                            ("pkda", "inverse, rows")])
 def test_recomputing_wy_in_backward_changes_nothing(monkeypatch, variant, remake):
-    """Backward remakes W, U, P̃ (default: the whole WY forward again; PDELTA_REMAKE_FROM_INVERSE=1: from the stored
-    inverse T, with PKDA's row or blocked forward kernel) or keeps them from forward (PDELTA_KEEP_WY=1): identical
-    results."""
-    if remake != "wy":
-        monkeypatch.setenv("PDELTA_REMAKE_FROM_INVERSE", "1")
-    if "blocked" in remake:
-        monkeypatch.setenv("PDELTA_WY_CHANNEL_BLOCKED", "1")
+    """Backward remakes W, U, P̃ (default: from the stored inverse T, with PKDA's blocked or row forward kernel;
+    PDELTA_REMAKE_FROM_INVERSE=0: the whole WY forward again) or keeps them from forward (PDELTA_KEEP_WY=1):
+    identical results."""
+    if remake == "wy":
+        monkeypatch.setenv("PDELTA_REMAKE_FROM_INVERSE", "0")
+    if "rows" in remake:
+        monkeypatch.setenv("PDELTA_WY_CHANNEL_BLOCKED", "0")
     from pdelta_cp.kernels import stages
 
     remakers = []
@@ -186,14 +186,14 @@ def test_recomputing_the_states_in_backward_changes_nothing_but_memory(monkeypat
                                                 ("PDELTA_STATE_BWD_SPLIT", "0", "pkda"),
                                                 ("PDELTA_GRAD_HANDOFF", "0", "pgdn"),
                                                 ("PDELTA_GRAD_HANDOFF", "0", "pkda"),
-                                                ("PDELTA_WY_CHANNEL_BLOCKED", "1", "pkda"),
+                                                ("PDELTA_WY_CHANNEL_BLOCKED", "0", "pkda"),
                                                 ("PDELTA_SCRATCH_TRANSPOSE", "1", "pgdn"),
                                                 ("PDELTA_SCRATCH_TRANSPOSE", "1", "pkda")])
 def test_switchable_kernel_paths_match_reference(flag, value, variant, monkeypatch):
     """Non-default paths give the same op: PDELTA_WY_BLOCKED=0 (opt-out), the WY forward by 63 row steps;
     PDELTA_STATE_BWD_SPLIT=0 (opt-out), the reverse state pass forms the chunk gradients itself as per-V-block
-    partials; PDELTA_GRAD_HANDOFF=0 (opt-out), autograd sums the gradients of W, U and P; PDELTA_WY_CHANNEL_BLOCKED=1
-    (opt-in), PKDA's WY forward by 16-row blocks; PDELTA_SCRATCH_TRANSPOSE=1 (opt-in), the output backward's dA and Aᵀ
+    partials; PDELTA_GRAD_HANDOFF=0 (opt-out), autograd sums the gradients of W, U and P; PDELTA_WY_CHANNEL_BLOCKED=0
+    (opt-out), PKDA's WY forward by row steps instead of 16-row blocks; PDELTA_SCRATCH_TRANSPOSE=1 (opt-in), the output backward's dA and Aᵀ
     as transposes through scratch memory. Every output and gradient against float64."""
     monkeypatch.setenv(flag, value)
     inp = make_inputs(T=150, H=2, HV=4, K=12, V=72, variant=variant, dtype=torch.float32, device=DEVICE)
@@ -258,7 +258,7 @@ def test_bf16_values_reach_the_kernels_unconverted(variant):
 
 def test_wy_forward_choice(monkeypatch):
     """Blocked forward at 4 warps for K <= 128; the row kernel above (not GPU-tried blocked) or when opted out.
-    PKDA: the row kernel, at 4 warps up to K = 128."""
+    PKDA: the same choice (blocked up to K = 128, the row kernel at 4 warps when opted out)."""
     from pdelta_cp.kernels import wy
 
     monkeypatch.delenv("PDELTA_WY_BLOCKED", raising=False)
@@ -268,8 +268,11 @@ def test_wy_forward_choice(monkeypatch):
     assert wy._pick_wy_forward(64) == (wy._wy_fwd_kernel, None)
     from pdelta_cp.kernels import channel
 
-    assert channel._pick_wy_channel_forward(128) == (channel._wy_ch_fwd_kernel, 4)
+    monkeypatch.delenv("PDELTA_WY_CHANNEL_BLOCKED", raising=False)
+    assert channel._pick_wy_channel_forward(128) == (channel._wy_ch_fwd_blocked_kernel, 4)
     assert channel._pick_wy_channel_forward(256) == (channel._wy_ch_fwd_kernel, None)
+    monkeypatch.setenv("PDELTA_WY_CHANNEL_BLOCKED", "0")
+    assert channel._pick_wy_channel_forward(128) == (channel._wy_ch_fwd_kernel, 4)
 
 
 def test_keys_above_128_take_the_row_forward_and_match_reference():
