@@ -54,8 +54,8 @@ def main() -> None:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
-        from pdelta_cp.kernels._triton_utils import patch_interpreter_bf16_dot
-        patch_interpreter_bf16_dot()
+        from pdelta_cp.kernels._triton_utils import patch_interpreter_bf16
+        patch_interpreter_bf16()
     cfg = load_config(args.config).model
     torch.manual_seed(0)
     block = Block(cfg).to(args.device)

@@ -293,6 +293,35 @@ optini)  # one GPU: session i's CPU-tested changes — the GPU tests at the defa
   done
   unset CUDA_VISIBLE_DEVICES
   ;;
+glue)  # one GPU, session j: the glue cuts (q/k relayout fused into the l2 norm, O/dO in the stream layout, K̂'s
+  # gradients summed in-kernel, dV in V's dtype) — GPU tests, then ours now against the tree before them ($AB_OLD, a
+  # `git archive` of that commit, carried), one process each, alternating; then fla GDN/KDA alone (fills the autotune
+  # cache that triton_autotune.tgz brings back)
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 260 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s > "$OUT/gpu_tests.log" 2>&1 &
+  if [ -n "${AB_OLD:-}" ]; then  # compile the old tree's kernels beside the tests (no timing)
+    (cd "$AB_OLD" && ln -sfn ../kernels pdelta_cp/kernels && ln -sfn ../megatron_patches pdelta_cp/megatron_patches &&
+     PYTHONPATH=/tmp/site:$PWD timeout 250 python3 benchmarks/bench_kernels.py --T 32768 --warmup 1 --rep 1        --ops pgdn pkda --out /tmp/warm_old.json > "$OUT/warm_old.log" 2>&1) &
+  fi
+  wait; echo "gpu tests done at ${SECONDS}s"; tail -1 "$OUT/gpu_tests.log"
+  for round in 1 2; do
+    for tree in new old; do
+      left=$(( ${BUDGET:-585} - SECONDS )); [ "$left" -gt 90 ] && left=90; [ "$left" -lt 30 ] && break 2
+      if [ "$tree" = new ]; then
+        timeout $left python3 benchmarks/bench_kernels.py --T 32768 131072 --warmup 5 --rep 20 --ops pgdn pkda \
+            --out "$OUT/kernels_${tree}_$round.json" > "$OUT/kernels_${tree}_$round.log" 2>&1
+      elif [ -n "${AB_OLD:-}" ]; then
+        (cd "$AB_OLD" && PYTHONPATH=/tmp/site:$PWD timeout $left python3 benchmarks/bench_kernels.py --T 32768 131072 \
+            --warmup 5 --rep 20 --ops pgdn pkda --out "$OUT/kernels_${tree}_$round.json") > "$OUT/kernels_${tree}_$round.log" 2>&1
+      fi
+      echo "bench $tree round $round rc=$? at ${SECONDS}s"
+    done
+  done
+  left=$(( ${BUDGET:-585} - SECONDS ))
+  [ "$left" -gt 30 ] && timeout $left python3 benchmarks/bench_kernels.py --T 32768 131072 --warmup 5 --rep 20 \
+      --ops fla-gdn fla-kda --out "$OUT/kernels_fla.json" > "$OUT/kernels_fla.log" 2>&1; echo "fla rc=$? at ${SECONDS}s"
+  unset CUDA_VISIBLE_DEVICES
+  ;;
 validate)  # 2 GPUs, session h: the CP GPU tests (the output/state-pass gradient handoff under CP), then side by side
   # the kernel GPU tests on GPU 0 and the same-process benchmark with fla on GPU 1 (timings: no other work on GPU 1)
   timeout ${CPLIMIT:-220} $TR --nproc-per-node 2 -m pytest -q -p no:cacheprovider -m gpu tests/distributed/test_cp_gpu.py \

@@ -1,5 +1,6 @@
-"""Device-independent cost counters of the op's fwd+bwd: PyTorch ops launched, bytes saved for backward, and the
-peak of live tensor bytes (beyond the inputs) over forward + backward.
+"""Device-independent cost counters of the op's fwd+bwd: PyTorch ops launched and the bytes they move (the glue
+around the kernels, by site), bytes saved for backward, and the peak of live tensor bytes (beyond the inputs) over
+forward + backward.
 
 Runs anywhere (CPU: Triton kernels under TRITON_INTERPRET=1), so glue and memory work can be measured between
 GPU sessions. Triton kernel launches are not aten ops and are not counted; everything around them is.
@@ -35,18 +36,40 @@ _VIEWS = {"view", "_unsafe_view", "reshape", "expand", "slice", "select", "permu
           "empty", "empty_like", "new_empty", "empty_strided", "_to_copy_noop"}
 
 
+def _tensor_bytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_tensor_bytes(y) for y in x)
+    return 0
+
+
 class _CountOps(TorchDispatchMode):
-    """Counts aten ops that launch work (views and allocations excluded)."""
+    """Counts aten ops that launch work (views and allocations excluded), and the bytes they move (inputs read
+    plus outputs written: the glue traffic around the kernels) by op and site — the repository line, or for the
+    autograd engine the node it ran for (e.g. a cast of a returned gradient, or the sum of two gradients)."""
 
     def __init__(self):
         super().__init__()
         self.counts = collections.Counter()
+        self.traffic = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if name not in _VIEWS:
-            self.counts[name] += 1
-        return func(*args, **(kwargs or {}))
+        if name in _VIEWS:
+            return out
+        self.counts[name] += 1
+        site = _made_at()
+        if site == "autograd":
+            node = torch._C._current_autograd_node()
+            site = f"autograd {node.name() if node is not None else ''}".rstrip()
+        moved = _tensor_bytes(out)
+        if not name.startswith(("new_", "zeros", "ones", "full")):  # a fill only writes
+            # what it reads: every tensor argument but the one it writes in place (copy_'s destination)
+            moved += _tensor_bytes([a for a in (*args, *(kwargs or {}).values()) if a is not out])
+        self.traffic[f"{name} at {site}"] += moved
+        return out
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -89,13 +112,14 @@ class _LiveBytes(TorchDispatchMode):
 
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE_DIRS = tuple(os.path.join(_REPO, d) + os.sep for d in ("pdelta_cp", "kernels", "megatron_patches"))
 
 
 def _made_at() -> str:
     """The innermost line of this repository's package code on the stack (``autograd`` when none: the engine)."""
     for frame in reversed(traceback.extract_stack()):
         path = os.path.realpath(frame.filename)
-        if path.startswith(_REPO) and "/benchmarks/" not in path and "/.venv/" not in path:
+        if path.startswith(_PACKAGE_DIRS):
             return f"{os.path.relpath(path, _REPO)}:{frame.lineno}"
     return "autograd"
 
@@ -139,10 +163,10 @@ def graph_stats(variant: str, T: int, H: int, K: int, V: int, dtype, backend: st
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fwd:
             o = call(precond_delta_rule, inp, backend=backend)[0]
         fwd_launches = sum(launches.values())
-        loss = (o.float() ** 2).sum()
+        do = torch.randn_like(o)  # a fixed output gradient: no loss ops in the backward's counts
         live.phase = "bwd"
         with bwd:
-            loss.backward()
+            o.backward(do)
     input_bytes = sum(t.untyped_storage().nbytes() for t in inp.values())
     saved_bytes = sum(saved.values())
     return {"variant": variant, "T": T, "H": H, "K": K, "V": V, "dtype": str(dtype), "backend": backend,
@@ -152,7 +176,10 @@ def graph_stats(variant: str, T: int, H: int, K: int, V: int, dtype, backend: st
             "peak_bytes_per_token": live.peak / T,
             "alive_at_peak": [f"{n / T:.0f} B/token: {what}" for n, what in sorted(live.at_peak, reverse=True)
                               if n >= live.peak / 200],  # the storages of at least 0.5% of the peak
-            "top_fwd": fwd.counts.most_common(12), "top_bwd": bwd.counts.most_common(12)}
+            "top_fwd": fwd.counts.most_common(12), "top_bwd": bwd.counts.most_common(12),
+            "glue_bytes_per_token": (sum(fwd.traffic.values()) + sum(bwd.traffic.values())) / T,
+            "glue_traffic": [f"{n / T:.0f} B/token: {phase} {what}" for phase, counter in (("fwd", fwd), ("bwd", bwd))
+                             for what, n in counter.traffic.most_common() if n >= T]}  # sites of at least 1 B/token
 
 
 def main() -> None:

@@ -27,25 +27,46 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cuda" or INTERPRET
 
 
-def patch_interpreter_bf16_dot() -> None:
-    """Triton's interpreter multiplies bf16 operands as raw uint16 (silently wrong): upcast them first."""
+def patch_interpreter_bf16() -> None:
+    """Make Triton's interpreter treat bf16 as the GPU does (idempotent):
+
+    * ``tl.dot`` multiplies bf16 operands as raw uint16 (silently wrong): upcast them first;
+    * float32 -> bf16 casts (``.to``, and the implicit one of ``tl.store`` into a bf16 tensor) truncate the
+      mantissa (its "rtne" rounds half up and can carry into the exponent wrongly): round to nearest even,
+      as the GPU's conversion does, through torch.
+    """
+    import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
     if getattr(builder.create_dot, "_pdelta_patched", False):
         return
-    original = builder.create_dot
+    original_dot, original_cast, original_fp_to_fp = builder.create_dot, builder.cast_impl, builder.create_fp_to_fp
 
     def create_dot(self, a, b, d, *args, **kwargs):
         if a.dtype.scalar == tl.bfloat16:
             a = self.cast_impl(a, tl.float32)
         if b.dtype.scalar == tl.bfloat16:
             b = self.cast_impl(b, tl.float32)
-        return original(self, a, b, d, *args, **kwargs)
+        return original_dot(self, a, b, d, *args, **kwargs)
+
+    def to_bf16_nearest_even(src):
+        data = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+        return interpreter.TensorHandle(data.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return to_bf16_nearest_even(src)
+        return original_cast(self, src, dst_type)
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return to_bf16_nearest_even(src)
+        return original_fp_to_fp(self, src, dst_type, rounding_mode)
 
     create_dot._pdelta_patched = True
-    builder.create_dot = create_dot
+    builder.create_dot, builder.cast_impl, builder.create_fp_to_fp = create_dot, cast_impl, create_fp_to_fp
 
 
 def chunk_tile_config(K: int, V: int) -> tuple[int, int, int, int]:

@@ -21,15 +21,30 @@ C = 64
 
 
 @triton.jit
+def out_rows(i_c64, i_h, HV, V: tl.constexpr, C: tl.constexpr, STREAM: tl.constexpr):
+    """(offset of row 0, elements between rows) of O and dO for chunk i_c, value head i_h: the chunk layout
+    [Nc, HV, C, V], or (STREAM) the stream layout [Nc·C, HV, V] of the op's output, written and read in place (no
+    relayout copies, no casts around the stage)."""
+    if STREAM:
+        base = (i_c64 * C * HV + i_h) * V
+        stride = HV * V
+    else:
+        base = (i_c64 * HV + i_h) * C * V
+        stride = V
+    return base, stride
+
+
+@triton.jit
 def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
                     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, STREAM: tl.constexpr = False):
     """One program per chunk and value head: A once, then every V block (A is the costly part)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
     srow = (i_c64 * HV + i_h) * K
+    orow, ostride = out_rows(i_c64, i_h, HV, V, C, STREAM)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
@@ -48,19 +63,20 @@ def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
         delta = u - tl.dot(w, s, input_precision=PRECISION)
         qd = tl.load(Q + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0) * tl.exp(gam)[:, None]
         o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
-        tl.store(O + (vrow + rc[:, None]) * V + cols[None, :], o, mask=mv[None, :])
+        tl.store(O + orow + rc[:, None] * ostride + cols[None, :], o, mask=mv[None, :])  # in O's dtype
 
 
 @triton.jit
 def _out_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G,
                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          PRECISION: tl.constexpr, STREAM: tl.constexpr = False):
     """dΔ = Aᵀ dO (= dU), dS = (Q̂ ⊙ e^Γ)ᵀ dO − Wᵀ dΔ, dW = −Σ_V-blocks dΔ Sᵀ (accumulated here, no partials)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
     srow = (i_c64 * HV + i_h) * K
+    orow, ostride = out_rows(i_c64, i_h, HV, V, C, STREAM)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
@@ -74,7 +90,8 @@ def _out_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G,
     for v0 in range(0, V, BV):
         cols = v0 + tl.arange(0, BV)
         mv = cols < V
-        do = tl.load(DO + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        do = tl.load(DO + orow + rc[:, None] * ostride + cols[None, :], mask=mv[None, :], other=0.0)
+        do = do.to(tl.float32)
         d_delta = tl.dot(A_t, do, input_precision=PRECISION)
         tl.store(DU + (vrow + rc[:, None]) * V + cols[None, :], d_delta, mask=mv[None, :])
         qd_t = tl.load(Q + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0) * tl.exp(gam)[None, :]
@@ -99,7 +116,8 @@ def transpose_via(SCR, row0, x, rc, C: tl.constexpr):
 @triton.jit
 def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G,
                        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       PRECISION: tl.constexpr, SCRATCH: tl.constexpr = False):
+                       PRECISION: tl.constexpr, SCRATCH: tl.constexpr = False,
+                       STREAM: tl.constexpr = False):
     """dQ̂, dP and dΓ: accumulates dO Sᵀ and dAᵀ = Δ dOᵀ over V blocks, and dA = dO Δᵀ too — or, with SCRATCH,
     dA and Aᵀ as transposes through scratch memory (two fewer products per V block, one fewer per chunk)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -107,6 +125,7 @@ def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G,
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
     srow = (i_c64 * HV + i_h) * K
+    orow, ostride = out_rows(i_c64, i_h, HV, V, C, STREAM)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
@@ -122,8 +141,10 @@ def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G,
         s = tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
         u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        do = tl.load(DO + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        do_t = tl.load(DO + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+        do = tl.load(DO + orow + rc[:, None] * ostride + cols[None, :], mask=mv[None, :], other=0.0)
+        do = do.to(tl.float32)
+        do_t = tl.load(DO + orow + rc[None, :] * ostride + cols[:, None], mask=mv[:, None], other=0.0)
+        do_t = do_t.to(tl.float32)
         delta = u - tl.dot(w, s, input_precision=PRECISION)  # [C, BV]
         d_q += tl.dot(do, s_t, input_precision=PRECISION)
         dA_t += tl.dot(delta, do_t, input_precision=PRECISION)

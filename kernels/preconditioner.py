@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ..chunk.preconditioner import write_keys
 from ._triton_utils import dot_precision, launch_or_fallback, next_pow2
+from .stages import arm, pass_on, plus_left, take_one
 
 C = 64
 
@@ -58,8 +59,9 @@ def _keys_fwd_kernel(KH, GA, BA, AS, CEN, P, H, LOG_X, EPS, K: tl.constexpr, C: 
 
 @triton.jit
 def _keys_bwd_kernel(KH, GA, BA, AS, CEN, DP, DK, DG, DB, DAS, DC, H, NCH, LOG_X, EPS, K: tl.constexpr,
-                     C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-    """DK [Nc,H,C,K] and DAS [Nc,H,K] are per tile; DG, DB [NKB,Nc,H,C] and DC [NKB,Nc,H] are slot partials."""
+                     C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """DK [Nc,H,C,K] and DAS [Nc,H,K] are per tile; DG, DB [NKB,Nc,H,C] and DC [NKB,Nc,H] are slot partials.
+    ACCUMULATE: DK holds the WY stage's dK̂ (GradHandoff "write_keys"); add to it in place."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hrow = (i_c.to(tl.int64) * H + i_h) * C
     rc = tl.arange(0, C)
@@ -78,7 +80,11 @@ def _keys_bwd_kernel(KH, GA, BA, AS, CEN, DP, DK, DG, DB, DAS, DC, H, NCH, LOG_X
     upper = rc[:, None] <= rc[None, :]
     D_t = tl.where(upper, tl.exp(tl.where(upper, G[None, :] - G[:, None], 0.0)), 0.0)
     dU = tl.dot(D_t, dA, input_precision=PRECISION)
-    tl.store(DK + (hrow + rc[:, None]) * K + rk[None, :], dp * m + 2.0 * beta[:, None] * kk * dU, mask=mk[None, :])
+    dk = dp * m + 2.0 * beta[:, None] * kk * dU
+    dk_ptrs = DK + (hrow + rc[:, None]) * K + rk[None, :]
+    if ACCUMULATE:
+        dk += tl.load(dk_ptrs, mask=mk[None, :], other=0.0)
+    tl.store(dk_ptrs, dk, mask=mk[None, :])
     slot = i_k.to(tl.int64) * NCH
     tl.store(DB + slot * C + hrow + rc, tl.sum(kk * kk * dU, axis=1))
     k_t = tl.load(KH + (hrow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)  # [BK, C]
@@ -94,8 +100,11 @@ def _config(K: int):
 
 
 class WriteKeys(torch.autograd.Function):
+    """With a ``handoff`` (kernels.stages.GradHandoff) the backward adds the WY stage's dK̂ (slot "write_keys") and
+    passes the sum on to the preconditioner's chunk ends (slot "weighted_squares") when that slot is armed."""
+
     @staticmethod
-    def forward(ctx, k_hat, g_atk, beta_atk, A_start, centre, x, eps):
+    def forward(ctx, k_hat, g_atk, beta_atk, A_start, centre, x, eps, handoff):
         Nc, H, _, K = k_hat.shape
         BK, NKB = _config(K)
         p = torch.empty_like(k_hat)
@@ -106,7 +115,8 @@ class WriteKeys(torch.autograd.Function):
         if ctx.fallback:
             p = write_keys(k_hat, g_atk, beta_atk, A_start, centre, x, eps)
         ctx.save_for_backward(k_hat, g_atk, beta_atk, A_start, centre)
-        ctx.x, ctx.eps = x, eps
+        ctx.x, ctx.eps, ctx.handoff = x, eps, handoff
+        arm(handoff, "write_keys")
         return p
 
     @staticmethod
@@ -115,22 +125,26 @@ class WriteKeys(torch.autograd.Function):
         Nc, H, _, K = k_hat.shape
         BK, NKB = _config(K)
         dp = dp.contiguous()
-        dk, dAs = torch.empty_like(k_hat), torch.empty_like(A_start)
+        left = take_one(ctx.handoff, "write_keys")
+        dk, dAs = torch.empty_like(k_hat) if left is None else left, torch.empty_like(A_start)
         dG, db = k_hat.new_empty(NKB, Nc, H, C), k_hat.new_empty(NKB, Nc, H, C)
         dc = k_hat.new_empty(NKB, Nc, H)
         if Nc and not ctx.fallback and launch_or_fallback("write_keys_bwd", lambda: _keys_bwd_kernel[(NKB, Nc, H)](
                 k_hat, g_atk, beta_atk, A_start, centre, dp, dk, dG, db, dAs, dc, H, Nc * H, math.log(ctx.x),
-                ctx.eps, K=K, C=C, BK=BK, PRECISION=dot_precision(), num_warps=4)):
+                ctx.eps, K=K, C=C, BK=BK, PRECISION=dot_precision(), ACCUMULATE=left is not None, num_warps=4)):
             dG = dG.sum(0)
             dg = dG.flip(-1).cumsum(-1).flip(-1)  # G = cumsum(g): dg_t = Σ_{i >= t} dG_i
-            return dk, dg, db.sum(0), dAs, dc.sum((0, 1)), None, None
+            return pass_on(ctx.handoff, "weighted_squares", dk), dg, db.sum(0), dAs, dc.sum((0, 1)), None, None, None
         inputs = [t.detach().requires_grad_(True) for t in (k_hat, g_atk, beta_atk, A_start, centre)]
         with torch.enable_grad():
-            out = write_keys(*inputs, ctx.x, ctx.eps)
-            return (*torch.autograd.grad(out, inputs, dp), None, None)
+            dk, *rest = torch.autograd.grad(write_keys(*inputs, ctx.x, ctx.eps), inputs, dp)
+        if left is not None:  # dk was not written by the kernel: left still holds the WY stage's dK̂ alone
+            dk = plus_left(dk, left)
+        return pass_on(ctx.handoff, "weighted_squares", dk), *rest, None, None, None
 
 
-def write_keys_triton(k_hat, g_atk, beta_atk, A_start, centre, x: float, eps: float):
-    """Same contract as :func:`pdelta_cp.chunk.preconditioner.write_keys` (float32)."""
+def write_keys_triton(k_hat, g_atk, beta_atk, A_start, centre, x: float, eps: float, handoff=None):
+    """Same contract as :func:`pdelta_cp.chunk.preconditioner.write_keys` (float32). ``handoff``: see
+    :class:`WriteKeys`."""
     args = [t.contiguous().float() for t in (k_hat, g_atk, beta_atk, A_start, centre)]
-    return WriteKeys.apply(*args, float(x), float(eps))
+    return WriteKeys.apply(*args, float(x), float(eps), handoff)

@@ -136,6 +136,9 @@ class GradHandoff:
     * ``"state_pass"``: dW, dU, for the state pass (which also writes its adjoints Λ over the dead dS: the output
       stage's dS goes to it alone). PGDN at K = V = 128: −10% of the fwd+bwd memory peak (graph_stats.py).
     * ``"wy"``: dP (per value head, before the fold over a key head's group), for the WY stage.
+    * ``"write_keys"``: the WY stage's dK̂, for the write keys' backward (which reads K̂ too), and
+      ``"weighted_squares"``: that sum, for the preconditioner's chunk ends (the last reader of K̂ in backward):
+      K̂'s three gradients summed in-kernel, not by two autograd adds of [Nc, H, C, K] float32.
 
     A slot is armed by the taking stage's forward (the state pass only on its kernel path); the output stage leaves
     only into armed slots, and every PyTorch fallback of a taking stage adds what was left itself. If only
@@ -158,6 +161,27 @@ class GradHandoff:
 
     def take(self, slot: str) -> tuple[torch.Tensor, ...] | None:
         return self._left.pop(slot, None)
+
+
+def arm(handoff: GradHandoff | None, slot: str) -> None:
+    """Arm ``slot`` of ``handoff`` (nothing without one): called by the taking stage's forward."""
+    if handoff is not None:
+        handoff.arm(slot)
+
+
+def take_one(handoff: GradHandoff | None, slot: str) -> torch.Tensor | None:
+    """The single gradient left in ``slot`` (None: nothing left, or no handoff)."""
+    left = None if handoff is None else handoff.take(slot)
+    return None if left is None else left[0]
+
+
+def pass_on(handoff: GradHandoff | None, slot: str, grad: torch.Tensor | None) -> torch.Tensor | None:
+    """Leave ``grad`` in ``slot`` for the stage that armed it and return None to autograd (no sum there); without
+    a handoff or an armed slot, return ``grad``."""
+    if grad is None or handoff is None or not handoff.armed(slot):
+        return grad
+    handoff.leave(slot, grad)
+    return None
 
 
 def plus_left(grad: torch.Tensor | None, left: torch.Tensor) -> torch.Tensor:
@@ -265,17 +289,18 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
                 shapes = ((Nc, HV, C, K), v.shape, (Nc, HV, C, K), decay_shape(Nc, HV, K))
                 z = [k_hat.new_zeros(s) if g is None else g.contiguous() for g, s in zip(grads, shapes)]
                 dk, dp = torch.empty_like(z[0]), torch.empty_like(z[0]) if left is None else left[0]
-                dv, dbeta, dgam = torch.empty_like(v, dtype=torch.float32), torch.empty_like(beta), torch.empty_like(
-                    gamma)
+                # dV in V's own dtype (the kernel's store rounds once): no float32 buffer for autograd to cast
+                dv, dbeta, dgam = torch.empty_like(v), torch.empty_like(beta), torch.empty_like(gamma)
                 if launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
                         k_hat, p, v, beta, gamma, T, *z, dk, dp, dv, dbeta, dgam, H, HV, HV // H, K=K, V=V, C=C,
                         BK=BK, BV=BV, ACCUMULATE_DP=left is not None, PRECISION=dot_precision(),
                         **launch_config(f"{name}_bwd", warps, stages))):
-                    return _fold_groups(dk, H), _fold_groups(dp, H), dv, dbeta, dgam, None
+                    dk = pass_on(ctx.handoff, "write_keys", _fold_groups(dk, H))
+                    return dk, _fold_groups(dp, H), dv, dbeta, dgam, None
             dk, dp, *rest = torch_form_grads(torch_form, (k_hat, p, v.float(), beta, gamma), grads)
             if left is not None:
                 dp = plus_left(dp, _fold_groups(left[0], H))
-            return dk, dp, *rest, None
+            return pass_on(ctx.handoff, "write_keys", dk), dp, *rest, None
 
     Stage.__name__ = f"{name}_stage"
 
@@ -305,23 +330,39 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
     return apply
 
 
+def _chunks_to_stream(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[Nc, HV, C, V] -> [Nc·C, HV, V] in ``dtype`` (the output stage's PyTorch fallback in the stream layout)."""
+    Nc, HV, C_, V = x.shape
+    return x.movedim(1, 2).reshape(Nc * C_, HV, V).to(dtype)
+
+
+def _stream_to_chunks(x: torch.Tensor, C_: int) -> torch.Tensor:
+    """[Nc·C, HV, V] -> [Nc, HV, C, V] float32 contiguous."""
+    L, HV, V = x.shape
+    return x.view(L // C_, C_, HV, V).movedim(1, 2).float().contiguous()
+
+
 def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, torch_form: Callable):
-    """(Q̂, P [Nc,H,C,K]; Γ; W [Nc,HV,C,K]; U [Nc,HV,C,V]; S [Nc,HV,K,V]) -> O [Nc,HV,C,V] (float32)."""
+    """(Q̂, P [Nc,H,C,K]; Γ; W [Nc,HV,C,K]; U [Nc,HV,C,V]; S [Nc,HV,K,V]) -> O [Nc,HV,C,V] (float32), or with
+    ``stream_dtype`` O [Nc·C, HV, V] in that dtype: the stream layout, written (and dO read) by the kernels
+    themselves."""
 
     class Stage(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, q_hat, p, gamma, W, U, S, recompute, handoff):
+        def forward(ctx, q_hat, p, gamma, W, U, S, recompute, handoff, stream_dtype):
             Nc, H, _, K = q_hat.shape
             HV, V = U.shape[1], U.shape[-1]
             BK, BV, warps, stages = chunk_tile_config(K, V)
-            O = U.new_empty(Nc, HV, C, V)
+            stream = stream_dtype is not None
+            O = U.new_empty(Nc * C, HV, V, dtype=stream_dtype) if stream else U.new_empty(Nc, HV, C, V)
             ctx.fallback = Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: fwd_kernel[(Nc, HV)](
                 q_hat, p, gamma, W, U, S, O, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
-                PRECISION=dot_precision(), **launch_config(f"{name}_fwd", warps, stages)))
+                PRECISION=dot_precision(), STREAM=stream, **launch_config(f"{name}_fwd", warps, stages)))
             if ctx.fallback:
                 O = torch_form(q_hat, p, gamma, W, U, S)
+                O = _chunks_to_stream(O, stream_dtype) if stream else O
             save_wy(ctx, recompute, (W, U), q_hat, p, gamma, save_states(ctx, recompute, S))
-            ctx.handoff = handoff
+            ctx.handoff, ctx.stream = handoff, stream
             return O
 
         @staticmethod
@@ -333,9 +374,9 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             dO = dO.contiguous()
             dq, dp, dW = torch.empty_like(W), torch.empty_like(W), torch.empty_like(W)
             dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
-            common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision())
-            # PDELTA_SCRATCH_TRANSPOSE=1 (opt-in, CPU-tested): dA and Aᵀ as transposes through [C, C] scratch rows
-            scratch = dO.new_empty(Nc, HV, C, C) if os.environ.get("PDELTA_SCRATCH_TRANSPOSE") == "1" else None
+            common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), STREAM=ctx.stream)
+            # PDELTA_SCRATCH_TRANSPOSE=1 (opt-in): dA and Aᵀ as transposes through [C, C] scratch rows
+            scratch = W.new_empty(Nc, HV, C, C) if os.environ.get("PDELTA_SCRATCH_TRANSPOSE") == "1" else None
             if Nc and not ctx.fallback and launch_or_fallback(
                     f"{name}_bwd_state", lambda: bwd_state_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H,
@@ -352,16 +393,20 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
                     handoff.leave("wy", dp)
                     dp = None
                 return (_fold_groups(dq, H), None if dp is None else _fold_groups(dp, H), dgam, dW, dU, dS, None,
-                        None)
+                        None, None)
             if not Nc:
-                return torch.zeros_like(q_hat), torch.zeros_like(p), dgam, W.new_zeros(W.shape), dU, dS, None, None
-            return (*torch_form_grads(torch_form, (q_hat, p, gamma, W, U, S), (dO,)), None, None)
+                return (torch.zeros_like(q_hat), torch.zeros_like(p), dgam, W.new_zeros(W.shape), dU, dS, None, None,
+                        None)
+            dO = _stream_to_chunks(dO, C) if ctx.stream else dO
+            return (*torch_form_grads(torch_form, (q_hat, p, gamma, W, U, S), (dO,)), None, None, None)
 
     Stage.__name__ = f"{name}_stage"
 
-    def apply(q_hat, p, gamma, W, U, S, recompute: Recompute | None = None, handoff: GradHandoff | None = None):
+    def apply(q_hat, p, gamma, W, U, S, recompute: Recompute | None = None, handoff: GradHandoff | None = None,
+              stream_dtype: torch.dtype | None = None):
         """``handoff``: shared with the state pass that made S and the WY stage that made W, U (see
-        :class:`GradHandoff`)."""
-        return Stage.apply(*[t.contiguous().float() for t in (q_hat, p, gamma, W, U, S)], recompute, handoff)
+        :class:`GradHandoff`). ``stream_dtype``: O in the stream layout [Nc·C, HV, V] and this dtype."""
+        return Stage.apply(*[t.contiguous().float() for t in (q_hat, p, gamma, W, U, S)], recompute, handoff,
+                           stream_dtype)
 
     return apply

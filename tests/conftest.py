@@ -7,9 +7,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
-        from pdelta_cp.kernels._triton_utils import patch_interpreter_bf16_dot
+        from pdelta_cp.kernels._triton_utils import patch_interpreter_bf16
 
-        patch_interpreter_bf16_dot()
+        patch_interpreter_bf16()
     except ImportError:  # triton not installed: the kernel tests skip themselves
         pass
 

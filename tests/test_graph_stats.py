@@ -23,3 +23,22 @@ def test_peak_map_lists_the_live_storages_by_the_line_that_made_them():
     # the per-chunk states [Nc, HV, K, V] made by the state pass are among the largest live storages
     assert any(re.search(r"\(3, 1, 16, 16\) torch.float32 at kernels/state_pass.py:\d+", e) for e in entries), entries
     assert all(e.split(": ", 1)[1].split()[0] in ("fwd", "bwd") for e in entries)
+
+
+def test_glue_around_the_kernels_moves_only_values_and_per_token_scalars():
+    """bf16 PGDN without padding: the kernels read q, k and dO in the stream layout and write o and dq, dk there in
+    the input dtype; K̂'s three gradients are summed in-kernel (GradHandoff) and dV is stored in V's dtype. What
+    PyTorch still copies is V (bf16, both ways) and the per-token scalars β, g, g_atk, β_atk (to float32 and
+    back); no autograd sum or cast of a [Nc, H, C, K] gradient."""
+    import graph_stats
+
+    H, K, V = 2, 32, 32
+    stats = graph_stats.graph_stats("pgdn", T=256, H=H, K=K, V=V, dtype=torch.bfloat16, backend="triton",
+                                    device="cpu")
+    sites = stats["glue_traffic"]
+    for phase in ("fwd", "bwd"):
+        copied = sum(float(e.split(" B/token")[0]) for e in sites if f": {phase} copy_ at" in e) / H
+        assert copied <= 2 * 2 * V + 4 * (2 + 4), (phase, copied, sites)  # V read + written in bf16, 4 scalars
+    autograd_sums = [e for e in sites if re.search(r"add at autograd (WriteKeys|WeightedSquares)Backward", e)]
+    assert not autograd_sums, autograd_sums
+    assert not [e for e in sites if "_to_copy at autograd StageBackward" in e], sites  # a returned gradient cast

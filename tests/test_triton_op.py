@@ -27,6 +27,15 @@ def assert_triton_matches_float64(inp: dict) -> None:
 
 
 @pytest.mark.parametrize("variant", ["pdn", "pgdn", "pkda"])
+def test_whole_chunks_stream_layout_matches_float64(variant):
+    """B = 2 sequences of 128 tokens (whole chunks, no padding): q, k normalised straight from the stream layout,
+    O written and dO read there by the output kernels (grouped value heads, odd K, V in a full and a masked
+    block), K̂'s gradients summed in-kernel — every output and gradient against float64."""
+    inp = make_inputs(B=2, T=128, H=2, HV=4, K=12, V=72, variant=variant, dtype=torch.float32, device=DEVICE)
+    assert_triton_matches_float64(inp)
+
+
+@pytest.mark.parametrize("variant", ["pdn", "pgdn", "pkda"])
 @pytest.mark.parametrize("cu,K,V", [(None, 16, 16), ([0, 5, 150, 200], 12, 72)],
                          ids=["fixed", "varlen_odd_KV_two_V_blocks"])  # V=72: blocks of 64, the second masked
 def test_triton_backend_matches_reference(variant, cu, K, V):
@@ -192,9 +201,10 @@ def test_recomputing_the_states_in_backward_changes_nothing_but_memory(monkeypat
 def test_switchable_kernel_paths_match_reference(flag, value, variant, monkeypatch):
     """Non-default paths give the same op: PDELTA_WY_BLOCKED=0 (opt-out), the WY forward by 63 row steps;
     PDELTA_STATE_BWD_SPLIT=0 (opt-out), the reverse state pass forms the chunk gradients itself as per-V-block
-    partials; PDELTA_GRAD_HANDOFF=0 (opt-out), autograd sums the gradients of W, U and P; PDELTA_WY_CHANNEL_BLOCKED=0
-    (opt-out), PKDA's WY forward by row steps instead of 16-row blocks; PDELTA_SCRATCH_TRANSPOSE=1 (opt-in), the output backward's dA and Aᵀ
-    as transposes through scratch memory. Every output and gradient against float64."""
+    partials; PDELTA_GRAD_HANDOFF=0 (opt-out), autograd sums the gradients of W, U, P and K̂;
+    PDELTA_WY_CHANNEL_BLOCKED=0 (opt-out), PKDA's WY forward by row steps instead of 16-row blocks;
+    PDELTA_SCRATCH_TRANSPOSE=1 (opt-in), the output backward's dA and Aᵀ as transposes through scratch memory.
+    Every output and gradient against float64."""
     monkeypatch.setenv(flag, value)
     inp = make_inputs(T=150, H=2, HV=4, K=12, V=72, variant=variant, dtype=torch.float32, device=DEVICE)
     assert_triton_matches_float64(inp)
@@ -241,11 +251,13 @@ def test_blocked_wy_forward_equals_the_row_kernel(decay, doubling, keys):
         assert rel_rms(a, b) < tol
 
 
+@pytest.mark.parametrize("T", [130, 192], ids=["padded", "whole_chunks"])
 @pytest.mark.parametrize("variant", ["pgdn", "pkda"])
-def test_bf16_values_reach_the_kernels_unconverted(variant):
+def test_bf16_values_reach_the_kernels_unconverted(variant, T):
     """bf16 inputs: the WY kernels read V in bf16 (no float32 copy) and give what the PyTorch path computes from
-    the same bf16 values — outputs and every gradient, v's included."""
-    inp = make_inputs(T=130, H=2, HV=4, K=16, V=40, variant=variant, dtype=torch.bfloat16, device=DEVICE)
+    the same bf16 values — outputs and every gradient, v's included. Whole chunks (no padding): the q/k
+    normalisation reads the stream layout and the output kernels write O (and read dO) there in bf16."""
+    inp = make_inputs(T=T, H=2, HV=4, K=16, V=40, variant=variant, dtype=torch.bfloat16, device=DEVICE)
     twin = {n: t.detach().clone().requires_grad_(True) for n, t in inp.items()}
     out, grads = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
     ref_out, ref_grads = outputs_and_grads(precond_delta_rule, twin, output_final_state=True, backend="torch")
@@ -253,7 +265,7 @@ def test_bf16_values_reach_the_kernels_unconverted(variant):
     assert all(rel_rms(a, b) < tol for a, b in zip(out, ref_out))
     assert all(rel_rms(grads[n], ref_grads[n]) < tol for n in grads), {n: rel_rms(grads[n], ref_grads[n])
                                                                       for n in grads}
-    assert grads["v"].dtype == torch.bfloat16
+    assert grads["v"].dtype == torch.bfloat16 and out[0].dtype == torch.bfloat16
 
 
 def test_wy_forward_choice(monkeypatch):

@@ -10,6 +10,7 @@ Autograd differentiates the whole path, collectives included (see :mod:`pdelta_c
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,27 +127,45 @@ class _Forms:
     """A backend's functions for the steps before the delta stage (the Triton kernels or their PyTorch forms)."""
 
     normalize: Callable  # (x [..., K], scale) -> scale · x / |x|
+    normalize_to_chunks: Callable | None  # (x [L, H, K], scale, C) -> [L/C, H, C, K] float32, or None: relayout first
     weighted_squares: Callable  # (w [Nc,H,C], k [Nc,H,C,K]) -> Σ_c w_c k_c² [Nc,H,K]
     write_keys: Callable  # see chunk.preconditioner.write_keys
     diagonal_scan: Callable  # see chunk.plan.diagonal_scan
 
 
-def _forms(backend: str) -> _Forms:
+def _grad_handoff(backend: str):
+    """The Triton stages' gradient handoff (kernels.stages.GradHandoff) for one call, or None: the torch backend,
+    no autograd, or PDELTA_GRAD_HANDOFF=0 (autograd sums every gradient)."""
+    if backend != "triton" or not torch.is_grad_enabled() or os.environ.get("PDELTA_GRAD_HANDOFF", "1") == "0":
+        return None
+    from ..kernels.stages import GradHandoff
+
+    return GradHandoff()
+
+
+def _forms(backend: str, handoff=None) -> _Forms:
+    """The steps before the delta stage; the Triton ones share ``handoff`` (K̂'s gradients summed in-kernel)."""
     if backend == "triton":
-        from ..kernels.l2norm import l2_normalize_triton
+        from ..kernels.l2norm import l2_normalize_to_chunks_triton, l2_normalize_triton
         from ..kernels.precond_summary import weighted_squares_triton
         from ..kernels.diagonal_scan import diagonal_scan_triton
         from ..kernels.preconditioner import write_keys_triton
 
-        return _Forms(l2_normalize_triton, weighted_squares_triton, write_keys_triton, diagonal_scan_triton)
-    return _Forms(_L2Normalize.apply, _WeightedSquares.apply, write_keys, diagonal_scan)
+        return _Forms(l2_normalize_triton, l2_normalize_to_chunks_triton,
+                      functools.partial(weighted_squares_triton, handoff=handoff),
+                      functools.partial(write_keys_triton, handoff=handoff), diagonal_scan_triton)
+    return _Forms(_L2Normalize.apply, None, _WeightedSquares.apply, write_keys, diagonal_scan)
 
 
-def _keys_and_queries(plan: ChunkPlan, inp: StreamInputs, normalize: Callable) -> tuple[Tensor, Tensor]:
+def _keys_and_queries(plan: ChunkPlan, inp: StreamInputs, forms: _Forms) -> tuple[Tensor, Tensor]:
     """q̂, k̂ [Nc, H, C, K] in the compute dtype (normalised in chunk layout: padding rows stay zero)."""
+    if inp.qk_l2norm and plan.dense and forms.normalize_to_chunks is not None and inp.dtype == torch.float32:
+        # the kernels read the stream layout and write the chunk layout: no relayout copy, no cast, either way
+        C = plan.chunk_size
+        return forms.normalize_to_chunks(inp.q, inp.q_scale, C), forms.normalize_to_chunks(inp.k, 1.0, C)
     q, k = _heads_first(plan, inp.q, inp.dtype), _heads_first(plan, inp.k, inp.dtype)
     if inp.qk_l2norm:
-        return normalize(q, inp.q_scale), normalize(k, 1.0)
+        return forms.normalize(q, inp.q_scale), forms.normalize(k, 1.0)
     return q * inp.q_scale, k
 
 
@@ -197,8 +216,9 @@ class _DeltaStage:
     Inputs are chunk tensors: q_hat, k_hat, p [Nc,H,C,K]; v [Nc,HV,C,V]; beta [Nc,HV,C]; g None|[Nc,HV,C]|[..,K].
     """
 
-    def __init__(self, plan: ChunkPlan, q_hat, k_hat, p, v, beta, g, backend: str):
-        self.plan, self.backend = plan, backend
+    def __init__(self, plan: ChunkPlan, q_hat, k_hat, p, v, beta, g, backend: str, handoff=None,
+                 out_dtype: torch.dtype = torch.float32):
+        self.plan, self.backend, self.out_dtype = plan, backend, out_dtype
         HV, H = v.shape[1], k_hat.shape[1]
         if backend == "triton":
             self.per_channel = g is not None and g.dim() == 4
@@ -210,12 +230,11 @@ class _DeltaStage:
                 self.gamma = torch.zeros_like(beta)
             else:
                 self.gamma = g.cumsum(-2) if self.per_channel else g.cumsum(-1)
-            from ..kernels.stages import GradHandoff, Recompute
+            from ..kernels.stages import Recompute
 
             # the output stage's gradients of W, U and P go to the state pass's and the WY stage's backward, which
-            # add their own in-kernel (no autograd sums); PDELTA_GRAD_HANDOFF=0 leaves the sums to autograd
-            handoff = torch.is_grad_enabled() and os.environ.get("PDELTA_GRAD_HANDOFF", "1") != "0"
-            self.handoff = GradHandoff() if handoff else None
+            # add their own in-kernel (no autograd sums); None (PDELTA_GRAD_HANDOFF=0) leaves the sums to autograd
+            self.handoff = handoff
             W, U, p_tilde, d, T = wy(k_hat, p, v, beta, self.gamma, self.handoff, with_inverse=True)
             # backward remakes W, U, P̃ with one WY launch instead of keeping them (as fla does for w, u);
             # PDELTA_KEEP_WY=1 keeps them: a faster backward for more memory
@@ -245,11 +264,11 @@ class _DeltaStage:
         return self.chunks.maps(ids)
 
     def run(self, S_enter: Tensor) -> tuple[Tensor, Tensor]:
-        """Outputs [Nc, HV, C, V] and the state leaving every segment."""
+        """Outputs in the stream layout [L, HV, V] and ``out_dtype``, and the state leaving every segment."""
         ch, plan = self.chunks, self.plan
         if self.backend == "torch":
             S_start, S_final = scan_chunks(plan, S_enter, ch.step)
-            return ch.output(S_start), S_final
+            return _tokens_first(plan, ch.output(S_start), self.out_dtype), S_final
         from ..kernels.state_pass import state_pass
 
         S_start, S_final = state_pass(*self._kernel_chunks(), S_enter, plan.seg_first_chunk, plan.seg_num_chunks,
@@ -279,8 +298,11 @@ class _DeltaStage:
             from ..kernels.channel import output_channel_decay as output
         else:
             from ..kernels.output import output_scalar_decay as output
-        return output(self.q_hat, self.p, self.gamma, self.chunks.W, self.chunks.U, S_start, self.recompute,
-                      self.handoff)
+        # without padding the kernels write O in the stream layout and dtype themselves (and read dO so)
+        stream_dtype = self.out_dtype if self.plan.dense else None
+        o = output(self.q_hat, self.p, self.gamma, self.chunks.W, self.chunks.U, S_start, self.recompute,
+                   self.handoff, stream_dtype)
+        return o if self.plan.dense else _tokens_first(self.plan, o, self.out_dtype)
 
 
 def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, backend: str = "torch") -> StreamOutputs:
@@ -291,8 +313,9 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
                            inp.v.device)
 
     # 1. preconditioner state entering every segment
-    forms = _forms(backend)
-    q_hat, k_hat = _keys_and_queries(plan, inp, forms.normalize)  # [Nc, H, C, K]
+    handoff = _grad_handoff(backend)
+    forms = _forms(backend, handoff)
+    q_hat, k_hat = _keys_and_queries(plan, inp, forms)  # [Nc, H, C, K]
     g_atk, beta_atk = _heads_first(plan, inp.g_atk, dt), _heads_first(plan, inp.beta_atk, dt)
     pre = preconditioner_chunks(k_hat, g_atk, beta_atk, forms.weighted_squares)
     A_init = _initial(inp.initial_A_state, (H, K), k_hat)
@@ -308,7 +331,7 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
     # V in its own dtype for the kernels: their WY stage keeps 16-bit V as it is (no float32 copy)
     v_dtype = inp.v.dtype if backend == "triton" else dt
     stage = _DeltaStage(plan, q_hat, k_hat, p, _heads_first(plan, inp.v, v_dtype), _heads_first(plan, inp.beta, dt), g,
-                        backend)
+                        backend, handoff, inp.v.dtype)
     result = None
     # 3-4 at once under CP with the kernels: kernel summaries, one exchange, adjoint mirror (kernels.cp_state_pass);
     # PDELTA_CP_TREE=1 forces the PyTorch exchange below (autograd through a tree of dense maps), for bisecting
@@ -323,5 +346,5 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
                                       inp.initial_state)
         # 4. state pass and outputs
         result = stage.run(S_enter)
-    o_chunks, S_final = result
-    return StreamOutputs(o=_tokens_first(plan, o_chunks, inp.v.dtype), final_S=S_final, final_A=A_final)
+    o, S_final = result
+    return StreamOutputs(o=o, final_S=S_final, final_A=A_final)
