@@ -16,11 +16,11 @@ import triton.language as tl
 
 from ..chunk.delta import wy_form
 from ..chunk.gram import gram
-from .output import out_rows, transpose_via
+from .output import value_rows, transpose_via
 from .stages import make_output_stage, make_wy_stage
 from .gram_channel import _rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_upper
 from .wy import (_blocked_inverse, _invert_unit_lower, _load_block, _load_blocked_inverse, _store_blocked_inverse,
-                 _store_blocked_product, _store_blocked_u, _value_side_backward)
+                 _store_blocked_product, _store_blocked_u, _value_side_backward, _value_tile)
 
 C = 64
 
@@ -28,7 +28,7 @@ C = 64
 @triton.jit
 def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      PRECISION: tl.constexpr, FROM_T: tl.constexpr = False):
+                      PRECISION: tl.constexpr, FROM_T: tl.constexpr = False, STREAM: tl.constexpr = False):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -50,10 +50,11 @@ def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
     p_t = _rows(P, krow, rc, rk, mk, K) * tl.exp(g_end[None, :] - ga)
     tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], p_t, mask=mk[None, :])
     tl.store(DEC + (i_c64 * HV + i_h) * K + rk, tl.exp(g_end), mask=mk)
+    vbase, vstride = value_rows(i_c64, i_h, HV, V, C, STREAM)
     for v0 in range(0, V, BV):
         cols = v0 + tl.arange(0, BV)
         mv = cols < V
-        vv = tl.load(VV + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        vv = _value_tile(VV, vbase, vstride, rc, cols, mv)
         u = tl.dot(T, vv * beta[:, None], input_precision=PRECISION)
         tl.store(U + (vrow + rc[:, None]) * V + cols[None, :], u, mask=mv[None, :])
 
@@ -61,7 +62,8 @@ def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
 @triton.jit
 def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
                               K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                              BV: tl.constexpr, PRECISION: tl.constexpr, FROM_T: tl.constexpr = False):
+                              BV: tl.constexpr, PRECISION: tl.constexpr, FROM_T: tl.constexpr = False,
+                              STREAM: tl.constexpr = False):
     """As `_wy_ch_fwd_kernel`, with (I + L)^-1 by 16-row blocks (wy.py's blocked solve) instead of 63 cross-warp
     substitution steps on the [C, C] tile: L goes through TINV's storage (16 KB, cache-resident), which then
     takes the inverse."""
@@ -105,14 +107,16 @@ def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, 
     p_t = _rows(P, krow, rc, rk, mk, K) * tl.exp(g_end[None, :] - _rows(GAM, vrow, rc, rk, mk, K))
     tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], p_t, mask=mk[None, :])
     tl.store(DEC + (i_c64 * HV + i_h) * K + rk, tl.exp(g_end), mask=mk)
-    _store_blocked_u(VV, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, V, BV, PRECISION)
+    vbase, vstride = value_rows(i_c64, i_h, HV, V, C, STREAM)
+    _store_blocked_u(VV, vbase, vstride, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, V, BV,
+                     PRECISION)
 
 
 @triton.jit
 def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
                       DK, DP, DV, DBETA, DGAM, H, HV, G,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False):
+                      PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = False):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -122,7 +126,8 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     mk = rk < K
     beta = tl.load(BETA + vrow + rc)
     T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
-    dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, beta, T_t, rc, V, C, BV, PRECISION)
+    vbase, vstride = value_rows(i_c64, i_h, HV, V, C, STREAM)
+    dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, vbase, vstride, beta, T_t, rc, V, C, BV, PRECISION)
     # Bk = β K̂ ⊙ e^Γ and its transpose, from transposed loads
     ga = _rows(GAM, vrow, rc, rk, mk, K)
     bk_t = _rows_t(KH, krow, rc, rk, mk, K) * tl.exp(_rows_t(GAM, vrow, rc, rk, mk, K)) * beta[None, :]
@@ -177,7 +182,7 @@ def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
     srow = (i_c64 * HV + i_h) * K
-    orow, ostride = out_rows(i_c64, i_h, HV, V, C, STREAM)
+    orow, ostride = value_rows(i_c64, i_h, HV, V, C, STREAM)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
@@ -202,7 +207,7 @@ def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G,
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
     srow = (i_c64 * HV + i_h) * K
-    orow, ostride = out_rows(i_c64, i_h, HV, V, C, STREAM)
+    orow, ostride = value_rows(i_c64, i_h, HV, V, C, STREAM)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
@@ -235,7 +240,7 @@ def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G,
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
     srow = (i_c64 * HV + i_h) * K
-    orow, ostride = out_rows(i_c64, i_h, HV, V, C, STREAM)
+    orow, ostride = value_rows(i_c64, i_h, HV, V, C, STREAM)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K

@@ -21,10 +21,10 @@ C = 64
 
 
 @triton.jit
-def out_rows(i_c64, i_h, HV, V: tl.constexpr, C: tl.constexpr, STREAM: tl.constexpr):
-    """(offset of row 0, elements between rows) of O and dO for chunk i_c, value head i_h: the chunk layout
-    [Nc, HV, C, V], or (STREAM) the stream layout [Nc·C, HV, V] of the op's output, written and read in place (no
-    relayout copies, no casts around the stage)."""
+def value_rows(i_c64, i_h, HV, V: tl.constexpr, C: tl.constexpr, STREAM: tl.constexpr):
+    """(offset of row 0, elements between rows) of a value tensor (O, dO, V, dV) for chunk i_c, value head i_h:
+    the chunk layout [Nc, HV, C, V], or (STREAM) the stream layout [Nc·C, HV, V] of the op's own input and output,
+    read and written in place (no relayout copies, no casts around the stages)."""
     if STREAM:
         base = (i_c64 * C * HV + i_h) * V
         stride = HV * V
@@ -44,7 +44,7 @@ def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
     srow = (i_c64 * HV + i_h) * K
-    orow, ostride = out_rows(i_c64, i_h, HV, V, C, STREAM)
+    orow, ostride = value_rows(i_c64, i_h, HV, V, C, STREAM)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
@@ -76,7 +76,7 @@ def _out_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G,
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
     srow = (i_c64 * HV + i_h) * K
-    orow, ostride = out_rows(i_c64, i_h, HV, V, C, STREAM)
+    orow, ostride = value_rows(i_c64, i_h, HV, V, C, STREAM)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
@@ -125,7 +125,7 @@ def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G,
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
     srow = (i_c64 * HV + i_h) * K
-    orow, ostride = out_rows(i_c64, i_h, HV, V, C, STREAM)
+    orow, ostride = value_rows(i_c64, i_h, HV, V, C, STREAM)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K

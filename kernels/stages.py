@@ -233,9 +233,27 @@ def _fold_groups(t: torch.Tensor, H: int) -> torch.Tensor:
     return t.view(Nc, H, HV // H, *t.shape[2:]).sum(2)
 
 
+def _chunks_to_stream(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[Nc, HV, C, V] -> [Nc·C, HV, V] in ``dtype``: a PyTorch fallback's result in the stream layout."""
+    Nc, HV, C_, V = x.shape
+    return x.movedim(1, 2).reshape(Nc * C_, HV, V).to(dtype)
+
+
+def _stream_to_chunks(x: torch.Tensor, C_: int) -> torch.Tensor:
+    """[Nc·C, HV, V] -> [Nc, HV, C, V] float32 contiguous."""
+    L, HV, V = x.shape
+    return x.view(L // C_, C_, HV, V).movedim(1, 2).float().contiguous()
+
+
+def _chunk_values(v: torch.Tensor) -> torch.Tensor:
+    """V for a stage's PyTorch form: [Nc, HV, C, V] float32 (from the stream layout [Nc·C, HV, V] if given so)."""
+    return _stream_to_chunks(v, C) if v.dim() == 3 else v.float()
+
+
 def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay_shape: Callable,
                   kernel_backward: Callable[[], bool] = lambda: True, pick_fwd: Callable | None = None):
-    """(K̂, P [Nc,H,C,K]; V [Nc,HV,C,V]; β [Nc,HV,C]; Γ) -> (W, U, P̃, d) as float32 tensors.
+    """(K̂, P [Nc,H,C,K]; V [Nc,HV,C,V], or [Nc·C, HV, V] in the stream layout; β [Nc,HV,C]; Γ) -> (W, U, P̃, d) as
+    float32 tensors (chunk layout). V in the stream layout is read there by the kernels, and dV written there.
 
     decay_shape(Nc, HV, K) gives d's shape; kernel_backward() says whether to use ``bwd_kernel``;
     pick_fwd(K), when given, returns (forward kernel, its num_warps or None for the tile config's), chosen per
@@ -247,7 +265,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
         """(W, U, P̃, d, T) from the forward kernel, or None when it does not fit the GPU; with T given, the
         kernel reads it (FROM_T) instead of forming and storing it: the same arithmetic for everything else."""
         Nc, H, _, K = k_hat.shape
-        HV, V = v.shape[1], v.shape[-1]
+        HV, V = v.shape[1], v.shape[-1]  # v: [Nc, HV, C, V] or [Nc·C, HV, V]
         BK, BV, warps, stages = chunk_tile_config(K, V)
         W, P_t = k_hat.new_empty(Nc, HV, C, K), k_hat.new_empty(Nc, HV, C, K)
         U, d = k_hat.new_empty(Nc, HV, C, V), k_hat.new_empty(decay_shape(Nc, HV, K))
@@ -255,7 +273,8 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
         kernel, fwd_warps = (fwd_kernel, None) if pick_fwd is None else pick_fwd(K)
         if Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: kernel[(Nc, HV)](
                 k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
-                PRECISION=dot_precision(), FROM_T=from_t, **launch_config(f"{name}_fwd", fwd_warps or warps, stages))):
+                PRECISION=dot_precision(), FROM_T=from_t, STREAM=v.dim() == 3,
+                **launch_config(f"{name}_fwd", fwd_warps or warps, stages))):
             return None
         return W, U, P_t, d, T
 
@@ -265,7 +284,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
             out = launch_forward(k_hat, p, v, beta, gamma)
             ctx.fallback = out is None
             if ctx.fallback:  # no inverse stored: an empty T tells the caller (and this backward) so
-                W, U, P_t, d = (t.contiguous() for t in torch_form(k_hat, p, v.float(), beta, gamma))
+                W, U, P_t, d = (t.contiguous() for t in torch_form(k_hat, p, _chunk_values(v), beta, gamma))
                 T = k_hat.new_empty(0)
             else:
                 W, U, P_t, d, T = out
@@ -281,26 +300,27 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
         def backward(ctx, dW, dU, dP_t, dd, dT):
             k_hat, p, v, beta, gamma, T = ctx.saved_tensors
             Nc, H, _, K = k_hat.shape
-            HV, V = v.shape[1], v.shape[-1]
+            HV, V = v.shape[1], v.shape[-1]  # v: [Nc, HV, C, V] or [Nc·C, HV, V]
             grads = (dW, dU, dP_t, dd)
             left = None if ctx.handoff is None else ctx.handoff.take("wy")  # the output stage's dP, per value head
             if Nc and not ctx.fallback and kernel_backward():
                 BK, BV, warps, stages = chunk_tile_config(K, V)
-                shapes = ((Nc, HV, C, K), v.shape, (Nc, HV, C, K), decay_shape(Nc, HV, K))
+                shapes = ((Nc, HV, C, K), (Nc, HV, C, V), (Nc, HV, C, K), decay_shape(Nc, HV, K))
                 z = [k_hat.new_zeros(s) if g is None else g.contiguous() for g, s in zip(grads, shapes)]
                 dk, dp = torch.empty_like(z[0]), torch.empty_like(z[0]) if left is None else left[0]
                 # dV in V's own dtype (the kernel's store rounds once): no float32 buffer for autograd to cast
                 dv, dbeta, dgam = torch.empty_like(v), torch.empty_like(beta), torch.empty_like(gamma)
                 if launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
                         k_hat, p, v, beta, gamma, T, *z, dk, dp, dv, dbeta, dgam, H, HV, HV // H, K=K, V=V, C=C,
-                        BK=BK, BV=BV, ACCUMULATE_DP=left is not None, PRECISION=dot_precision(),
+                        BK=BK, BV=BV, ACCUMULATE_DP=left is not None, PRECISION=dot_precision(), STREAM=v.dim() == 3,
                         **launch_config(f"{name}_bwd", warps, stages))):
                     dk = pass_on(ctx.handoff, "write_keys", _fold_groups(dk, H))
                     return dk, _fold_groups(dp, H), dv, dbeta, dgam, None
-            dk, dp, *rest = torch_form_grads(torch_form, (k_hat, p, v.float(), beta, gamma), grads)
+            dk, dp, dv, *rest = torch_form_grads(torch_form, (k_hat, p, _chunk_values(v), beta, gamma), grads)
             if left is not None:
                 dp = plus_left(dp, _fold_groups(left[0], H))
-            return pass_on(ctx.handoff, "write_keys", dk), dp, *rest, None
+            dv = _chunks_to_stream(dv, v.dtype) if v.dim() == 3 else dv
+            return pass_on(ctx.handoff, "write_keys", dk), dp, dv, *rest, None
 
     Stage.__name__ = f"{name}_stage"
 
@@ -323,23 +343,11 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
         out = launch_forward(*args, T=T)
         if out is None:  # cannot happen after the same kernel ran in forward; stay correct anyway
             k_hat, p, v, beta, gamma = args
-            return tuple(t.contiguous() for t in torch_form(k_hat, p, v.float(), beta, gamma))
+            return tuple(t.contiguous() for t in torch_form(k_hat, p, _chunk_values(v), beta, gamma))
         return out[:4]
 
     apply.remake = remake
     return apply
-
-
-def _chunks_to_stream(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[Nc, HV, C, V] -> [Nc·C, HV, V] in ``dtype`` (the output stage's PyTorch fallback in the stream layout)."""
-    Nc, HV, C_, V = x.shape
-    return x.movedim(1, 2).reshape(Nc * C_, HV, V).to(dtype)
-
-
-def _stream_to_chunks(x: torch.Tensor, C_: int) -> torch.Tensor:
-    """[Nc·C, HV, V] -> [Nc, HV, C, V] float32 contiguous."""
-    L, HV, V = x.shape
-    return x.view(L // C_, C_, HV, V).movedim(1, 2).float().contiguous()
 
 
 def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, torch_form: Callable):

@@ -219,7 +219,7 @@ class _DeltaStage:
     def __init__(self, plan: ChunkPlan, q_hat, k_hat, p, v, beta, g, backend: str, handoff=None,
                  out_dtype: torch.dtype = torch.float32):
         self.plan, self.backend, self.out_dtype = plan, backend, out_dtype
-        HV, H = v.shape[1], k_hat.shape[1]
+        HV, H = v.shape[1], k_hat.shape[1]  # v: [Nc, HV, C, V], or [L, HV, V] for the kernels (no padding)
         if backend == "triton":
             self.per_channel = g is not None and g.dim() == 4
             if self.per_channel:
@@ -328,10 +328,13 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
 
     # 3. WY/UT chunk quantities, state entering every segment
     g = None if inp.g is None else _heads_first(plan, inp.g, dt)
-    # V in its own dtype for the kernels: their WY stage keeps 16-bit V as it is (no float32 copy)
-    v_dtype = inp.v.dtype if backend == "triton" else dt
-    stage = _DeltaStage(plan, q_hat, k_hat, p, _heads_first(plan, inp.v, v_dtype), _heads_first(plan, inp.beta, dt), g,
-                        backend, handoff, inp.v.dtype)
+    # V in its own dtype for the kernels: their WY stage keeps 16-bit V as it is (no float32 copy), and without
+    # padding reads it in the stream layout [L, HV, V] (and writes dV there): no relayout copy either way
+    if backend == "triton":
+        v = inp.v.contiguous() if plan.dense else _heads_first(plan, inp.v, inp.v.dtype)
+    else:
+        v = _heads_first(plan, inp.v, dt)
+    stage = _DeltaStage(plan, q_hat, k_hat, p, v, _heads_first(plan, inp.beta, dt), g, backend, handoff, inp.v.dtype)
     result = None
     # 3-4 at once under CP with the kernels: kernel summaries, one exchange, adjoint mirror (kernels.cp_state_pass);
     # PDELTA_CP_TREE=1 forces the PyTorch exchange below (autograd through a tree of dense maps), for bisecting
