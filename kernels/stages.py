@@ -170,9 +170,10 @@ def arm(handoff: GradHandoff | None, slot: str) -> None:
 
 
 def take_one(handoff: GradHandoff | None, slot: str) -> torch.Tensor | None:
-    """The single gradient left in ``slot`` (None: nothing left, or no handoff)."""
+    """The single gradient left in ``slot`` (None: nothing left, or no handoff), contiguous: the taking kernel adds
+    into it in place (a PyTorch fallback's gradient can come with transposed strides)."""
     left = None if handoff is None else handoff.take(slot)
-    return None if left is None else left[0]
+    return None if left is None else left[0].contiguous()
 
 
 def pass_on(handoff: GradHandoff | None, slot: str, grad: torch.Tensor | None) -> torch.Tensor | None:

@@ -77,14 +77,16 @@ def test_wy_backward_kernel_equals_pytorch_recompute(monkeypatch):
         assert rel_rms(kernel[name], recompute[name]) < (1e-5 if DEVICE == "cpu" else 5e-3), name
 
 
+@pytest.mark.parametrize("T", [100, 128], ids=["padded", "whole_chunks"])
 @pytest.mark.parametrize("variant", ["pgdn", "pkda"])
-def test_kernels_that_do_not_fit_fall_back_to_pytorch(monkeypatch, variant):
-    """A Triton OutOfResources (config too big for the GPU) is caught: same results from the PyTorch form."""
+def test_kernels_that_do_not_fit_fall_back_to_pytorch(monkeypatch, variant, T):
+    """A Triton OutOfResources (config too big for the GPU) is caught: same results from the PyTorch form (whole
+    chunks: the fallbacks take and give V, dV, O and dO in the stream layout)."""
     import pdelta_cp.kernels._triton_utils as utils
     from triton.runtime.errors import OutOfResources
 
     utils._warned.clear()
-    inp = make_inputs(T=100, H=2, HV=4, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE)
+    inp = make_inputs(T=T, H=2, HV=4, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE)
     out_k, grads_k = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
 
     def too_big(name, launch):
@@ -99,19 +101,24 @@ def test_kernels_that_do_not_fit_fall_back_to_pytorch(monkeypatch, variant):
     assert all(rel_rms(grads_f[n], grads_k[n]) < tol for n in grads_k)
 
 
+@pytest.mark.parametrize("T", [150, 192], ids=["padded", "whole_chunks"])
 @pytest.mark.parametrize("where,variant", [("state_pass_forward", "pgdn"), ("state_pass_backward", "pgdn"),
-                                           ("wy_backward", "pgdn"), ("wy_backward", "pkda")])
-def test_output_gradients_left_for_other_stages_survive_their_pytorch_fallbacks(monkeypatch, where, variant):
+                                           ("wy_backward", "pgdn"), ("wy_backward", "pkda"),
+                                           ("wy_and_output_backward", "pgdn")])
+def test_output_gradients_left_for_other_stages_survive_their_pytorch_fallbacks(monkeypatch, where, variant, T):
     """The output stage leaves its dW, dU for the state pass's kernel backward and its dP for the WY stage's to add
     (stages.GradHandoff). When such a stage runs in PyTorch instead (its kernels do not fit: the state pass's
-    forward or backward, the WY backward), nothing may be lost. GVA (HV = 2H): dP is folded after the sum."""
+    forward or backward, the WY backward), nothing may be lost. GVA (HV = 2H): dP is folded after the sum. With
+    the output backward in PyTorch too and HV = H, the WY fallback's dK̂ comes with transposed strides (the write
+    keys' kernel adds into it in place)."""
     import pdelta_cp.kernels._triton_utils as utils
     import pdelta_cp.kernels.stages as stages
     import pdelta_cp.kernels.state_pass as sp
     from triton.runtime.errors import OutOfResources
 
     utils._warned.clear()
-    inp = make_inputs(T=150, H=2, HV=4, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE)
+    HV = 2 if where == "wy_and_output_backward" else 4
+    inp = make_inputs(T=T, H=2, HV=HV, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE)
     out_k, grads_k = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
 
     def too_big(*args, **kwargs):
@@ -123,8 +130,9 @@ def test_output_gradients_left_for_other_stages_survive_their_pytorch_fallbacks(
         monkeypatch.setattr(sp, "_kernel_backward", too_big)
     else:
         real = stages.launch_or_fallback
+        failing = ("wy_bwd", "wy_channel_bwd") + (("output_bwd_qp",) if where == "wy_and_output_backward" else ())
         monkeypatch.setattr(stages, "launch_or_fallback", lambda name, launch: real(
-            name, too_big if name in ("wy_bwd", "wy_channel_bwd") else launch))
+            name, too_big if name in failing else launch))
     with pytest.warns(RuntimeWarning, match="does not fit"):
         out_f, grads_f = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
     tol = 1e-5 if DEVICE == "cpu" else 5e-3
