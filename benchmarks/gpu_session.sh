@@ -322,6 +322,15 @@ glue)  # one GPU, session j: the glue cuts (q/k relayout fused into the l2 norm,
       --ops fla-gdn fla-kda --out "$OUT/kernels_fla.json" > "$OUT/kernels_fla.log" 2>&1; echo "fla rc=$? at ${SECONDS}s"
   unset CUDA_VISIBLE_DEVICES
   ;;
+record)  # one GPU: the K = 256 GPU tests ($TESTS), then the record benchmark, ours and fla in one process (carry
+  # .triton_autotune: fla's KDA autotunes for minutes on a cold machine)
+  export CUDA_VISIBLE_DEVICES=0
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "${TESTS:-k256}" -s \
+      > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$? at ${SECONDS}s"; tail -1 "$OUT/gpu_tests.log"
+  timeout $(( ${BUDGET:-570} - SECONDS )) python3 benchmarks/bench_kernels.py --T 32768 131072 --warmup 5 --rep 20 \
+      --ops pgdn fla-gdn pkda fla-kda --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; echo "bench rc=$? at ${SECONDS}s"
+  unset CUDA_VISIBLE_DEVICES
+  ;;
 validate)  # 2 GPUs, session h: the CP GPU tests (the output/state-pass gradient handoff under CP), then side by side
   # the kernel GPU tests on GPU 0 and the same-process benchmark with fla on GPU 1 (timings: no other work on GPU 1)
   timeout ${CPLIMIT:-220} $TR --nproc-per-node 2 -m pytest -q -p no:cacheprovider -m gpu tests/distributed/test_cp_gpu.py \
