@@ -293,7 +293,7 @@ optini)  # one GPU: session i's CPU-tested changes — the GPU tests at the defa
   done
   unset CUDA_VISIBLE_DEVICES
   ;;
-glue)  # one GPU, session j: the glue cuts (q/k relayout fused into the l2 norm, O/dO in the stream layout, K̂'s
+glue)  # one GPU, session k: the glue cuts (q/k relayout fused into the l2 norm, O/dO in the stream layout, K̂'s
   # gradients summed in-kernel, dV in V's dtype) — GPU tests, then ours now against the tree before them ($AB_OLD, a
   # `git archive` of that commit, carried), one process each, alternating; then fla GDN/KDA alone (fills the autotune
   # cache that triton_autotune.tgz brings back)

@@ -36,6 +36,8 @@ class ChunkPlan:
     chunk_pos: Tensor
     seg_first_chunk: tuple[int, ...]
     seg_num_chunks: tuple[int, ...]
+    chunk_start: Tensor  # [Nc] int64: stream index of each chunk's first token (the kernels' stream addressing)
+    chunk_len: Tensor  # [Nc] int32: its real tokens (C but in a segment's last chunk)
     dense: bool = False  # no padding: chunk c holds stream tokens [c*C, (c+1)*C), gather/scatter are views
 
     @property
@@ -98,6 +100,8 @@ def _build_chunk_plan(seg_bounds: tuple[tuple[int, int], ...], num_tokens: int, 
         chunk_pos=chunk_pos.to(device),
         seg_first_chunk=tuple(firsts.tolist()),
         seg_num_chunks=tuple(counts.tolist()),
+        chunk_start=chunk_start.to(device),
+        chunk_len=(torch.minimum(chunk_end - chunk_start, torch.tensor(chunk_size))).to(torch.int32).to(device),
         dense=bool((lengths % chunk_size == 0).all()),  # every segment whole chunks: no padding anywhere
     )
 
