@@ -327,8 +327,9 @@ record)  # one GPU: the K = 256 GPU tests ($TESTS), then the record benchmark, o
   export CUDA_VISIBLE_DEVICES=0
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "${TESTS:-k256}" -s \
       > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$? at ${SECONDS}s"; tail -1 "$OUT/gpu_tests.log"
-  timeout $(( ${BUDGET:-570} - SECONDS )) python3 benchmarks/bench_kernels.py --T 32768 131072 --warmup 5 --rep 20 \
-      --ops pgdn fla-gdn pkda fla-kda --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; echo "bench rc=$? at ${SECONDS}s"
+  timeout $(( ${BUDGET:-570} - SECONDS )) python3 benchmarks/bench_kernels.py --T ${TS:-32768 131072} --warmup 5 \
+      --rep 20 --ops pgdn fla-gdn pkda fla-kda --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+  echo "bench rc=$? at ${SECONDS}s"
   unset CUDA_VISIBLE_DEVICES
   ;;
 validate)  # 2 GPUs, session h: the CP GPU tests (the output/state-pass gradient handoff under CP), then side by side

@@ -31,7 +31,7 @@ from pdelta_cp.kernels._triton_utils import chunk_tile_config  # noqa: E402
 
 CHUNK_INTS = {"H", "HV", "G"}  # integer (not pointer) arguments: head counts and the value heads per key head
 STATE_INTS = {"HV", "NCH"}  # (G is a pointer there: the state gradient)
-INT_POINTERS = {"FIRST", "LENGTH"}
+INT_POINTERS = {"FIRST", "LENGTH", "LENS"}  # int32; STARTS is int64
 
 
 def kernels(K: int, V: int) -> list[tuple[str, object, dict, int, int]]:
@@ -77,7 +77,7 @@ def signature(name: str, kernel, constexprs: dict) -> dict:
         elif p.name in ints:
             sig[p.name] = "i32"
         else:
-            sig[p.name] = "*i32" if p.name in INT_POINTERS else "*fp32"
+            sig[p.name] = "*i32" if p.name in INT_POINTERS else "*i64" if p.name == "STARTS" else "*fp32"
     return sig
 
 

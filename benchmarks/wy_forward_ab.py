@@ -55,7 +55,7 @@ def run_kernel(kernel, inputs, warps: int, **extra):
     U, T, d = k.new_empty(Nc, H, C, V), k.new_empty(Nc, H, C, C), k.new_empty(gamma.shape[:2] + gamma.shape[3:])
 
     def launch():
-        kernel[(Nc, H)](k, p, v, beta, gamma, W, U, P_t, T, d, H, H, 1, K=K, V=V, C=C, BK=BK, BV=BV,
+        kernel[(Nc, H)](k, p, v, beta, gamma, W, U, P_t, T, d, H, H, 1, d, d, K=K, V=V, C=C, BK=BK, BV=BV,
                         PRECISION=dot_precision(), num_warps=warps, num_stages=stages, **extra)
     launch()
     return launch, (W, U, P_t, d), T

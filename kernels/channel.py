@@ -16,17 +16,17 @@ import triton.language as tl
 
 from ..chunk.delta import wy_form
 from ..chunk.gram import gram
-from .output import value_rows, transpose_via
+from .output import _value_tile, _value_tile_t, transpose_via, value_rows
 from .stages import make_output_stage, make_wy_stage
 from .gram_channel import _rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_upper
 from .wy import (_blocked_inverse, _invert_unit_lower, _load_block, _load_blocked_inverse, _store_blocked_inverse,
-                 _store_blocked_product, _store_blocked_u, _value_side_backward, _value_tile)
+                 _store_blocked_product, _store_blocked_u, _value_side_backward)
 
 C = 64
 
 
 @triton.jit
-def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
+def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, STARTS, LENS,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       PRECISION: tl.constexpr, FROM_T: tl.constexpr = False, STREAM: tl.constexpr = False):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -50,17 +50,17 @@ def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
     p_t = _rows(P, krow, rc, rk, mk, K) * tl.exp(g_end[None, :] - ga)
     tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], p_t, mask=mk[None, :])
     tl.store(DEC + (i_c64 * HV + i_h) * K + rk, tl.exp(g_end), mask=mk)
-    vbase, vstride = value_rows(i_c64, i_h, HV, V, C, STREAM)
+    vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
     for v0 in range(0, V, BV):
         cols = v0 + tl.arange(0, BV)
         mv = cols < V
-        vv = _value_tile(VV, vbase, vstride, rc, cols, mv)
+        vv = _value_tile(VV, vbase, vstride, vn, rc, cols, mv)
         u = tl.dot(T, vv * beta[:, None], input_precision=PRECISION)
         tl.store(U + (vrow + rc[:, None]) * V + cols[None, :], u, mask=mv[None, :])
 
 
 @triton.jit
-def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
+def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, STARTS, LENS,
                               K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                               BV: tl.constexpr, PRECISION: tl.constexpr, FROM_T: tl.constexpr = False,
                               STREAM: tl.constexpr = False):
@@ -107,14 +107,14 @@ def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, 
     p_t = _rows(P, krow, rc, rk, mk, K) * tl.exp(g_end[None, :] - _rows(GAM, vrow, rc, rk, mk, K))
     tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], p_t, mask=mk[None, :])
     tl.store(DEC + (i_c64 * HV + i_h) * K + rk, tl.exp(g_end), mask=mk)
-    vbase, vstride = value_rows(i_c64, i_h, HV, V, C, STREAM)
-    _store_blocked_u(VV, vbase, vstride, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, V, BV,
-                     PRECISION)
+    vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
+    _store_blocked_u(VV, vbase, vstride, vn, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16,
+                     V, BV, PRECISION)
 
 
 @triton.jit
 def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
-                      DK, DP, DV, DBETA, DGAM, H, HV, G,
+                      DK, DP, DV, DBETA, DGAM, H, HV, G, STARTS, LENS,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = False):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -126,8 +126,8 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     mk = rk < K
     beta = tl.load(BETA + vrow + rc)
     T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
-    vbase, vstride = value_rows(i_c64, i_h, HV, V, C, STREAM)
-    dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, vbase, vstride, beta, T_t, rc, V, C, BV, PRECISION)
+    vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
+    dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, vbase, vstride, vn, beta, T_t, rc, V, C, BV, PRECISION)
     # Bk = β K̂ ⊙ e^Γ and its transpose, from transposed loads
     ga = _rows(GAM, vrow, rc, rk, mk, K)
     bk_t = _rows_t(KH, krow, rc, rk, mk, K) * tl.exp(_rows_t(GAM, vrow, rc, rk, mk, K)) * beta[None, :]
@@ -173,7 +173,7 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
 
 
 @triton.jit
-def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
+def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
                        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        PRECISION: tl.constexpr, STREAM: tl.constexpr = False):
     """One program per chunk and value head: the per-channel-decay Gram A once, then every V block."""
@@ -182,7 +182,7 @@ def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
     srow = (i_c64 * HV + i_h) * K
-    orow, ostride = value_rows(i_c64, i_h, HV, V, C, STREAM)
+    orow, ostride, on = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
@@ -195,11 +195,12 @@ def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
         delta = u - tl.dot(_rows(W, vrow, rc, rk, mk, K), s, input_precision=PRECISION)
         qd = _rows(Q, krow, rc, rk, mk, K) * tl.exp(_rows(GAM, vrow, rc, rk, mk, K))
         o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
-        tl.store(O + orow + rc[:, None] * ostride + cols[None, :], o, mask=mv[None, :])  # in O's dtype
+        tl.store(O + orow + rc[:, None] * ostride + cols[None, :], o,  # in O's dtype
+                 mask=(rc < on)[:, None] & mv[None, :])
 
 
 @triton.jit
-def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G,
+def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, STARTS, LENS,
                              K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                              BV: tl.constexpr, PRECISION: tl.constexpr, STREAM: tl.constexpr = False):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -207,7 +208,7 @@ def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G,
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
     srow = (i_c64 * HV + i_h) * K
-    orow, ostride = value_rows(i_c64, i_h, HV, V, C, STREAM)
+    orow, ostride, on = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
@@ -216,8 +217,7 @@ def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G,
     for v0 in range(0, V, BV):
         cols = v0 + tl.arange(0, BV)
         mv = cols < V
-        do = tl.load(DO + orow + rc[:, None] * ostride + cols[None, :], mask=mv[None, :], other=0.0)
-        do = do.to(tl.float32)
+        do = _value_tile(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
         d_delta = tl.dot(A_t, do, input_precision=PRECISION)
         tl.store(DU + (vrow + rc[:, None]) * V + cols[None, :], d_delta, mask=mv[None, :])
         qd_t = _rows_t(Q, krow, rc, rk, mk, K) * tl.exp(_rows_t(GAM, vrow, rc, rk, mk, K))
@@ -230,7 +230,7 @@ def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G,
 
 
 @triton.jit
-def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G,
+def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G, STARTS, LENS,
                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           PRECISION: tl.constexpr, SCRATCH: tl.constexpr = False,
                        STREAM: tl.constexpr = False):
@@ -240,7 +240,7 @@ def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G,
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
     srow = (i_c64 * HV + i_h) * K
-    orow, ostride = value_rows(i_c64, i_h, HV, V, C, STREAM)
+    orow, ostride, on = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
@@ -253,10 +253,8 @@ def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G,
         s = tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
         u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        do = tl.load(DO + orow + rc[:, None] * ostride + cols[None, :], mask=mv[None, :], other=0.0)
-        do = do.to(tl.float32)
-        do_t = tl.load(DO + orow + rc[None, :] * ostride + cols[:, None], mask=mv[:, None], other=0.0)
-        do_t = do_t.to(tl.float32)
+        do = _value_tile(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
+        do_t = _value_tile_t(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
         delta = u - tl.dot(_rows(W, vrow, rc, rk, mk, K), s, input_precision=PRECISION)
         d_q += tl.dot(do, s_t, input_precision=PRECISION)
         dA_t += tl.dot(delta, do_t, input_precision=PRECISION)

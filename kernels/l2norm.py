@@ -4,8 +4,9 @@
     dx = r · (s · dy − y · (y·dy) / s)
 
 Saves y and r, as the PyTorch form (``pdelta_cp.chunk.pipeline._L2Normalize``) does. With a chunk size, the same
-pass also moves the stream layout [L, H, K] (any float dtype) to the chunk layout [L/C, H, C, K] in float32, and the
-backward writes dx back in the stream layout and x's dtype: no separate relayout copies and casts either way.
+pass also moves the stream layout [L, H, K] (any float dtype) to the chunk layout [Nc, H, C, K] in float32 (chunk n
+holds tokens starts[n] .. starts[n] + lens[n] − 1, zero rows after them), and the backward writes dx back in the
+stream layout and x's dtype: no separate relayout copies and casts either way.
 """
 from __future__ import annotations
 
@@ -19,25 +20,29 @@ ROWS = 16  # rows per program
 
 
 @triton.jit
-def _stream_rows(rows, H, TO_CHUNKS: tl.constexpr, C: tl.constexpr):
-    """Row of the stream tensor [L, H, K] for each row of the output: itself, or (TO_CHUNKS) for chunk-layout row
-    (n, h, c) of [Nc, H, C, K] the token n·C + c of head h."""
+def _stream_rows(rows, mr, H, STARTS, LENS, TO_CHUNKS: tl.constexpr, C: tl.constexpr):
+    """(Row of the stream tensor [L, H, K] for each row of the output, whether it holds a token): itself, or
+    (TO_CHUNKS) for chunk-layout row (n, h, c) of [Nc, H, C, K] the token STARTS[n] + c of head h, if c < LENS[n]."""
     if TO_CHUNKS:
         c = rows % C
         nh = rows // C
-        return ((nh // H) * C + c) * H + nh % H
-    return rows
+        n = nh // H
+        start = tl.load(STARTS + n, mask=mr, other=0).to(tl.int64)
+        valid = mr & (c < tl.load(LENS + n, mask=mr, other=0))
+        return (start + c) * H + nh % H, valid
+    return rows, mr
 
 
 @triton.jit
-def _l2_fwd_kernel(X, Y, R, N, H, scale, K: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+def _l2_fwd_kernel(X, Y, R, N, H, STARTS, LENS, scale, K: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
                    TO_CHUNKS: tl.constexpr, C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BK)
     mr = rows < N
     m = mr[:, None] & (cols[None, :] < K)
     offs = rows[:, None] * K + cols[None, :]
-    x = tl.load(X + _stream_rows(rows, H, TO_CHUNKS, C)[:, None] * K + cols[None, :], mask=m, other=0.0)
+    src, valid = _stream_rows(rows, mr, H, STARTS, LENS, TO_CHUNKS, C)
+    x = tl.load(X + src[:, None] * K + cols[None, :], mask=valid[:, None] & (cols[None, :] < K), other=0.0)
     x = x.to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) + 1e-6)
     tl.store(Y + offs, x * (r * scale)[:, None], mask=m)
@@ -45,7 +50,7 @@ def _l2_fwd_kernel(X, Y, R, N, H, scale, K: tl.constexpr, BK: tl.constexpr, BR: 
 
 
 @triton.jit
-def _l2_bwd_kernel(Y, R, DY, DX, N, H, scale, K: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+def _l2_bwd_kernel(Y, R, DY, DX, N, H, STARTS, LENS, scale, K: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
                    TO_CHUNKS: tl.constexpr, C: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BK)
@@ -57,29 +62,33 @@ def _l2_bwd_kernel(Y, R, DY, DX, N, H, scale, K: tl.constexpr, BK: tl.constexpr,
     r = tl.load(R + rows, mask=mr, other=0.0)
     yd = tl.sum(y * dy, axis=1) / scale
     dx = r[:, None] * (scale * dy - y * yd[:, None])
-    tl.store(DX + _stream_rows(rows, H, TO_CHUNKS, C)[:, None] * K + cols[None, :], dx, mask=m)  # cast to DX's dtype
+    dst, valid = _stream_rows(rows, mr, H, STARTS, LENS, TO_CHUNKS, C)
+    tl.store(DX + dst[:, None] * K + cols[None, :], dx, mask=valid[:, None] & (cols[None, :] < K))  # in DX's dtype
 
 
 class L2Normalize(torch.autograd.Function):
-    """x [..., K] float32 contiguous -> scale · x / sqrt(|x|² + 1e-6); or, with ``chunk_size`` C, x [L, H, K] of any
-    float dtype (L a multiple of C) -> y [L/C, H, C, K] float32 in the chunk layout (dx comes back as x is)."""
+    """x [..., K] float32 contiguous -> scale · x / sqrt(|x|² + 1e-6); or, with ``chunk_size`` C and the chunks'
+    ``starts`` and ``lens`` [Nc], x [L, H, K] of any float dtype -> y [Nc, H, C, K] float32 in the chunk layout
+    (dx comes back as x is)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float, chunk_size: int | None = None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, scale: float, chunk_size: int | None = None, starts: torch.Tensor | None = None,
+                lens: torch.Tensor | None = None) -> torch.Tensor:
         K = x.shape[-1]
-        N = x.numel() // max(K, 1)
         if chunk_size is None:
-            y, H, C = torch.empty_like(x), 1, 1
+            y, H, C, starts = torch.empty_like(x), 1, 1, None
         else:
-            L, H, _ = x.shape
-            C = chunk_size
-            y = x.new_empty((L // C, H, C, K), dtype=torch.float32)
+            H, C = x.shape[1], chunk_size
+            y = x.new_empty((starts.numel(), H, C, K), dtype=torch.float32)
+        N = y.numel() // max(K, 1)
         r = y.new_empty(y.shape[:-1] + (1,))
+        table = (x, x) if starts is None else (starts, lens)  # (unread placeholders without chunks)
         if N:
-            _l2_fwd_kernel[(triton.cdiv(N, ROWS),)](x, y, r, N, H, float(scale), K=K, BK=next_pow2(K), BR=ROWS,
-                                                    TO_CHUNKS=chunk_size is not None, C=C, num_warps=4)
+            _l2_fwd_kernel[(triton.cdiv(N, ROWS),)](x, y, r, N, H, *table, float(scale), K=K, BK=next_pow2(K),
+                                                    BR=ROWS, TO_CHUNKS=chunk_size is not None, C=C, num_warps=4)
         ctx.save_for_backward(y, r)
         ctx.scale, ctx.chunk_size, ctx.x_shape, ctx.x_dtype = float(scale), chunk_size, x.shape, x.dtype
+        ctx.table = table if starts is not None else None
         return y
 
     @staticmethod
@@ -88,21 +97,30 @@ class L2Normalize(torch.autograd.Function):
         K = y.shape[-1]
         N = y.numel() // max(K, 1)
         dy = dy.contiguous()
-        dx = y.new_empty(ctx.x_shape, dtype=ctx.x_dtype)
+        dx = y.new_empty(ctx.x_shape, dtype=ctx.x_dtype)  # every token is one chunk row: all of it is written
         C = ctx.chunk_size or 1
         H = y.shape[1] if ctx.chunk_size else 1
+        table = ctx.table or (y, y)
         if N:
-            _l2_bwd_kernel[(triton.cdiv(N, ROWS),)](y, r, dy, dx, N, H, ctx.scale, K=K, BK=next_pow2(K), BR=ROWS,
-                                                    TO_CHUNKS=ctx.chunk_size is not None, C=C, num_warps=4)
-        return dx, None, None
+            _l2_bwd_kernel[(triton.cdiv(N, ROWS),)](y, r, dy, dx, N, H, *table, ctx.scale, K=K, BK=next_pow2(K),
+                                                    BR=ROWS, TO_CHUNKS=ctx.chunk_size is not None, C=C, num_warps=4)
+        return dx, None, None, None, None
 
 
 def l2_normalize_triton(x: torch.Tensor, scale: float) -> torch.Tensor:
     return L2Normalize.apply(x.contiguous(), scale)
 
 
-def l2_normalize_to_chunks_triton(x: torch.Tensor, scale: float, chunk_size: int) -> torch.Tensor:
-    """x [L, H, K] in the stream layout (L a multiple of ``chunk_size``) -> normalised [L/C, H, C, K] float32."""
-    if x.dim() != 3 or x.shape[0] % chunk_size:
-        raise ValueError(f"x must be [L, H, K] with L a multiple of chunk_size={chunk_size}, got {tuple(x.shape)}")
-    return L2Normalize.apply(x.contiguous(), scale, chunk_size)
+def l2_normalize_to_chunks_triton(x: torch.Tensor, scale: float, chunk_size: int, starts: torch.Tensor | None = None,
+                                  lens: torch.Tensor | None = None) -> torch.Tensor:
+    """x [L, H, K] in the stream layout -> normalised [Nc, H, C, K] float32: chunk n holds tokens starts[n] ..
+    starts[n] + lens[n] − 1 (a chunk plan's ``chunk_start``, ``chunk_len``; zero rows after them). Without them, L
+    must be a multiple of ``chunk_size`` and chunk n holds tokens n·C .. n·C + C − 1."""
+    if starts is None:
+        if x.dim() != 3 or x.shape[0] % chunk_size:
+            raise ValueError(f"x must be [L, H, K] with L a multiple of chunk_size={chunk_size} (or give the chunks' "
+                             f"starts and lens), got {tuple(x.shape)}")
+        Nc = x.shape[0] // chunk_size
+        starts = torch.arange(Nc, device=x.device, dtype=torch.int64) * chunk_size
+        lens = torch.full((Nc,), chunk_size, device=x.device, dtype=torch.int32)
+    return L2Normalize.apply(x.contiguous(), scale, chunk_size, starts, lens)

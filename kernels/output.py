@@ -21,21 +21,40 @@ C = 64
 
 
 @triton.jit
-def value_rows(i_c64, i_h, HV, V: tl.constexpr, C: tl.constexpr, STREAM: tl.constexpr):
-    """(offset of row 0, elements between rows) of a value tensor (O, dO, V, dV) for chunk i_c, value head i_h:
-    the chunk layout [Nc, HV, C, V], or (STREAM) the stream layout [Nc·C, HV, V] of the op's own input and output,
-    read and written in place (no relayout copies, no casts around the stages)."""
+def value_rows(i_c64, i_h, HV, V: tl.constexpr, C: tl.constexpr, STREAM: tl.constexpr, STARTS, LENS):
+    """(offset of row 0, elements between rows, rows holding tokens) of a value tensor (O, dO, V, dV) for chunk
+    i_c, value head i_h: the chunk layout [Nc, HV, C, V], or (STREAM) the stream layout [L, HV, V] of the op's own
+    input and output, read and written in place (no relayout copies, no casts around the stages): chunk i_c starts
+    at token STARTS[i_c] and holds LENS[i_c] tokens (fewer than C in a segment's last chunk: the other rows read
+    as zeros and are never written)."""
     if STREAM:
-        base = (i_c64 * C * HV + i_h) * V
+        base = (tl.load(STARTS + i_c64).to(tl.int64) * HV + i_h) * V
         stride = HV * V
+        nrows = tl.load(LENS + i_c64)
     else:
         base = (i_c64 * HV + i_h) * C * V
         stride = V
-    return base, stride
+        nrows = C
+    return base, stride, nrows
 
 
 @triton.jit
-def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
+def _value_tile(X, base, stride, nrows, rows, cols, mv):
+    """Rows ``rows`` of a value tensor (V, dO) at (base, stride, nrows) from `value_rows`, columns ``cols``
+    (masked; rows past ``nrows`` read as zeros)."""
+    return tl.load(X + base + rows[:, None] * stride + cols[None, :], mask=(rows < nrows)[:, None] & mv[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _value_tile_t(X, base, stride, nrows, rows, cols, mv):
+    """The same tile transposed, read straight from memory."""
+    return tl.load(X + base + rows[None, :] * stride + cols[:, None], mask=mv[:, None] & (rows < nrows)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
                     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     PRECISION: tl.constexpr, STREAM: tl.constexpr = False):
     """One program per chunk and value head: A once, then every V block (A is the costly part)."""
@@ -44,7 +63,7 @@ def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
     srow = (i_c64 * HV + i_h) * K
-    orow, ostride = value_rows(i_c64, i_h, HV, V, C, STREAM)
+    orow, ostride, on = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
@@ -63,11 +82,12 @@ def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G,
         delta = u - tl.dot(w, s, input_precision=PRECISION)
         qd = tl.load(Q + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0) * tl.exp(gam)[:, None]
         o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
-        tl.store(O + orow + rc[:, None] * ostride + cols[None, :], o, mask=mv[None, :])  # in O's dtype
+        tl.store(O + orow + rc[:, None] * ostride + cols[None, :], o,  # in O's dtype
+                 mask=(rc < on)[:, None] & mv[None, :])
 
 
 @triton.jit
-def _out_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G,
+def _out_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, STARTS, LENS,
                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           PRECISION: tl.constexpr, STREAM: tl.constexpr = False):
     """dΔ = Aᵀ dO (= dU), dS = (Q̂ ⊙ e^Γ)ᵀ dO − Wᵀ dΔ, dW = −Σ_V-blocks dΔ Sᵀ (accumulated here, no partials)."""
@@ -76,7 +96,7 @@ def _out_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G,
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
     srow = (i_c64 * HV + i_h) * K
-    orow, ostride = value_rows(i_c64, i_h, HV, V, C, STREAM)
+    orow, ostride, on = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
@@ -90,8 +110,7 @@ def _out_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G,
     for v0 in range(0, V, BV):
         cols = v0 + tl.arange(0, BV)
         mv = cols < V
-        do = tl.load(DO + orow + rc[:, None] * ostride + cols[None, :], mask=mv[None, :], other=0.0)
-        do = do.to(tl.float32)
+        do = _value_tile(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
         d_delta = tl.dot(A_t, do, input_precision=PRECISION)
         tl.store(DU + (vrow + rc[:, None]) * V + cols[None, :], d_delta, mask=mv[None, :])
         qd_t = tl.load(Q + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0) * tl.exp(gam)[None, :]
@@ -114,7 +133,7 @@ def transpose_via(SCR, row0, x, rc, C: tl.constexpr):
 
 
 @triton.jit
-def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G,
+def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G, STARTS, LENS,
                        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        PRECISION: tl.constexpr, SCRATCH: tl.constexpr = False,
                        STREAM: tl.constexpr = False):
@@ -125,7 +144,7 @@ def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G,
     krow = (i_c64 * H + i_h // G) * C
     vrow = (i_c64 * HV + i_h) * C
     srow = (i_c64 * HV + i_h) * K
-    orow, ostride = value_rows(i_c64, i_h, HV, V, C, STREAM)
+    orow, ostride, on = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
@@ -141,10 +160,8 @@ def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G,
         s = tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
         u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        do = tl.load(DO + orow + rc[:, None] * ostride + cols[None, :], mask=mv[None, :], other=0.0)
-        do = do.to(tl.float32)
-        do_t = tl.load(DO + orow + rc[None, :] * ostride + cols[:, None], mask=mv[:, None], other=0.0)
-        do_t = do_t.to(tl.float32)
+        do = _value_tile(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
+        do_t = _value_tile_t(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
         delta = u - tl.dot(w, s, input_precision=PRECISION)  # [C, BV]
         d_q += tl.dot(do, s_t, input_precision=PRECISION)
         dA_t += tl.dot(delta, do_t, input_precision=PRECISION)

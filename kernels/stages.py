@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -234,27 +235,49 @@ def _fold_groups(t: torch.Tensor, H: int) -> torch.Tensor:
     return t.view(Nc, H, HV // H, *t.shape[2:]).sum(2)
 
 
-def _chunks_to_stream(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[Nc, HV, C, V] -> [Nc·C, HV, V] in ``dtype``: a PyTorch fallback's result in the stream layout."""
-    Nc, HV, C_, V = x.shape
-    return x.movedim(1, 2).reshape(Nc * C_, HV, V).to(dtype)
+class StreamRows(NamedTuple):
+    """Where each chunk's rows live in a tensor of the stream layout [L, heads, dim] (the op's own q, k, v, o and
+    their gradients, which the kernels read and write there): chunk c starts at token ``starts[c]`` and holds
+    ``lens[c]`` tokens — C, but fewer in a segment's last chunk (its other rows are padding: read as zeros, never
+    written). From the chunk plan (``chunk_start``, ``chunk_len``)."""
+
+    starts: torch.Tensor  # [Nc] int64
+    lens: torch.Tensor  # [Nc] int32
+    num_tokens: int
 
 
-def _stream_to_chunks(x: torch.Tensor, C_: int) -> torch.Tensor:
-    """[Nc·C, HV, V] -> [Nc, HV, C, V] float32 contiguous."""
-    L, HV, V = x.shape
-    return x.view(L // C_, C_, HV, V).movedim(1, 2).float().contiguous()
+def _row_index(rows: StreamRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """([Nc, C] stream index of every chunk row, ``num_tokens`` for padding; [Nc, C] whether it holds a token)."""
+    r = torch.arange(C, device=rows.starts.device)
+    valid = r[None, :] < rows.lens[:, None]
+    return torch.where(valid, rows.starts[:, None] + r[None, :], rows.num_tokens), valid
 
 
-def _chunk_values(v: torch.Tensor) -> torch.Tensor:
-    """V for a stage's PyTorch form: [Nc, HV, C, V] float32 (from the stream layout [Nc·C, HV, V] if given so)."""
-    return _stream_to_chunks(v, C) if v.dim() == 3 else v.float()
+def _stream_to_chunks(x: torch.Tensor, rows: StreamRows) -> torch.Tensor:
+    """[L, HV, V] -> [Nc, HV, C, V] float32 (padding rows zero): the PyTorch fallbacks' operands."""
+    idx, _ = _row_index(rows)
+    padded = torch.cat([x.float(), x.new_zeros((1,) + x.shape[1:], dtype=torch.float32)])
+    return padded[idx].movedim(1, 2).contiguous()
+
+
+def _chunks_to_stream(x: torch.Tensor, rows: StreamRows, dtype: torch.dtype) -> torch.Tensor:
+    """[Nc, HV, C, V] -> [L, HV, V] in ``dtype`` (padding rows dropped): a PyTorch fallback's result."""
+    idx, valid = _row_index(rows)
+    out = x.new_empty((rows.num_tokens, x.shape[1], x.shape[3]), dtype=dtype)
+    out[idx[valid]] = x.movedim(1, 2)[valid].to(dtype)
+    return out
+
+
+def _chunk_values(v: torch.Tensor, rows: StreamRows | None) -> torch.Tensor:
+    """V for a stage's PyTorch form: [Nc, HV, C, V] float32 (from the stream layout if ``rows`` are given)."""
+    return v.float() if rows is None else _stream_to_chunks(v, rows)
 
 
 def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay_shape: Callable,
                   kernel_backward: Callable[[], bool] = lambda: True, pick_fwd: Callable | None = None):
-    """(K̂, P [Nc,H,C,K]; V [Nc,HV,C,V], or [Nc·C, HV, V] in the stream layout; β [Nc,HV,C]; Γ) -> (W, U, P̃, d) as
-    float32 tensors (chunk layout). V in the stream layout is read there by the kernels, and dV written there.
+    """(K̂, P [Nc,H,C,K]; V [Nc,HV,C,V], or with ``rows`` (:class:`StreamRows`) [L, HV, V] in the stream layout;
+    β [Nc,HV,C]; Γ) -> (W, U, P̃, d) as float32 tensors (chunk layout). V in the stream layout is read there by the
+    kernels, and dV written there.
 
     decay_shape(Nc, HV, K) gives d's shape; kernel_backward() says whether to use ``bwd_kernel``;
     pick_fwd(K), when given, returns (forward kernel, its num_warps or None for the tile config's), chosen per
@@ -262,30 +285,31 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
     again from the inverse T the forward stored, by the same kernel without its Gram and solve.
     """
 
-    def launch_forward(k_hat, p, v, beta, gamma, T=None):
+    def launch_forward(k_hat, p, v, beta, gamma, T=None, rows: StreamRows | None = None):
         """(W, U, P̃, d, T) from the forward kernel, or None when it does not fit the GPU; with T given, the
         kernel reads it (FROM_T) instead of forming and storing it: the same arithmetic for everything else."""
         Nc, H, _, K = k_hat.shape
-        HV, V = v.shape[1], v.shape[-1]  # v: [Nc, HV, C, V] or [Nc·C, HV, V]
+        HV, V = v.shape[1], v.shape[-1]  # v: [Nc, HV, C, V] or [L, HV, V]
         BK, BV, warps, stages = chunk_tile_config(K, V)
         W, P_t = k_hat.new_empty(Nc, HV, C, K), k_hat.new_empty(Nc, HV, C, K)
+        starts, lens = (beta, beta) if rows is None else rows[:2]  # (unread placeholders in the chunk layout)
         U, d = k_hat.new_empty(Nc, HV, C, V), k_hat.new_empty(decay_shape(Nc, HV, K))
         from_t, T = T is not None, k_hat.new_empty(Nc, HV, C, C) if T is None else T
         kernel, fwd_warps = (fwd_kernel, None) if pick_fwd is None else pick_fwd(K)
         if Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: kernel[(Nc, HV)](
-                k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
-                PRECISION=dot_precision(), FROM_T=from_t, STREAM=v.dim() == 3,
+                k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, starts, lens, K=K, V=V, C=C, BK=BK, BV=BV,
+                PRECISION=dot_precision(), FROM_T=from_t, STREAM=rows is not None,
                 **launch_config(f"{name}_fwd", fwd_warps or warps, stages))):
             return None
         return W, U, P_t, d, T
 
     class Stage(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, k_hat, p, v, beta, gamma, handoff):
-            out = launch_forward(k_hat, p, v, beta, gamma)
-            ctx.fallback = out is None
+        def forward(ctx, k_hat, p, v, beta, gamma, handoff, rows):
+            out = launch_forward(k_hat, p, v, beta, gamma, rows=rows)
+            ctx.fallback, ctx.rows = out is None, rows
             if ctx.fallback:  # no inverse stored: an empty T tells the caller (and this backward) so
-                W, U, P_t, d = (t.contiguous() for t in torch_form(k_hat, p, _chunk_values(v), beta, gamma))
+                W, U, P_t, d = (t.contiguous() for t in torch_form(k_hat, p, _chunk_values(v, rows), beta, gamma))
                 T = k_hat.new_empty(0)
             else:
                 W, U, P_t, d, T = out
@@ -301,7 +325,9 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
         def backward(ctx, dW, dU, dP_t, dd, dT):
             k_hat, p, v, beta, gamma, T = ctx.saved_tensors
             Nc, H, _, K = k_hat.shape
-            HV, V = v.shape[1], v.shape[-1]  # v: [Nc, HV, C, V] or [Nc·C, HV, V]
+            HV, V = v.shape[1], v.shape[-1]  # v: [Nc, HV, C, V] or [L, HV, V]
+            rows = ctx.rows
+            starts, lens = (beta, beta) if rows is None else rows[:2]
             grads = (dW, dU, dP_t, dd)
             left = None if ctx.handoff is None else ctx.handoff.take("wy")  # the output stage's dP, per value head
             if Nc and not ctx.fallback and kernel_backward():
@@ -312,16 +338,17 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
                 # dV in V's own dtype (the kernel's store rounds once): no float32 buffer for autograd to cast
                 dv, dbeta, dgam = torch.empty_like(v), torch.empty_like(beta), torch.empty_like(gamma)
                 if launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
-                        k_hat, p, v, beta, gamma, T, *z, dk, dp, dv, dbeta, dgam, H, HV, HV // H, K=K, V=V, C=C,
-                        BK=BK, BV=BV, ACCUMULATE_DP=left is not None, PRECISION=dot_precision(), STREAM=v.dim() == 3,
+                        k_hat, p, v, beta, gamma, T, *z, dk, dp, dv, dbeta, dgam, H, HV, HV // H, starts, lens, K=K,
+                        V=V, C=C, BK=BK, BV=BV, ACCUMULATE_DP=left is not None, PRECISION=dot_precision(),
+                        STREAM=rows is not None,
                         **launch_config(f"{name}_bwd", warps, stages))):
                     dk = pass_on(ctx.handoff, "write_keys", _fold_groups(dk, H))
-                    return dk, _fold_groups(dp, H), dv, dbeta, dgam, None
-            dk, dp, dv, *rest = torch_form_grads(torch_form, (k_hat, p, _chunk_values(v), beta, gamma), grads)
+                    return dk, _fold_groups(dp, H), dv, dbeta, dgam, None, None
+            dk, dp, dv, *rest = torch_form_grads(torch_form, (k_hat, p, _chunk_values(v, rows), beta, gamma), grads)
             if left is not None:
                 dp = plus_left(dp, _fold_groups(left[0], H))
-            dv = _chunks_to_stream(dv, v.dtype) if v.dim() == 3 else dv
-            return pass_on(ctx.handoff, "write_keys", dk), dp, dv, *rest, None
+            dv = dv if rows is None else _chunks_to_stream(dv, rows, v.dtype)
+            return pass_on(ctx.handoff, "write_keys", dk), dp, dv, *rest, None, None
 
     Stage.__name__ = f"{name}_stage"
 
@@ -330,21 +357,23 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
         v = v.contiguous() if v.dtype in (torch.bfloat16, torch.float16) else v.contiguous().float()
         return (*(t.contiguous().float() for t in (k_hat, p)), v, *(t.contiguous().float() for t in (beta, gamma)))
 
-    def apply(k_hat, p, v, beta, gamma, handoff: GradHandoff | None = None, with_inverse: bool = False):
+    def apply(k_hat, p, v, beta, gamma, handoff: GradHandoff | None = None, with_inverse: bool = False,
+              rows: StreamRows | None = None):
         """(W, U, P̃, d), and with ``with_inverse`` the stored inverse T [Nc, HV, C, C] too (None when the forward ran
-        in PyTorch). ``handoff``: shared with the output stage that reads P too (see :class:`GradHandoff`)."""
-        W, U, P_t, d, T = Stage.apply(*prepared(k_hat, p, v, beta, gamma), handoff)
+        in PyTorch). ``handoff``: shared with the output stage that reads P too (see :class:`GradHandoff`).
+        ``rows``: V in the stream layout (:class:`StreamRows`)."""
+        W, U, P_t, d, T = Stage.apply(*prepared(k_hat, p, v, beta, gamma), handoff, rows)
         if not with_inverse:
             return W, U, P_t, d
         return W, U, P_t, d, (T if T.numel() else None)
 
-    def remake(k_hat, p, v, beta, gamma, T):
+    def remake(k_hat, p, v, beta, gamma, T, rows: StreamRows | None = None):
         """(W, U, P̃, d) from the stored inverse T (no gradient): bitwise what the forward returned."""
         args = prepared(k_hat, p, v, beta, gamma)
-        out = launch_forward(*args, T=T)
+        out = launch_forward(*args, T=T, rows=rows)
         if out is None:  # cannot happen after the same kernel ran in forward; stay correct anyway
             k_hat, p, v, beta, gamma = args
-            return tuple(t.contiguous() for t in torch_form(k_hat, p, _chunk_values(v), beta, gamma))
+            return tuple(t.contiguous() for t in torch_form(k_hat, p, _chunk_values(v, rows), beta, gamma))
         return out[:4]
 
     apply.remake = remake
@@ -353,25 +382,26 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
 
 def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, torch_form: Callable):
     """(Q̂, P [Nc,H,C,K]; Γ; W [Nc,HV,C,K]; U [Nc,HV,C,V]; S [Nc,HV,K,V]) -> O [Nc,HV,C,V] (float32), or with
-    ``stream_dtype`` O [Nc·C, HV, V] in that dtype: the stream layout, written (and dO read) by the kernels
-    themselves."""
+    ``rows`` (:class:`StreamRows`) O [L, HV, V] in ``stream_dtype``: the stream layout, written (and dO read) by
+    the kernels themselves."""
 
     class Stage(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, q_hat, p, gamma, W, U, S, recompute, handoff, stream_dtype):
+        def forward(ctx, q_hat, p, gamma, W, U, S, recompute, handoff, rows, stream_dtype):
             Nc, H, _, K = q_hat.shape
             HV, V = U.shape[1], U.shape[-1]
             BK, BV, warps, stages = chunk_tile_config(K, V)
-            stream = stream_dtype is not None
-            O = U.new_empty(Nc * C, HV, V, dtype=stream_dtype) if stream else U.new_empty(Nc, HV, C, V)
+            stream = rows is not None
+            O = U.new_empty(rows.num_tokens, HV, V, dtype=stream_dtype) if stream else U.new_empty(Nc, HV, C, V)
+            starts, lens = rows[:2] if stream else (gamma, gamma)  # (unread placeholders in the chunk layout)
             ctx.fallback = Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: fwd_kernel[(Nc, HV)](
-                q_hat, p, gamma, W, U, S, O, H, HV, HV // H, K=K, V=V, C=C, BK=BK, BV=BV,
+                q_hat, p, gamma, W, U, S, O, H, HV, HV // H, starts, lens, K=K, V=V, C=C, BK=BK, BV=BV,
                 PRECISION=dot_precision(), STREAM=stream, **launch_config(f"{name}_fwd", warps, stages)))
             if ctx.fallback:
                 O = torch_form(q_hat, p, gamma, W, U, S)
-                O = _chunks_to_stream(O, stream_dtype) if stream else O
+                O = _chunks_to_stream(O, rows, stream_dtype) if stream else O
             save_wy(ctx, recompute, (W, U), q_hat, p, gamma, save_states(ctx, recompute, S))
-            ctx.handoff, ctx.stream = handoff, stream
+            ctx.handoff, ctx.rows = handoff, rows
             return O
 
         @staticmethod
@@ -383,16 +413,19 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             dO = dO.contiguous()
             dq, dp, dW = torch.empty_like(W), torch.empty_like(W), torch.empty_like(W)
             dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
-            common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), STREAM=ctx.stream)
+            rows = ctx.rows
+            starts, lens = rows[:2] if rows is not None else (gamma, gamma)
+            common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), STREAM=rows is not None)
             # PDELTA_SCRATCH_TRANSPOSE=1 (opt-in): dA and Aᵀ as transposes through [C, C] scratch rows
             scratch = W.new_empty(Nc, HV, C, C) if os.environ.get("PDELTA_SCRATCH_TRANSPOSE") == "1" else None
             if Nc and not ctx.fallback and launch_or_fallback(
                     f"{name}_bwd_state", lambda: bwd_state_kernel[(Nc, HV)](
-                        q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H,
+                        q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H, starts, lens,
                         **launch_config(f"{name}_bwd_state", warps, stages), **common)) \
                     and launch_or_fallback(f"{name}_bwd_qp", lambda: bwd_qp_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, scratch if scratch is not None else dq, H, HV,
-                        HV // H, SCRATCH=scratch is not None, **launch_config(f"{name}_bwd_qp", warps, stages),
+                        HV // H, starts, lens, SCRATCH=scratch is not None,
+                        **launch_config(f"{name}_bwd_qp", warps, stages),
                         **common)):
                 handoff = ctx.handoff
                 if handoff is not None and handoff.armed("state_pass"):  # it adds its dW, dU and returns the sums
@@ -402,20 +435,21 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
                     handoff.leave("wy", dp)
                     dp = None
                 return (_fold_groups(dq, H), None if dp is None else _fold_groups(dp, H), dgam, dW, dU, dS, None,
-                        None, None)
+                        None, None, None)
             if not Nc:
                 return (torch.zeros_like(q_hat), torch.zeros_like(p), dgam, W.new_zeros(W.shape), dU, dS, None, None,
-                        None)
-            dO = _stream_to_chunks(dO, C) if ctx.stream else dO
-            return (*torch_form_grads(torch_form, (q_hat, p, gamma, W, U, S), (dO,)), None, None, None)
+                        None, None)
+            dO = dO if rows is None else _stream_to_chunks(dO, rows)
+            return (*torch_form_grads(torch_form, (q_hat, p, gamma, W, U, S), (dO,)), None, None, None, None)
 
     Stage.__name__ = f"{name}_stage"
 
     def apply(q_hat, p, gamma, W, U, S, recompute: Recompute | None = None, handoff: GradHandoff | None = None,
-              stream_dtype: torch.dtype | None = None):
+              rows: StreamRows | None = None, stream_dtype: torch.dtype = torch.float32):
         """``handoff``: shared with the state pass that made S and the WY stage that made W, U (see
-        :class:`GradHandoff`). ``stream_dtype``: O in the stream layout [Nc·C, HV, V] and this dtype."""
-        return Stage.apply(*[t.contiguous().float() for t in (q_hat, p, gamma, W, U, S)], recompute, handoff,
+        :class:`GradHandoff`). ``rows``: O in the stream layout [L, HV, V] (:class:`StreamRows`) and
+        ``stream_dtype``."""
+        return Stage.apply(*[t.contiguous().float() for t in (q_hat, p, gamma, W, U, S)], recompute, handoff, rows,
                            stream_dtype)
 
     return apply

@@ -22,7 +22,7 @@ import triton.language as tl
 from ..chunk.delta import wy_form
 from ._triton_utils import INTERPRET
 from .gram_channel import _rows, _rows_t
-from .output import value_rows
+from .output import _value_tile, _value_tile_t, value_rows
 from .stages import make_wy_stage
 
 # The backward kernel passed the GPU tests on H100 (Triton 3.6.0, K/V up to 128 and odd sizes). Where it does
@@ -44,7 +44,7 @@ def _invert_unit_lower(L, rc, C: tl.constexpr):
 
 
 @triton.jit
-def _wy_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
+def _wy_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, STARTS, LENS,
                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    PRECISION: tl.constexpr, FROM_T: tl.constexpr = False, STREAM: tl.constexpr = False):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -73,11 +73,11 @@ def _wy_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
     pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
     tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], pp * tl.exp(g_end - gam)[:, None], mask=mk[None, :])
     tl.store(DEC + i_c64 * HV + i_h, tl.exp(g_end))
-    vbase, vstride = value_rows(i_c64, i_h, HV, V, C, STREAM)
+    vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
     for v0 in range(0, V, BV):
         cols = v0 + tl.arange(0, BV)
         mv = cols < V
-        vv = _value_tile(VV, vbase, vstride, rc, cols, mv)
+        vv = _value_tile(VV, vbase, vstride, vn, rc, cols, mv)
         u = tl.dot(T, vv * beta[:, None], input_precision=PRECISION)
         tl.store(U + (vrow + rc[:, None]) * V + cols[None, :], u, mask=mv[None, :])
 
@@ -245,19 +245,7 @@ def _store_blocked_product(OUT, row0, T00, T10, T11, T20, T21, T22, T30, T31, T3
 
 
 @triton.jit
-def _value_tile(X, base, stride, rows, cols, mv):
-    """Rows ``rows`` of a value tensor (V, dO) at (base, stride) from `value_rows`, columns ``cols`` (masked)."""
-    return tl.load(X + base + rows[:, None] * stride + cols[None, :], mask=mv[None, :], other=0.0)
-
-
-@triton.jit
-def _value_tile_t(X, base, stride, rows, cols, mv):
-    """The same tile transposed, read straight from memory."""
-    return tl.load(X + base + rows[None, :] * stride + cols[:, None], mask=mv[:, None], other=0.0)
-
-
-@triton.jit
-def _store_blocked_u(VV, vbase, vstride, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16,
+def _store_blocked_u(VV, vbase, vstride, vn, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16,
                      V: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
     """U = T diag(β) V by row blocks and V tiles (V at (vbase, vstride): see `value_rows`)."""
     b0 = tl.load(BETA + vrow + r16)
@@ -268,15 +256,15 @@ def _store_blocked_u(VV, vbase, vstride, U, vrow, BETA, T00, T10, T11, T20, T21,
         cols = v0 + tl.arange(0, BV)
         mv = cols < V
         _store_blocked_product(U, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33,
-                               _value_tile(VV, vbase, vstride, r16, cols, mv) * b0[:, None],
-                               _value_tile(VV, vbase, vstride, 16 + r16, cols, mv) * b1[:, None],
-                               _value_tile(VV, vbase, vstride, 32 + r16, cols, mv) * b2[:, None],
-                               _value_tile(VV, vbase, vstride, 48 + r16, cols, mv) * b3[:, None], r16, cols, mv, V,
+                               _value_tile(VV, vbase, vstride, vn, r16, cols, mv) * b0[:, None],
+                               _value_tile(VV, vbase, vstride, vn, 16 + r16, cols, mv) * b1[:, None],
+                               _value_tile(VV, vbase, vstride, vn, 32 + r16, cols, mv) * b2[:, None],
+                               _value_tile(VV, vbase, vstride, vn, 48 + r16, cols, mv) * b3[:, None], r16, cols, mv, V,
                                PRECISION)
 
 
 @triton.jit
-def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
+def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, STARTS, LENS,
                            K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                            BV: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False,
                            FROM_T: tl.constexpr = False, STREAM: tl.constexpr = False):
@@ -311,13 +299,13 @@ def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G,
     pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
     tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], pp * tl.exp(g_end - gam)[:, None], mask=mk[None, :])
     tl.store(DEC + i_c64 * HV + i_h, tl.exp(g_end))
-    vbase, vstride = value_rows(i_c64, i_h, HV, V, C, STREAM)
-    _store_blocked_u(VV, vbase, vstride, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, V, BV,
-                     PRECISION)
+    vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
+    _store_blocked_u(VV, vbase, vstride, vn, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16,
+                     V, BV, PRECISION)
 
 
 @triton.jit
-def _value_side_backward(DU, VV, DV, vrow, vbase, vstride, beta, T_t, rc, V: tl.constexpr, C: tl.constexpr,
+def _value_side_backward(DU, VV, DV, vrow, vbase, vstride, vn, beta, T_t, rc, V: tl.constexpr, C: tl.constexpr,
                          BV: tl.constexpr, PRECISION: tl.constexpr):
     """The U = T Bv part of a WY backward (Bv = diag(β) V), V in tiles: writes dV = β ⊙ Tᵀ dU (in dV's dtype; V and
     dV at (vbase, vstride), see `value_rows`) and returns the starts of dT (dU Bvᵀ), dTᵀ (Bv dUᵀ) and dβ (rowsum of
@@ -329,11 +317,12 @@ def _value_side_backward(DU, VV, DV, vrow, vbase, vstride, beta, T_t, rc, V: tl.
         cols = v0 + tl.arange(0, BV)
         mv = cols < V
         du = tl.load(DU + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        vv_t = _value_tile_t(VV, vbase, vstride, rc, cols, mv)
+        vv_t = _value_tile_t(VV, vbase, vstride, vn, rc, cols, mv)
         dT += tl.dot(du, vv_t * beta[None, :], input_precision=PRECISION)
         d_bv = tl.dot(T_t, du, input_precision=PRECISION)
-        vv = _value_tile(VV, vbase, vstride, rc, cols, mv)
-        tl.store(DV + vbase + rc[:, None] * vstride + cols[None, :], d_bv * beta[:, None], mask=mv[None, :])
+        vv = _value_tile(VV, vbase, vstride, vn, rc, cols, mv)
+        tl.store(DV + vbase + rc[:, None] * vstride + cols[None, :], d_bv * beta[:, None],
+                 mask=(rc < vn)[:, None] & mv[None, :])
         d_beta += tl.sum(d_bv * vv, axis=1)
         du_t = tl.load(DU + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
         dT_t += tl.dot(vv * beta[:, None], du_t, input_precision=PRECISION)
@@ -342,7 +331,7 @@ def _value_side_backward(DU, VV, DV, vrow, vbase, vstride, beta, T_t, rc, V: tl.
 
 @triton.jit
 def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
-                   DK, DP, DV, DBETA, DGAM, H, HV, G,
+                   DK, DP, DV, DBETA, DGAM, H, HV, G, STARTS, LENS,
                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = False):
     """Writes per-value-head dK̂ (read side), dP, and dV, dβ, dΓ.
@@ -364,8 +353,8 @@ def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     g_end = tl.sum(tl.where(rc == C - 1, gam, 0.0), axis=0)
     T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
     # value side: dBv = Tᵀ dU -> dV, dβ; dT = dU Bvᵀ (+ dW Bkᵀ below) and dTᵀ = Bv dUᵀ (+ Bk dWᵀ)
-    vbase, vstride = value_rows(i_c64, i_h, HV, V, C, STREAM)
-    dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, vbase, vstride, beta, T_t, rc, V, C, BV, PRECISION)
+    vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
+    dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, vbase, vstride, vn, beta, T_t, rc, V, C, BV, PRECISION)
     dT += tl.dot(_rows(DW, vrow, rc, rk, mk, K), _rows_t(KH, krow, rc, rk, mk, K) * be[None, :],
                  input_precision=PRECISION)
     dT_t += tl.dot(_rows(KH, krow, rc, rk, mk, K) * be[:, None], _rows_t(DW, vrow, rc, rk, mk, K),

@@ -25,20 +25,21 @@ def test_peak_map_lists_the_live_storages_by_the_line_that_made_them():
     assert all(e.split(": ", 1)[1].split()[0] in ("fwd", "bwd") for e in entries)
 
 
-def test_glue_around_the_kernels_moves_only_values_and_per_token_scalars():
-    """bf16 PGDN without padding: the kernels read q, k, v and dO in the stream layout and write o, dq, dk and dv
-    there in the input dtype; K̂'s three gradients are summed in-kernel (GradHandoff). What PyTorch still copies
-    is the per-token scalars β, g, g_atk, β_atk (to float32 and back); no relayout of a [T, H, K or V] tensor, no
-    autograd sum or cast of a [Nc, H, C, K] gradient."""
+@pytest.mark.parametrize("T", [256, 250], ids=["whole_chunks", "padded"])
+def test_glue_around_the_kernels_moves_only_per_token_scalars(T):
+    """bf16 PGDN: the kernels read q, k, v and dO in the stream layout and write o, dq, dk and dv there in the
+    input dtype (a segment's last chunk padded or not); K̂'s three gradients are summed in-kernel (GradHandoff).
+    What PyTorch still moves is the per-token scalars β, g, g_atk, β_atk and per-sequence states: no site moves
+    as much as one relayout of a [T, H, K] tensor (6K bytes per token and head: bf16 read, float32 written), and
+    there is no autograd sum or cast of a [Nc, H, C, K] gradient."""
     import graph_stats
 
     H, K, V = 2, 32, 32
-    stats = graph_stats.graph_stats("pgdn", T=256, H=H, K=K, V=V, dtype=torch.bfloat16, backend="triton",
+    stats = graph_stats.graph_stats("pgdn", T=T, H=H, K=K, V=V, dtype=torch.bfloat16, backend="triton",
                                     device="cpu")
     sites = stats["glue_traffic"]
-    for phase in ("fwd", "bwd"):
-        copied = sum(float(e.split(" B/token")[0]) for e in sites if f": {phase} copy_ at" in e) / H
-        assert copied <= 4 * (2 + 4), (phase, copied, sites)  # 4 scalars: bf16 read, float32 written
+    heaviest = max(float(e.split(" B/token")[0]) for e in sites) / H
+    assert heaviest < 4 * K, sites
     autograd_sums = [e for e in sites if re.search(r"add at autograd (WriteKeys|WeightedSquares)Backward", e)]
     assert not autograd_sums, autograd_sums
     assert not [e for e in sites if "_to_copy at autograd StageBackward" in e], sites  # a returned gradient cast

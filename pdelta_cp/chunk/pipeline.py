@@ -127,7 +127,7 @@ class _Forms:
     """A backend's functions for the steps before the delta stage (the Triton kernels or their PyTorch forms)."""
 
     normalize: Callable  # (x [..., K], scale) -> scale · x / |x|
-    normalize_to_chunks: Callable | None  # (x [L, H, K], scale, C) -> [L/C, H, C, K] float32, or None: relayout first
+    normalize_to_chunks: Callable | None  # (x [L,H,K], scale, C, starts, lens) -> [Nc,H,C,K] f32; None: relayout first
     weighted_squares: Callable  # (w [Nc,H,C], k [Nc,H,C,K]) -> Σ_c w_c k_c² [Nc,H,K]
     write_keys: Callable  # see chunk.preconditioner.write_keys
     diagonal_scan: Callable  # see chunk.plan.diagonal_scan
@@ -159,10 +159,10 @@ def _forms(backend: str, handoff=None) -> _Forms:
 
 def _keys_and_queries(plan: ChunkPlan, inp: StreamInputs, forms: _Forms) -> tuple[Tensor, Tensor]:
     """q̂, k̂ [Nc, H, C, K] in the compute dtype (normalised in chunk layout: padding rows stay zero)."""
-    if inp.qk_l2norm and plan.dense and forms.normalize_to_chunks is not None and inp.dtype == torch.float32:
+    if inp.qk_l2norm and forms.normalize_to_chunks is not None and inp.dtype == torch.float32:
         # the kernels read the stream layout and write the chunk layout: no relayout copy, no cast, either way
-        C = plan.chunk_size
-        return forms.normalize_to_chunks(inp.q, inp.q_scale, C), forms.normalize_to_chunks(inp.k, 1.0, C)
+        rows = (plan.chunk_size, plan.chunk_start, plan.chunk_len)
+        return forms.normalize_to_chunks(inp.q, inp.q_scale, *rows), forms.normalize_to_chunks(inp.k, 1.0, *rows)
     q, k = _heads_first(plan, inp.q, inp.dtype), _heads_first(plan, inp.k, inp.dtype)
     if inp.qk_l2norm:
         return forms.normalize(q, inp.q_scale), forms.normalize(k, 1.0)
@@ -235,7 +235,11 @@ class _DeltaStage:
             # the output stage's gradients of W, U and P go to the state pass's and the WY stage's backward, which
             # add their own in-kernel (no autograd sums); None (PDELTA_GRAD_HANDOFF=0) leaves the sums to autograd
             self.handoff = handoff
-            W, U, p_tilde, d, T = wy(k_hat, p, v, beta, self.gamma, self.handoff, with_inverse=True)
+            from ..kernels.stages import StreamRows
+
+            # q, k, v, o and their gradients stay in the stream layout: the kernels find each chunk's tokens
+            self.rows = StreamRows(plan.chunk_start, plan.chunk_len, plan.num_tokens)
+            W, U, p_tilde, d, T = wy(k_hat, p, v, beta, self.gamma, self.handoff, with_inverse=True, rows=self.rows)
             # backward remakes W, U, P̃ with one WY launch instead of keeping them (as fla does for w, u);
             # PDELTA_KEEP_WY=1 keeps them: a faster backward for more memory
             keep = os.environ.get("PDELTA_KEEP_WY") == "1" or not torch.is_grad_enabled()
@@ -248,9 +252,11 @@ class _DeltaStage:
             if keep:
                 self.recompute = None
             elif from_inverse:
-                self.recompute = Recompute(wy.remake, k_hat, p, v, beta, self.gamma, T, states=states)
+                self.recompute = Recompute(functools.partial(wy.remake, rows=self.rows), k_hat, p, v, beta, self.gamma,
+                                           T, states=states)
             else:
-                self.recompute = Recompute(wy, k_hat, p, v, beta, self.gamma, states=states)
+                self.recompute = Recompute(functools.partial(wy, rows=self.rows), k_hat, p, v, beta, self.gamma,
+                                           states=states)
             self.q_hat, self.p = q_hat, p
             decay = d if self.per_channel else d[..., None]
             self.chunks = DeltaChunks(q_decayed=None, qp=None, W=W, U=U, p_tilde=p_tilde, decay=decay)
@@ -298,11 +304,9 @@ class _DeltaStage:
             from ..kernels.channel import output_channel_decay as output
         else:
             from ..kernels.output import output_scalar_decay as output
-        # without padding the kernels write O in the stream layout and dtype themselves (and read dO so)
-        stream_dtype = self.out_dtype if self.plan.dense else None
-        o = output(self.q_hat, self.p, self.gamma, self.chunks.W, self.chunks.U, S_start, self.recompute,
-                   self.handoff, stream_dtype)
-        return o if self.plan.dense else _tokens_first(self.plan, o, self.out_dtype)
+        # the kernels write O in the stream layout and dtype themselves (and read dO so)
+        return output(self.q_hat, self.p, self.gamma, self.chunks.W, self.chunks.U, S_start, self.recompute,
+                      self.handoff, self.rows, self.out_dtype)
 
 
 def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, backend: str = "torch") -> StreamOutputs:
@@ -328,12 +332,9 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
 
     # 3. WY/UT chunk quantities, state entering every segment
     g = None if inp.g is None else _heads_first(plan, inp.g, dt)
-    # V in its own dtype for the kernels: their WY stage keeps 16-bit V as it is (no float32 copy), and without
-    # padding reads it in the stream layout [L, HV, V] (and writes dV there): no relayout copy either way
-    if backend == "triton":
-        v = inp.v.contiguous() if plan.dense else _heads_first(plan, inp.v, inp.v.dtype)
-    else:
-        v = _heads_first(plan, inp.v, dt)
+    # the kernels read V as it comes, in the stream layout [L, HV, V] and its own dtype (and write dV there): no
+    # relayout copy, no float32 copy
+    v = inp.v.contiguous() if backend == "triton" else _heads_first(plan, inp.v, dt)
     stage = _DeltaStage(plan, q_hat, k_hat, p, v, _heads_first(plan, inp.beta, dt), g, backend, handoff, inp.v.dtype)
     result = None
     # 3-4 at once under CP with the kernels: kernel summaries, one exchange, adjoint mirror (kernels.cp_state_pass);
