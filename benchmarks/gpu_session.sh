@@ -12,6 +12,9 @@ BENCH=benchmarks/bench_cp.py
 # from call to call — this script returns them as $OUT/triton_autotune.tgz; unpack that into .triton_autotune/
 # (git-ignored) and carry it, and the next machine starts warm.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}; mkdir -p "$TRITON_CACHE_DIR"
+# benchmarks/triton_autotune_h100/ keeps the H100 entries (fla GDN, part of fla KDA) in the repository: a fresh
+# checkout starts from them; a carried .triton_autotune (newer) goes on top
+[ -d benchmarks/triton_autotune_h100 ] && cp -r benchmarks/triton_autotune_h100/. "$TRITON_CACHE_DIR"/
 [ -d .triton_autotune ] && cp -r .triton_autotune/. "$TRITON_CACHE_DIR"/
 # At most 8 files come back: the logs travel as one archive (logs.tgz), packed when the script exits.
 pack_outputs() {
