@@ -86,21 +86,20 @@ class L2Normalize(torch.autograd.Function):
         if N:
             _l2_fwd_kernel[(triton.cdiv(N, ROWS),)](x, y, r, N, H, *table, float(scale), K=K, BK=next_pow2(K),
                                                     BR=ROWS, TO_CHUNKS=chunk_size is not None, C=C, num_warps=4)
-        ctx.save_for_backward(y, r)
+        ctx.save_for_backward(y, r, *(() if starts is None else table))  # nothing on ctx (per-block recompute)
         ctx.scale, ctx.chunk_size, ctx.x_shape, ctx.x_dtype = float(scale), chunk_size, x.shape, x.dtype
-        ctx.table = table if starts is not None else None
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        y, r = ctx.saved_tensors
+        y, r, *table = ctx.saved_tensors
         K = y.shape[-1]
         N = y.numel() // max(K, 1)
         dy = dy.contiguous()
         dx = y.new_empty(ctx.x_shape, dtype=ctx.x_dtype)  # every token is one chunk row: all of it is written
         C = ctx.chunk_size or 1
         H = y.shape[1] if ctx.chunk_size else 1
-        table = ctx.table or (y, y)
+        table = table or (y, y)
         if N:
             _l2_bwd_kernel[(triton.cdiv(N, ROWS),)](y, r, dy, dx, N, H, *table, ctx.scale, K=K, BK=next_pow2(K),
                                                     BR=ROWS, TO_CHUNKS=ctx.chunk_size is not None, C=C, num_warps=4)

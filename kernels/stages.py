@@ -246,6 +246,16 @@ class StreamRows(NamedTuple):
     num_tokens: int
 
 
+def rows_saved(rows: StreamRows | None) -> tuple[torch.Tensor, ...]:
+    """The row tables to ``save_for_backward`` (nothing on ctx: per-block recompute frees only saved tensors)."""
+    return () if rows is None else (rows.starts, rows.lens)
+
+
+def rows_loaded(saved: tuple[torch.Tensor, ...], num_tokens: int | None) -> StreamRows | None:
+    """:class:`StreamRows` again from :func:`rows_saved`'s tensors (``num_tokens`` None: there were none)."""
+    return None if num_tokens is None else StreamRows(saved[0], saved[1], num_tokens)
+
+
 def _row_index(rows: StreamRows) -> tuple[torch.Tensor, torch.Tensor]:
     """([Nc, C] stream index of every chunk row, ``num_tokens`` for padding; [Nc, C] whether it holds a token)."""
     r = torch.arange(C, device=rows.starts.device)
@@ -307,13 +317,13 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
         @staticmethod
         def forward(ctx, k_hat, p, v, beta, gamma, handoff, rows):
             out = launch_forward(k_hat, p, v, beta, gamma, rows=rows)
-            ctx.fallback, ctx.rows = out is None, rows
+            ctx.fallback, ctx.num_tokens = out is None, None if rows is None else rows.num_tokens
             if ctx.fallback:  # no inverse stored: an empty T tells the caller (and this backward) so
                 W, U, P_t, d = (t.contiguous() for t in torch_form(k_hat, p, _chunk_values(v, rows), beta, gamma))
                 T = k_hat.new_empty(0)
             else:
                 W, U, P_t, d, T = out
-            ctx.save_for_backward(k_hat, p, v, beta, gamma, T)
+            ctx.save_for_backward(k_hat, p, v, beta, gamma, T, *rows_saved(rows))
             ctx.mark_non_differentiable(T)
             ctx.set_materialize_grads(False)  # no zero [Nc, HV, C, C] gradient for T (the backward takes None)
             ctx.handoff = handoff
@@ -323,10 +333,10 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
 
         @staticmethod
         def backward(ctx, dW, dU, dP_t, dd, dT):
-            k_hat, p, v, beta, gamma, T = ctx.saved_tensors
+            k_hat, p, v, beta, gamma, T, *row_tables = ctx.saved_tensors
             Nc, H, _, K = k_hat.shape
             HV, V = v.shape[1], v.shape[-1]  # v: [Nc, HV, C, V] or [L, HV, V]
-            rows = ctx.rows
+            rows = rows_loaded(row_tables, ctx.num_tokens)
             starts, lens = (beta, beta) if rows is None else rows[:2]
             grads = (dW, dU, dP_t, dd)
             left = None if ctx.handoff is None else ctx.handoff.take("wy")  # the output stage's dP, per value head
@@ -400,20 +410,20 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             if ctx.fallback:
                 O = torch_form(q_hat, p, gamma, W, U, S)
                 O = _chunks_to_stream(O, rows, stream_dtype) if stream else O
-            save_wy(ctx, recompute, (W, U), q_hat, p, gamma, save_states(ctx, recompute, S))
-            ctx.handoff, ctx.rows = handoff, rows
+            save_wy(ctx, recompute, (W, U), q_hat, p, gamma, save_states(ctx, recompute, S), *rows_saved(rows))
+            ctx.handoff, ctx.num_tokens = handoff, None if rows is None else rows.num_tokens
             return O
 
         @staticmethod
         def backward(ctx, dO):
-            (W, U), (q_hat, p, gamma, S) = load_wy(ctx, states_at=3)
+            (W, U), (q_hat, p, gamma, S, *row_tables) = load_wy(ctx, states_at=3)
             Nc, H, _, K = q_hat.shape
             HV, V = U.shape[1], U.shape[-1]
             BK, BV, warps, stages = chunk_tile_config(K, V)
             dO = dO.contiguous()
             dq, dp, dW = torch.empty_like(W), torch.empty_like(W), torch.empty_like(W)
             dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
-            rows = ctx.rows
+            rows = rows_loaded(row_tables, ctx.num_tokens)
             starts, lens = rows[:2] if rows is not None else (gamma, gamma)
             common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), STREAM=rows is not None)
             # PDELTA_SCRATCH_TRANSPOSE=1 (opt-in): dA and Aᵀ as transposes through [C, C] scratch rows
