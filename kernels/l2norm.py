@@ -21,9 +21,14 @@ ROWS = 16  # rows per program
 
 @triton.jit
 def _stream_rows(rows, mr, H, STARTS, LENS, TO_CHUNKS: tl.constexpr, C: tl.constexpr):
-    """(Row of the stream tensor [L, H, K] for each row of the output, whether it holds a token): itself, or
-    (TO_CHUNKS) for chunk-layout row (n, h, c) of [Nc, H, C, K] the token STARTS[n] + c of head h, if c < LENS[n]."""
-    if TO_CHUNKS:
+    """(Row of the stream tensor [L, H, K] for each row of the output, whether it holds a token): TO_CHUNKS = 0,
+    itself; else for chunk-layout row (n, h, c) of [Nc, H, C, K] the token of head h at n·C + c (TO_CHUNKS = 1,
+    whole chunks), or at STARTS[n] + c if c < LENS[n] (TO_CHUNKS = 2)."""
+    if TO_CHUNKS == 1:
+        c = rows % C
+        nh = rows // C
+        return ((nh // H) * C + c) * H + nh % H, mr
+    if TO_CHUNKS == 2:
         c = rows % C
         nh = rows // C
         n = nh // H
@@ -79,15 +84,17 @@ class L2Normalize(torch.autograd.Function):
             y, H, C, starts = torch.empty_like(x), 1, 1, None
         else:
             H, C = x.shape[1], chunk_size
-            y = x.new_empty((starts.numel(), H, C, K), dtype=torch.float32)
+            Nc = x.shape[0] // C if starts is None else starts.numel()
+            y = x.new_empty((Nc, H, C, K), dtype=torch.float32)
         N = y.numel() // max(K, 1)
         r = y.new_empty(y.shape[:-1] + (1,))
-        table = (x, x) if starts is None else (starts, lens)  # (unread placeholders without chunks)
+        table = (x, x) if starts is None else (starts, lens)  # (unread placeholders without row tables)
+        mode = 0 if chunk_size is None else 1 if starts is None else 2
         if N:
             _l2_fwd_kernel[(triton.cdiv(N, ROWS),)](x, y, r, N, H, *table, float(scale), K=K, BK=next_pow2(K),
-                                                    BR=ROWS, TO_CHUNKS=chunk_size is not None, C=C, num_warps=4)
+                                                    BR=ROWS, TO_CHUNKS=mode, C=C, num_warps=4)
         ctx.save_for_backward(y, r, *(() if starts is None else table))  # nothing on ctx (per-block recompute)
-        ctx.scale, ctx.chunk_size, ctx.x_shape, ctx.x_dtype = float(scale), chunk_size, x.shape, x.dtype
+        ctx.scale, ctx.chunk_size, ctx.x_shape, ctx.x_dtype, ctx.mode = float(scale), chunk_size, x.shape, x.dtype, mode
         return y
 
     @staticmethod
@@ -102,7 +109,7 @@ class L2Normalize(torch.autograd.Function):
         table = table or (y, y)
         if N:
             _l2_bwd_kernel[(triton.cdiv(N, ROWS),)](y, r, dy, dx, N, H, *table, ctx.scale, K=K, BK=next_pow2(K),
-                                                    BR=ROWS, TO_CHUNKS=ctx.chunk_size is not None, C=C, num_warps=4)
+                                                    BR=ROWS, TO_CHUNKS=ctx.mode, C=C, num_warps=4)
         return dx, None, None, None, None
 
 
@@ -115,11 +122,7 @@ def l2_normalize_to_chunks_triton(x: torch.Tensor, scale: float, chunk_size: int
     """x [L, H, K] in the stream layout -> normalised [Nc, H, C, K] float32: chunk n holds tokens starts[n] ..
     starts[n] + lens[n] − 1 (a chunk plan's ``chunk_start``, ``chunk_len``; zero rows after them). Without them, L
     must be a multiple of ``chunk_size`` and chunk n holds tokens n·C .. n·C + C − 1."""
-    if starts is None:
-        if x.dim() != 3 or x.shape[0] % chunk_size:
-            raise ValueError(f"x must be [L, H, K] with L a multiple of chunk_size={chunk_size} (or give the chunks' "
-                             f"starts and lens), got {tuple(x.shape)}")
-        Nc = x.shape[0] // chunk_size
-        starts = torch.arange(Nc, device=x.device, dtype=torch.int64) * chunk_size
-        lens = torch.full((Nc,), chunk_size, device=x.device, dtype=torch.int32)
+    if starts is None and (x.dim() != 3 or x.shape[0] % chunk_size):
+        raise ValueError(f"x must be [L, H, K] with L a multiple of chunk_size={chunk_size} (or give the chunks' "
+                         f"starts and lens), got {tuple(x.shape)}")
     return L2Normalize.apply(x.contiguous(), scale, chunk_size, starts, lens)

@@ -23,14 +23,18 @@ C = 64
 @triton.jit
 def value_rows(i_c64, i_h, HV, V: tl.constexpr, C: tl.constexpr, STREAM: tl.constexpr, STARTS, LENS):
     """(offset of row 0, elements between rows, rows holding tokens) of a value tensor (O, dO, V, dV) for chunk
-    i_c, value head i_h: the chunk layout [Nc, HV, C, V], or (STREAM) the stream layout [L, HV, V] of the op's own
-    input and output, read and written in place (no relayout copies, no casts around the stages): chunk i_c starts
-    at token STARTS[i_c] and holds LENS[i_c] tokens (fewer than C in a segment's last chunk: the other rows read
-    as zeros and are never written)."""
-    if STREAM:
+    i_c, value head i_h: STREAM = 0, the chunk layout [Nc, HV, C, V]; else the stream layout [L, HV, V] of the op's
+    own input and output, read and written in place (no relayout copies, no casts around the stages) — STREAM = 1,
+    whole chunks (chunk i_c holds tokens i_c·C ..); STREAM = 2, chunk i_c starts at token STARTS[i_c] and holds
+    LENS[i_c] tokens (fewer than C in a segment's last chunk: the other rows read as zeros, are never written)."""
+    if STREAM == 2:
         base = (tl.load(STARTS + i_c64).to(tl.int64) * HV + i_h) * V
         stride = HV * V
         nrows = tl.load(LENS + i_c64)
+    elif STREAM == 1:
+        base = (i_c64 * C * HV + i_h) * V
+        stride = HV * V
+        nrows = C
     else:
         base = (i_c64 * HV + i_h) * C * V
         stride = V

@@ -244,6 +244,12 @@ class StreamRows(NamedTuple):
     starts: torch.Tensor  # [Nc] int64
     lens: torch.Tensor  # [Nc] int32
     num_tokens: int
+    dense: bool  # every chunk whole (starts[c] = c·C): the kernels compute the rows and skip the tables
+
+
+def stream_mode(rows: StreamRows | None) -> int:
+    """The kernels' STREAM: 0 chunk layout, 1 stream layout of whole chunks, 2 stream layout by the row tables."""
+    return 0 if rows is None else 1 if rows.dense else 2
 
 
 def rows_saved(rows: StreamRows | None) -> tuple[torch.Tensor, ...]:
@@ -251,9 +257,14 @@ def rows_saved(rows: StreamRows | None) -> tuple[torch.Tensor, ...]:
     return () if rows is None else (rows.starts, rows.lens)
 
 
-def rows_loaded(saved: tuple[torch.Tensor, ...], num_tokens: int | None) -> StreamRows | None:
-    """:class:`StreamRows` again from :func:`rows_saved`'s tensors (``num_tokens`` None: there were none)."""
-    return None if num_tokens is None else StreamRows(saved[0], saved[1], num_tokens)
+def rows_meta(rows: StreamRows | None) -> tuple[int, bool] | None:
+    """What :func:`rows_loaded` needs besides the saved tables (kept on ctx: no tensors)."""
+    return None if rows is None else (rows.num_tokens, rows.dense)
+
+
+def rows_loaded(saved: tuple[torch.Tensor, ...], meta: tuple[int, bool] | None) -> StreamRows | None:
+    """:class:`StreamRows` again from :func:`rows_saved`'s tensors and :func:`rows_meta` (None: there were none)."""
+    return None if meta is None else StreamRows(saved[0], saved[1], *meta)
 
 
 def _row_index(rows: StreamRows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,7 +319,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
         kernel, fwd_warps = (fwd_kernel, None) if pick_fwd is None else pick_fwd(K)
         if Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: kernel[(Nc, HV)](
                 k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, starts, lens, K=K, V=V, C=C, BK=BK, BV=BV,
-                PRECISION=dot_precision(), FROM_T=from_t, STREAM=rows is not None,
+                PRECISION=dot_precision(), FROM_T=from_t, STREAM=stream_mode(rows),
                 **launch_config(f"{name}_fwd", fwd_warps or warps, stages))):
             return None
         return W, U, P_t, d, T
@@ -317,7 +328,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
         @staticmethod
         def forward(ctx, k_hat, p, v, beta, gamma, handoff, rows):
             out = launch_forward(k_hat, p, v, beta, gamma, rows=rows)
-            ctx.fallback, ctx.num_tokens = out is None, None if rows is None else rows.num_tokens
+            ctx.fallback, ctx.rows_meta = out is None, rows_meta(rows)
             if ctx.fallback:  # no inverse stored: an empty T tells the caller (and this backward) so
                 W, U, P_t, d = (t.contiguous() for t in torch_form(k_hat, p, _chunk_values(v, rows), beta, gamma))
                 T = k_hat.new_empty(0)
@@ -336,7 +347,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
             k_hat, p, v, beta, gamma, T, *row_tables = ctx.saved_tensors
             Nc, H, _, K = k_hat.shape
             HV, V = v.shape[1], v.shape[-1]  # v: [Nc, HV, C, V] or [L, HV, V]
-            rows = rows_loaded(row_tables, ctx.num_tokens)
+            rows = rows_loaded(row_tables, ctx.rows_meta)
             starts, lens = (beta, beta) if rows is None else rows[:2]
             grads = (dW, dU, dP_t, dd)
             left = None if ctx.handoff is None else ctx.handoff.take("wy")  # the output stage's dP, per value head
@@ -350,7 +361,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
                 if launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
                         k_hat, p, v, beta, gamma, T, *z, dk, dp, dv, dbeta, dgam, H, HV, HV // H, starts, lens, K=K,
                         V=V, C=C, BK=BK, BV=BV, ACCUMULATE_DP=left is not None, PRECISION=dot_precision(),
-                        STREAM=rows is not None,
+                        STREAM=stream_mode(rows),
                         **launch_config(f"{name}_bwd", warps, stages))):
                     dk = pass_on(ctx.handoff, "write_keys", _fold_groups(dk, H))
                     return dk, _fold_groups(dp, H), dv, dbeta, dgam, None, None
@@ -406,12 +417,12 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             starts, lens = rows[:2] if stream else (gamma, gamma)  # (unread placeholders in the chunk layout)
             ctx.fallback = Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: fwd_kernel[(Nc, HV)](
                 q_hat, p, gamma, W, U, S, O, H, HV, HV // H, starts, lens, K=K, V=V, C=C, BK=BK, BV=BV,
-                PRECISION=dot_precision(), STREAM=stream, **launch_config(f"{name}_fwd", warps, stages)))
+                PRECISION=dot_precision(), STREAM=stream_mode(rows), **launch_config(f"{name}_fwd", warps, stages)))
             if ctx.fallback:
                 O = torch_form(q_hat, p, gamma, W, U, S)
                 O = _chunks_to_stream(O, rows, stream_dtype) if stream else O
             save_wy(ctx, recompute, (W, U), q_hat, p, gamma, save_states(ctx, recompute, S), *rows_saved(rows))
-            ctx.handoff, ctx.num_tokens = handoff, None if rows is None else rows.num_tokens
+            ctx.handoff, ctx.rows_meta = handoff, rows_meta(rows)
             return O
 
         @staticmethod
@@ -423,9 +434,9 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             dO = dO.contiguous()
             dq, dp, dW = torch.empty_like(W), torch.empty_like(W), torch.empty_like(W)
             dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
-            rows = rows_loaded(row_tables, ctx.num_tokens)
+            rows = rows_loaded(row_tables, ctx.rows_meta)
             starts, lens = rows[:2] if rows is not None else (gamma, gamma)
-            common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), STREAM=rows is not None)
+            common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), STREAM=stream_mode(rows))
             # PDELTA_SCRATCH_TRANSPOSE=1 (opt-in): dA and Aᵀ as transposes through [C, C] scratch rows
             scratch = W.new_empty(Nc, HV, C, C) if os.environ.get("PDELTA_SCRATCH_TRANSPOSE") == "1" else None
             if Nc and not ctx.fallback and launch_or_fallback(

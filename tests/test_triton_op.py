@@ -206,13 +206,16 @@ def test_recomputing_the_states_in_backward_changes_nothing_but_memory(monkeypat
                                                 ("PDELTA_GRAD_HANDOFF", "0", "pkda"),
                                                 ("PDELTA_WY_CHANNEL_BLOCKED", "0", "pkda"),
                                                 ("PDELTA_SCRATCH_TRANSPOSE", "1", "pgdn"),
-                                                ("PDELTA_SCRATCH_TRANSPOSE", "1", "pkda")])
+                                                ("PDELTA_SCRATCH_TRANSPOSE", "1", "pkda"),
+                                                ("PDELTA_STREAM_PADDED", "0", "pgdn"),
+                                                ("PDELTA_STREAM_PADDED", "0", "pkda")])
 def test_switchable_kernel_paths_match_reference(flag, value, variant, monkeypatch):
     """Non-default paths give the same op: PDELTA_WY_BLOCKED=0 (opt-out), the WY forward by 63 row steps;
     PDELTA_STATE_BWD_SPLIT=0 (opt-out), the reverse state pass forms the chunk gradients itself as per-V-block
     partials; PDELTA_GRAD_HANDOFF=0 (opt-out), autograd sums the gradients of W, U, P and K̂;
     PDELTA_WY_CHANNEL_BLOCKED=0 (opt-out), PKDA's WY forward by row steps instead of 16-row blocks;
-    PDELTA_SCRATCH_TRANSPOSE=1 (opt-in), the output backward's dA and Aᵀ as transposes through scratch memory.
+    PDELTA_SCRATCH_TRANSPOSE=1 (opt-in), the output backward's dA and Aᵀ as transposes through scratch memory;
+    PDELTA_STREAM_PADDED=0 (opt-out; T = 150 is padded), relayout copies instead of the kernels' row tables.
     Every output and gradient against float64."""
     monkeypatch.setenv(flag, value)
     inp = make_inputs(T=150, H=2, HV=4, K=12, V=72, variant=variant, dtype=torch.float32, device=DEVICE)

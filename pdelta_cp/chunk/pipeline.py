@@ -157,11 +157,18 @@ def _forms(backend: str, handoff=None) -> _Forms:
     return _Forms(_L2Normalize.apply, None, _WeightedSquares.apply, write_keys, diagonal_scan)
 
 
-def _keys_and_queries(plan: ChunkPlan, inp: StreamInputs, forms: _Forms) -> tuple[Tensor, Tensor]:
+def _stream_layout(plan: ChunkPlan, backend: str) -> bool:
+    """Whether the kernels read q, k, v and write o (and their gradients) in the stream layout: with the Triton
+    backend always, unless a segment's last chunk is padded and PDELTA_STREAM_PADDED=0 (then the padded plan's
+    tensors go through relayout copies, as before session k: a switch for bisecting)."""
+    return backend == "triton" and (plan.dense or os.environ.get("PDELTA_STREAM_PADDED", "1") != "0")
+
+
+def _keys_and_queries(plan: ChunkPlan, inp: StreamInputs, forms: _Forms, stream: bool) -> tuple[Tensor, Tensor]:
     """q̂, k̂ [Nc, H, C, K] in the compute dtype (normalised in chunk layout: padding rows stay zero)."""
-    if inp.qk_l2norm and forms.normalize_to_chunks is not None and inp.dtype == torch.float32:
+    if stream and inp.qk_l2norm and forms.normalize_to_chunks is not None and inp.dtype == torch.float32:
         # the kernels read the stream layout and write the chunk layout: no relayout copy, no cast, either way
-        rows = (plan.chunk_size, plan.chunk_start, plan.chunk_len)
+        rows = (plan.chunk_size,) if plan.dense else (plan.chunk_size, plan.chunk_start, plan.chunk_len)
         return forms.normalize_to_chunks(inp.q, inp.q_scale, *rows), forms.normalize_to_chunks(inp.k, 1.0, *rows)
     q, k = _heads_first(plan, inp.q, inp.dtype), _heads_first(plan, inp.k, inp.dtype)
     if inp.qk_l2norm:
@@ -238,7 +245,8 @@ class _DeltaStage:
             from ..kernels.stages import StreamRows
 
             # q, k, v, o and their gradients stay in the stream layout: the kernels find each chunk's tokens
-            self.rows = StreamRows(plan.chunk_start, plan.chunk_len, plan.num_tokens)
+            stream = v.dim() == 3  # V as it comes (see _stream_layout), or relaid out
+            self.rows = StreamRows(plan.chunk_start, plan.chunk_len, plan.num_tokens, plan.dense) if stream else None
             W, U, p_tilde, d, T = wy(k_hat, p, v, beta, self.gamma, self.handoff, with_inverse=True, rows=self.rows)
             # backward remakes W, U, P̃ with one WY launch instead of keeping them (as fla does for w, u);
             # PDELTA_KEEP_WY=1 keeps them: a faster backward for more memory
@@ -305,8 +313,9 @@ class _DeltaStage:
         else:
             from ..kernels.output import output_scalar_decay as output
         # the kernels write O in the stream layout and dtype themselves (and read dO so)
-        return output(self.q_hat, self.p, self.gamma, self.chunks.W, self.chunks.U, S_start, self.recompute,
-                      self.handoff, self.rows, self.out_dtype)
+        o = output(self.q_hat, self.p, self.gamma, self.chunks.W, self.chunks.U, S_start, self.recompute,
+                   self.handoff, self.rows, self.out_dtype)
+        return o if self.rows is not None else _tokens_first(self.plan, o, self.out_dtype)
 
 
 def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, backend: str = "torch") -> StreamOutputs:
@@ -319,7 +328,8 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
     # 1. preconditioner state entering every segment
     handoff = _grad_handoff(backend)
     forms = _forms(backend, handoff)
-    q_hat, k_hat = _keys_and_queries(plan, inp, forms)  # [Nc, H, C, K]
+    stream = _stream_layout(plan, backend)
+    q_hat, k_hat = _keys_and_queries(plan, inp, forms, stream)  # [Nc, H, C, K]
     g_atk, beta_atk = _heads_first(plan, inp.g_atk, dt), _heads_first(plan, inp.beta_atk, dt)
     pre = preconditioner_chunks(k_hat, g_atk, beta_atk, forms.weighted_squares)
     A_init = _initial(inp.initial_A_state, (H, K), k_hat)
@@ -334,7 +344,10 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
     g = None if inp.g is None else _heads_first(plan, inp.g, dt)
     # the kernels read V as it comes, in the stream layout [L, HV, V] and its own dtype (and write dV there): no
     # relayout copy, no float32 copy
-    v = inp.v.contiguous() if backend == "triton" else _heads_first(plan, inp.v, dt)
+    if stream:
+        v = inp.v.contiguous()
+    else:  # the kernels keep 16-bit V as it is (no float32 copy)
+        v = _heads_first(plan, inp.v, inp.v.dtype if backend == "triton" else dt)
     stage = _DeltaStage(plan, q_hat, k_hat, p, v, _heads_first(plan, inp.beta, dt), g, backend, handoff, inp.v.dtype)
     result = None
     # 3-4 at once under CP with the kernels: kernel summaries, one exchange, adjoint mirror (kernels.cp_state_pass);
