@@ -28,7 +28,7 @@ C = 64
 @triton.jit
 def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, STARTS, LENS,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      PRECISION: tl.constexpr, FROM_T: tl.constexpr = False, STREAM: tl.constexpr = False):
+                      PRECISION: tl.constexpr, FROM_T: tl.constexpr = False, STREAM: tl.constexpr = 0):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -63,7 +63,7 @@ def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, START
 def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, STARTS, LENS,
                               K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                               BV: tl.constexpr, PRECISION: tl.constexpr, FROM_T: tl.constexpr = False,
-                              STREAM: tl.constexpr = False):
+                              STREAM: tl.constexpr = 0):
     """As `_wy_ch_fwd_kernel`, with (I + L)^-1 by 16-row blocks (wy.py's blocked solve) instead of 63 cross-warp
     substitution steps on the [C, C] tile: L goes through TINV's storage (16 KB, cache-resident), which then
     takes the inverse."""
@@ -116,7 +116,7 @@ def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, 
 def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
                       DK, DP, DV, DBETA, DGAM, H, HV, G, STARTS, LENS,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = False):
+                      PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = 0):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -175,7 +175,7 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
 @triton.jit
 def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
                        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       PRECISION: tl.constexpr, STREAM: tl.constexpr = False):
+                       PRECISION: tl.constexpr, STREAM: tl.constexpr = 0):
     """One program per chunk and value head: the per-channel-decay Gram A once, then every V block."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
@@ -202,7 +202,7 @@ def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
 @triton.jit
 def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, STARTS, LENS,
                              K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                             BV: tl.constexpr, PRECISION: tl.constexpr, STREAM: tl.constexpr = False):
+                             BV: tl.constexpr, PRECISION: tl.constexpr, STREAM: tl.constexpr = 0):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -233,7 +233,7 @@ def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, STARTS, 
 def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G, STARTS, LENS,
                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           PRECISION: tl.constexpr, SCRATCH: tl.constexpr = False,
-                       STREAM: tl.constexpr = False):
+                          STREAM: tl.constexpr = 0):
     """As output.py's `_out_bwd_qp_kernel` (SCRATCH: dA as dAᵀ's transpose through scratch memory)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)

@@ -60,7 +60,7 @@ def _value_tile_t(X, base, stride, nrows, rows, cols, mv):
 @triton.jit
 def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
                     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    PRECISION: tl.constexpr, STREAM: tl.constexpr = False):
+                    PRECISION: tl.constexpr, STREAM: tl.constexpr = 0):
     """One program per chunk and value head: A once, then every V block (A is the costly part)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
@@ -93,7 +93,7 @@ def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
 @triton.jit
 def _out_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, STARTS, LENS,
                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          PRECISION: tl.constexpr, STREAM: tl.constexpr = False):
+                          PRECISION: tl.constexpr, STREAM: tl.constexpr = 0):
     """dΔ = Aᵀ dO (= dU), dS = (Q̂ ⊙ e^Γ)ᵀ dO − Wᵀ dΔ, dW = −Σ_V-blocks dΔ Sᵀ (accumulated here, no partials)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
@@ -140,7 +140,7 @@ def transpose_via(SCR, row0, x, rc, C: tl.constexpr):
 def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G, STARTS, LENS,
                        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        PRECISION: tl.constexpr, SCRATCH: tl.constexpr = False,
-                       STREAM: tl.constexpr = False):
+                       STREAM: tl.constexpr = 0):
     """dQ̂, dP and dΓ: accumulates dO Sᵀ and dAᵀ = Δ dOᵀ over V blocks, and dA = dO Δᵀ too — or, with SCRATCH,
     dA and Aᵀ as transposes through scratch memory (two fewer products per V block, one fewer per chunk)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)

@@ -350,12 +350,12 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
             rows = rows_loaded(row_tables, ctx.rows_meta)
             starts, lens = (beta, beta) if rows is None else rows[:2]
             grads = (dW, dU, dP_t, dd)
-            left = None if ctx.handoff is None else ctx.handoff.take("wy")  # the output stage's dP, per value head
+            left = take_one(ctx.handoff, "wy")  # the output stage's dP, per value head (the kernel adds into it)
             if Nc and not ctx.fallback and kernel_backward():
                 BK, BV, warps, stages = chunk_tile_config(K, V)
                 shapes = ((Nc, HV, C, K), (Nc, HV, C, V), (Nc, HV, C, K), decay_shape(Nc, HV, K))
                 z = [k_hat.new_zeros(s) if g is None else g.contiguous() for g, s in zip(grads, shapes)]
-                dk, dp = torch.empty_like(z[0]), torch.empty_like(z[0]) if left is None else left[0]
+                dk, dp = torch.empty_like(z[0]), torch.empty_like(z[0]) if left is None else left
                 # dV in V's own dtype (the kernel's store rounds once): no float32 buffer for autograd to cast
                 dv, dbeta, dgam = torch.empty_like(v), torch.empty_like(beta), torch.empty_like(gamma)
                 if launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
@@ -367,7 +367,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
                     return dk, _fold_groups(dp, H), dv, dbeta, dgam, None, None
             dk, dp, dv, *rest = torch_form_grads(torch_form, (k_hat, p, _chunk_values(v, rows), beta, gamma), grads)
             if left is not None:
-                dp = plus_left(dp, _fold_groups(left[0], H))
+                dp = plus_left(dp, _fold_groups(left, H))
             dv = dv if rows is None else _chunks_to_stream(dv, rows, v.dtype)
             return pass_on(ctx.handoff, "write_keys", dk), dp, dv, *rest, None, None
 
@@ -452,9 +452,7 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
                 if handoff is not None and handoff.armed("state_pass"):  # it adds its dW, dU and returns the sums
                     handoff.leave("state_pass", dW, dU)
                     dW = dU = None
-                if handoff is not None and handoff.armed("wy"):  # the WY stage adds its dP and folds the sum
-                    handoff.leave("wy", dp)
-                    dp = None
+                dp = pass_on(handoff, "wy", dp)  # the WY stage adds its dP and folds the sum
                 return (_fold_groups(dq, H), None if dp is None else _fold_groups(dp, H), dgam, dW, dU, dS, None,
                         None, None, None)
             if not Nc:

@@ -46,7 +46,7 @@ def _invert_unit_lower(L, rc, C: tl.constexpr):
 @triton.jit
 def _wy_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, STARTS, LENS,
                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   PRECISION: tl.constexpr, FROM_T: tl.constexpr = False, STREAM: tl.constexpr = False):
+                   PRECISION: tl.constexpr, FROM_T: tl.constexpr = False, STREAM: tl.constexpr = 0):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -267,7 +267,7 @@ def _store_blocked_u(VV, vbase, vstride, vn, U, vrow, BETA, T00, T10, T11, T20, 
 def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, STARTS, LENS,
                            K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                            BV: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False,
-                           FROM_T: tl.constexpr = False, STREAM: tl.constexpr = False):
+                           FROM_T: tl.constexpr = False, STREAM: tl.constexpr = 0):
     tl.static_assert(C == 64, "four row blocks of 16")
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
@@ -333,7 +333,7 @@ def _value_side_backward(DU, VV, DV, vrow, vbase, vstride, vn, beta, T_t, rc, V:
 def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
                    DK, DP, DV, DBETA, DGAM, H, HV, G, STARTS, LENS,
                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = False):
+                   PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = 0):
     """Writes per-value-head dK̂ (read side), dP, and dV, dβ, dΓ.
 
     Every [C, K] tile is (re)loaded right before the product that uses it: short lifetimes keep the shared

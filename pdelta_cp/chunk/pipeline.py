@@ -226,7 +226,7 @@ class _DeltaStage:
     def __init__(self, plan: ChunkPlan, q_hat, k_hat, p, v, beta, g, backend: str, handoff=None,
                  out_dtype: torch.dtype = torch.float32):
         self.plan, self.backend, self.out_dtype = plan, backend, out_dtype
-        HV, H = v.shape[1], k_hat.shape[1]  # v: [Nc, HV, C, V], or [L, HV, V] for the kernels (no padding)
+        HV, H = v.shape[1], k_hat.shape[1]  # v: [Nc, HV, C, V], or [L, HV, V] for the kernels (see _stream_layout)
         if backend == "triton":
             self.per_channel = g is not None and g.dim() == 4
             if self.per_channel:
@@ -237,13 +237,11 @@ class _DeltaStage:
                 self.gamma = torch.zeros_like(beta)
             else:
                 self.gamma = g.cumsum(-2) if self.per_channel else g.cumsum(-1)
-            from ..kernels.stages import Recompute
+            from ..kernels.stages import Recompute, StreamRows
 
             # the output stage's gradients of W, U and P go to the state pass's and the WY stage's backward, which
             # add their own in-kernel (no autograd sums); None (PDELTA_GRAD_HANDOFF=0) leaves the sums to autograd
             self.handoff = handoff
-            from ..kernels.stages import StreamRows
-
             # q, k, v, o and their gradients stay in the stream layout: the kernels find each chunk's tokens
             stream = v.dim() == 3  # V as it comes (see _stream_layout), or relaid out
             self.rows = StreamRows(plan.chunk_start, plan.chunk_len, plan.num_tokens, plan.dense) if stream else None
