@@ -325,10 +325,38 @@ glue)  # one GPU, session k: the glue cuts (q/k relayout fused into the l2 norm,
       --ops fla-gdn fla-kda --out "$OUT/kernels_fla.json" > "$OUT/kernels_fla.log" 2>&1; echo "fla rc=$? at ${SECONDS}s"
   unset CUDA_VISIBLE_DEVICES
   ;;
+ab)  # one GPU, session l: A/B of env settings ($SETTINGS, e.g. "default PDELTA_STATES_BF16=1"). GPU tests: all at
+  # default, $TESTS_AB (a -k filter) under every other setting, side by side; then one benchmark process per setting,
+  # alternating ($ROUNDS rounds, $TS tokens, $OPS ours); then fla ($FLA_OPS) alone, while the budget lasts
+  export CUDA_VISIBLE_DEVICES=0
+  timeout ${TESTLIMIT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s > "$OUT/gpu_tests.log" 2>&1 &
+  n=0
+  for setting in ${SETTINGS:-default}; do
+    [ "$setting" = default ] && continue; n=$((n + 1))
+    env $setting timeout ${TESTLIMIT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s \
+        -k "${TESTS_AB:-pgdn_16k or pkda_4k or varlen}" > "$OUT/gpu_tests_ab$n.log" 2>&1 &
+  done
+  wait; echo "gpu tests done at ${SECONDS}s"; tail -qn1 "$OUT"/gpu_tests*.log
+  for round in $(seq ${ROUNDS:-2}); do
+    n=0
+    for setting in ${SETTINGS:-default}; do
+      n=$((n + 1)); left=$(( ${BUDGET:-570} - SECONDS )); [ "$left" -gt 100 ] && left=100; [ "$left" -lt 30 ] && break 2
+      [ "$setting" = default ] && setting=PDELTA_AB_DEFAULT=1
+      env $setting timeout $left python3 benchmarks/bench_kernels.py --T ${TS:-32768 131072} --warmup 5 --rep 20 \
+          --ops ${OPS:-pgdn pkda} --out "$OUT/kernels_ab${n}_$round.json" > "$OUT/kernels_ab${n}_$round.log" 2>&1
+      echo "bench $setting round $round rc=$? at ${SECONDS}s"
+    done
+  done
+  left=$(( ${BUDGET:-570} - SECONDS ))
+  [ "$left" -gt 30 ] && timeout $left python3 benchmarks/bench_kernels.py --T ${TS:-32768 131072} --warmup 5 --rep 20 \
+      --ops ${FLA_OPS:-fla-gdn fla-kda} --out "$OUT/kernels_fla.json" > "$OUT/kernels_fla.log" 2>&1
+  echo "fla rc=$? at ${SECONDS}s"
+  unset CUDA_VISIBLE_DEVICES
+  ;;
 record)  # one GPU: the K = 256 GPU tests ($TESTS), then the record benchmark, ours and fla in one process (carry
   # .triton_autotune: fla's KDA autotunes for minutes on a cold machine)
   export CUDA_VISIBLE_DEVICES=0
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "${TESTS:-k256}" -s \
+  timeout ${TESTLIMIT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "${TESTS:-k256}" -s \
       > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$? at ${SECONDS}s"; tail -1 "$OUT/gpu_tests.log"
   timeout $(( ${BUDGET:-570} - SECONDS )) python3 benchmarks/bench_kernels.py --T ${TS:-32768 131072} --warmup 5 \
       --rep 20 --ops pgdn fla-gdn pkda fla-kda --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1

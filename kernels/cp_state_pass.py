@@ -27,8 +27,8 @@ from ..cp.layout import StreamLayout
 from ..indices import put_rows, take_rows
 from ..chunk.summary import DENSE
 from .stages import GradHandoff, Recompute, load_wy, save_states, save_wy
-from .state_pass import _fold_backward, _fold_forward, _with_narrow_retry, last_subs, remake_starts, \
-    split_segments, state_backward, state_forward
+from .state_pass import _fold_backward, _fold_forward, _with_narrow_retry, arm_state_pass, arriving_state_grad, \
+    last_subs, remake_starts, split_segments, state_backward, state_forward, states_dtype, zero_or_float
 
 
 def _segment_maps(M_sub: Tensor, b_sub: Tensor, subs, seg: int) -> tuple[Tensor, Tensor]:
@@ -43,7 +43,8 @@ class CPStatePass(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W, U, P, D, init_all, after, layout: StreamLayout, group, seg_first, seg_len, sub_len, narrow,
-                recompute, handoff):
+                recompute, handoff, dtype):
+        ctx.set_materialize_grads(False)  # S's gradient may come through the handoff (see state_pass)
         K = W.shape[-1]
         subs = split_segments(seg_first, seg_len, sub_len)
         first, length = [s[0] for s in subs], [s[1] for s in subs]
@@ -62,13 +63,13 @@ class CPStatePass(torch.autograd.Function):
         S_enter = torch.stack([entering[s.piece] if _continues(layout, i) else init_all[s.seq]
                                for i, s in enumerate(segs)])
         S_sub = _fold_forward(M_sub, b_sub, S_enter, subs).contiguous()
-        starts, finals = state_forward(W, U, P, D, S_sub, first, length, narrow=narrow)
+        starts, finals = state_forward(W, U, P, D, S_sub, first, length, narrow=narrow, starts_dtype=dtype)
         last_sub = last_subs(subs)
-        kept = save_states(ctx, recompute, starts, functools.partial(remake_starts, first, length, narrow), S_sub)
+        kept = save_states(ctx, recompute, starts, functools.partial(remake_starts, first, length, narrow, dtype),
+                           S_sub)
         save_wy(ctx, recompute, (W, U, P), D, kept, M_sub, gathered[..., :K])
         ctx.meta = (layout, group, subs, last_sub, narrow, init_all.shape, handoff)
-        if handoff is not None:
-            handoff.arm("state_pass")
+        arm_state_pass(handoff)
         return starts, take_rows(finals, last_sub)
 
     @staticmethod
@@ -78,7 +79,7 @@ class CPStatePass(torch.autograd.Function):
         first, length = [s[0] for s in subs], [s[1] for s in subs]
         segs = layout.segments
         HV, K, V = W.shape[1], W.shape[-1], U.shape[-1]
-        g_starts = torch.zeros_like(starts) if g_starts is None else g_starts.contiguous()
+        g_starts = zero_or_float(arriving_state_grad(handoff, g_starts), starts)
         terminal = W.new_zeros((len(subs), HV, K, V))
         if g_final is not None:
             put_rows(terminal, last_sub, g_final)
@@ -102,7 +103,7 @@ class CPStatePass(torch.autograd.Function):
         for i, s in enumerate(segs):  # states that entered from an initial state (own pieces' only: no double count)
             if not _continues(layout, i):
                 d_init[s.seq] += dS0[first_sub[i]]
-        return dW, dU, dP, dD, d_init, None, None, None, None, None, None, None, None, None
+        return dW, dU, dP, dD, d_init, None, None, None, None, None, None, None, None, None, None
 
 
 def _continues(layout: StreamLayout, seg: int) -> bool:
@@ -127,13 +128,14 @@ def _arriving_adjoints(layout: StreamLayout, nu_gathered: Tensor, M_gathered: Te
 
 def cp_state_pass(W: Tensor, U: Tensor, P: Tensor, D: Tensor, init_all: Tensor, layout: StreamLayout, group,
                   seg_first, seg_len, sub_len: int, after: Tensor | None = None,
-                  recompute: Recompute | None = None, handoff: GradHandoff | None = None
-                  ) -> tuple[Tensor, Tensor] | None:
+                  recompute: Recompute | None = None, handoff: GradHandoff | None = None,
+                  input_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor] | None:
     """W, P [Nc,HV,C,K]; U [Nc,HV,C,V]; D [Nc,HV,K]; init_all [N,HV,K,V] (float32) -> (starts, finals), or None
     when the kernels do not fit this GPU (the caller then uses the PyTorch exchange). ``after``: the A exchange's
     gathered tensor, so that backward meets this pass's collective before that one's (see cp.comm). ``handoff``
-    as in :func:`.state_pass.state_pass`."""
+    and ``input_dtype`` as in :func:`.state_pass.state_pass`."""
     args = [t.contiguous() for t in (W, U, P, D, init_all)]
+    dtype = states_dtype(handoff, input_dtype)
     return _with_narrow_retry(lambda narrow: CPStatePass.apply(*args, after, layout, group, tuple(seg_first),
                                                                tuple(seg_len), sub_len, narrow, recompute,
-                                                               handoff))
+                                                               handoff, dtype))

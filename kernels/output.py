@@ -58,6 +58,21 @@ def _value_tile_t(X, base, stride, nrows, rows, cols, mv):
 
 
 @triton.jit
+def state_tile(S, srow, V: tl.constexpr, rk, cols, mk, mv):
+    """Rows ``rk``, columns ``cols`` of a chunk state S [.., K, V] (row ``srow`` first) in float32, whatever its
+    storage (float32, or bfloat16 with PDELTA_STATES_BF16=1: see state_pass.states_dtype)."""
+    return tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def state_tile_t(S, srow, V: tl.constexpr, rk, cols, mk, mv):
+    """The same tile transposed, [BV, BK], read straight from memory."""
+    return tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
                     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     PRECISION: tl.constexpr, STREAM: tl.constexpr = 0):
@@ -80,7 +95,7 @@ def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
     for v0 in range(0, V, BV):
         cols = v0 + tl.arange(0, BV)
         mv = cols < V
-        s = tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        s = state_tile(S, srow, V, rk, cols, mk, mv)
         w = tl.load(W + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
         u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
         delta = u - tl.dot(w, s, input_precision=PRECISION)
@@ -121,7 +136,7 @@ def _out_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, STARTS, LEN
         w_t = tl.load(W + (vrow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
         d_s = tl.dot(qd_t, do, input_precision=PRECISION) - tl.dot(w_t, d_delta, input_precision=PRECISION)
         tl.store(DS + (srow + rk[:, None]) * V + cols[None, :], d_s, mask=mk[:, None] & mv[None, :])
-        s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
+        s_t = state_tile_t(S, srow, V, rk, cols, mk, mv)
         d_w -= tl.dot(d_delta, s_t, input_precision=PRECISION)
     tl.store(DW + (vrow + rc[:, None]) * K + rk[None, :], d_w, mask=mk[None, :])
 
@@ -161,8 +176,8 @@ def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G, STAR
     for v0 in range(0, V, BV):
         cols = v0 + tl.arange(0, BV)
         mv = cols < V
-        s = tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-        s_t = tl.load(S + (srow + rk[None, :]) * V + cols[:, None], mask=mv[:, None] & mk[None, :], other=0.0)
+        s = state_tile(S, srow, V, rk, cols, mk, mv)
+        s_t = state_tile_t(S, srow, V, rk, cols, mk, mv)
         u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
         do = _value_tile(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
         do_t = _value_tile_t(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)

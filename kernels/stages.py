@@ -24,6 +24,8 @@ def torch_form_grads(torch_form: Callable, saved, grads):
         outs = torch_form(*inputs)
         outs = outs if isinstance(outs, tuple) else (outs,)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        if not pairs:  # no gradient arrived (a stage may receive none, see GradHandoff's "states")
+            return (None,) * len(inputs)
         return torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
 
 
@@ -136,6 +138,8 @@ class GradHandoff:
 
     * ``"state_pass"``: dW, dU, for the state pass (which also writes its adjoints Λ over the dead dS: the output
       stage's dS goes to it alone). PGDN at K = V = 128: −10% of the fwd+bwd memory peak (graph_stats.py).
+    * ``"states"``: dS in float32, for the state pass — S may be stored in bfloat16 (state_pass.states_dtype),
+      and autograd would round a returned gradient to its input's dtype.
     * ``"wy"``: dP (per value head, before the fold over a key head's group), for the WY stage.
     * ``"write_keys"``: the WY stage's dK̂, for the write keys' backward (which reads K̂ too), and
       ``"weighted_squares"``: that sum, for the preconditioner's chunk ends (the last reader of K̂ in backward):
@@ -419,7 +423,7 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
                 q_hat, p, gamma, W, U, S, O, H, HV, HV // H, starts, lens, K=K, V=V, C=C, BK=BK, BV=BV,
                 PRECISION=dot_precision(), STREAM=stream_mode(rows), **launch_config(f"{name}_fwd", warps, stages)))
             if ctx.fallback:
-                O = torch_form(q_hat, p, gamma, W, U, S)
+                O = torch_form(q_hat, p, gamma, W, U, S.float())
                 O = _chunks_to_stream(O, rows, stream_dtype) if stream else O
             save_wy(ctx, recompute, (W, U), q_hat, p, gamma, save_states(ctx, recompute, S), *rows_saved(rows))
             ctx.handoff, ctx.rows_meta = handoff, rows_meta(rows)
@@ -433,7 +437,8 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             BK, BV, warps, stages = chunk_tile_config(K, V)
             dO = dO.contiguous()
             dq, dp, dW = torch.empty_like(W), torch.empty_like(W), torch.empty_like(W)
-            dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S)
+            # dS in float32 whatever S's storage; it reaches the state pass through the handoff's "states" slot
+            dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S, dtype=torch.float32)
             rows = rows_loaded(row_tables, ctx.rows_meta)
             starts, lens = rows[:2] if rows is not None else (gamma, gamma)
             common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), STREAM=stream_mode(rows))
@@ -453,13 +458,14 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
                     handoff.leave("state_pass", dW, dU)
                     dW = dU = None
                 dp = pass_on(handoff, "wy", dp)  # the WY stage adds its dP and folds the sum
-                return (_fold_groups(dq, H), None if dp is None else _fold_groups(dp, H), dgam, dW, dU, dS, None,
-                        None, None, None)
+                return (_fold_groups(dq, H), None if dp is None else _fold_groups(dp, H), dgam, dW, dU,
+                        pass_on(handoff, "states", dS), None, None, None, None)
             if not Nc:
                 return (torch.zeros_like(q_hat), torch.zeros_like(p), dgam, W.new_zeros(W.shape), dU, dS, None, None,
                         None, None)
             dO = dO if rows is None else _stream_to_chunks(dO, rows)
-            return (*torch_form_grads(torch_form, (q_hat, p, gamma, W, U, S), (dO,)), None, None, None, None)
+            *grads, dS = torch_form_grads(torch_form, (q_hat, p, gamma, W, U, S.float()), (dO,))
+            return (*grads, pass_on(ctx.handoff, "states", dS), None, None, None, None)
 
     Stage.__name__ = f"{name}_stage"
 
@@ -468,7 +474,8 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
         """``handoff``: shared with the state pass that made S and the WY stage that made W, U (see
         :class:`GradHandoff`). ``rows``: O in the stream layout [L, HV, V] (:class:`StreamRows`) and
         ``stream_dtype``."""
-        return Stage.apply(*[t.contiguous().float() for t in (q_hat, p, gamma, W, U, S)], recompute, handoff, rows,
+        S = S.contiguous() if S.dtype == torch.bfloat16 else S.contiguous().float()  # see state_pass.states_dtype
+        return Stage.apply(*[t.contiguous().float() for t in (q_hat, p, gamma, W, U)], S, recompute, handoff, rows,
                            stream_dtype)
 
     return apply

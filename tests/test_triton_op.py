@@ -280,6 +280,51 @@ def test_bf16_values_reach_the_kernels_unconverted(variant, T):
     assert grads["v"].dtype == torch.bfloat16 and out[0].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("variant", ["pgdn", "pkda"])
+def test_chunk_states_stored_in_bf16_keep_every_gradient(variant, monkeypatch):
+    """The chunk states S follow the inputs: float32 for float32 inputs, bfloat16 for 16-bit ones
+    (state_pass.states_dtype). PDELTA_STATES_BF16=1 forces bfloat16 with float32 inputs here, so that the float64
+    comparison sees only the states' rounding: every output and gradient stays within it, the gradient of S reaches
+    the pass in float32 through the handoff (autograd would round it to S's dtype), and the saved bytes drop by
+    exactly half the states (T = 330: six chunks)."""
+    import pdelta_cp.kernels.state_pass as sp
+
+    stored, arrived = [], []
+    real_forward, real_arriving = sp.state_forward, sp.arriving_state_grad
+    monkeypatch.setattr(sp, "state_forward", lambda *a, **k: stored.append(k.get("starts_dtype")) or
+                        real_forward(*a, **k))
+    monkeypatch.setattr(sp, "arriving_state_grad", lambda handoff, g: arrived.append(
+        (g, real_arriving(handoff, g))) or arrived[-1][1])
+    inp = make_inputs(T=330, H=2, HV=4, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE)
+    outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    assert stored[-1] == torch.float32
+    half = {n: t.detach().bfloat16().requires_grad_(True) for n, t in inp.items()}
+    outputs_and_grads(precond_delta_rule, half, output_final_state=True, backend="triton")
+    assert stored[-1] == torch.bfloat16
+    stored.clear(), arrived.clear()
+    monkeypatch.setenv("PDELTA_STATES_BF16", "1")
+    ref_inp = {n: t.detach().double().requires_grad_(True) for n, t in inp.items()}
+    ref_out, ref_grads = outputs_and_grads(naive_precond_delta_rule, ref_inp, output_final_state=True)
+    out, grads = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    assert stored[-1] == torch.bfloat16
+    (from_autograd, used), = arrived
+    assert from_autograd is None and used.dtype == torch.float32
+    errors = {n: rel_rms(a, b) for n, a, b in zip(("o", "final_S", "final_A"), out, ref_out)}
+    errors.update({n: rel_rms(grads[n], ref_grads[n]) for n in grads})
+    tol = 1.5e-3 if DEVICE == "cpu" else 8e-3  # ≈ 4e-4 measured (bf16 roundoff 2^-9 on S); float32 states: 2e-5
+    assert max(errors.values()) < tol, errors
+    assert errors["final_S"] < 2e-5  # the pass carries S in float32: only what other kernels read is rounded
+    if variant == "pgdn":
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+        import graph_stats
+
+        saved_half = graph_stats.graph_stats(variant, 330, 2, 12, 20, torch.float32, "triton", DEVICE)
+        monkeypatch.setenv("PDELTA_STATES_BF16", "0")
+        saved_full = graph_stats.graph_stats(variant, 330, 2, 12, 20, torch.float32, "triton", DEVICE)
+        expected = 6 * 2 * 12 * 20 * 2 / 330  # six states [HV = 2, K, V], 2 bytes each fewer
+        assert saved_full["saved_bytes_per_token"] - saved_half["saved_bytes_per_token"] == pytest.approx(expected)
+
+
 def test_wy_forward_choice(monkeypatch):
     """Blocked forward at 4 warps for K <= 128; the row kernel above (not GPU-tried blocked) or when opted out.
     PKDA: the same choice (blocked up to K = 128, the row kernel at 4 warps when opted out)."""

@@ -284,7 +284,7 @@ class _DeltaStage:
         from ..kernels.state_pass import state_pass
 
         S_start, S_final = state_pass(*self._kernel_chunks(), S_enter, plan.seg_first_chunk, plan.seg_num_chunks,
-                                      recompute=self.recompute, handoff=self.handoff)
+                                      recompute=self.recompute, handoff=self.handoff, input_dtype=self.out_dtype)
         return self._kernel_outputs(S_start), S_final
 
     def run_across_ranks(self, layout: StreamLayout, group, init_all: Tensor, after: Tensor | None):
@@ -297,7 +297,8 @@ class _DeltaStage:
         W = self.chunks.W
         sub_len = default_sub_len(plan.seg_num_chunks, W.shape[1], self.chunks.U.shape[-1], W.device)
         out = cp_state_pass(*self._kernel_chunks(), init_all, layout, group, plan.seg_first_chunk,
-                            plan.seg_num_chunks, sub_len, after, self.recompute, handoff=self.handoff)
+                            plan.seg_num_chunks, sub_len, after, self.recompute, handoff=self.handoff,
+                            input_dtype=self.out_dtype)
         return None if out is None else (self._kernel_outputs(out[0]), out[1])
 
     def _kernel_chunks(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -138,6 +138,16 @@ def test_cp_with_triton_kernels_recomputing_the_states(cp_groups, monkeypatch, c
     assert remade  # the states were remade in backward, not kept
 
 
+@pytest.mark.parametrize("cp", [2, 4])
+def test_cp_with_triton_kernels_bf16_states(cp_groups, monkeypatch, cp):
+    """PDELTA_STATES_BF16=1 under CP (float32 inputs): the cross-rank pass stores the chunk states in bfloat16
+    and takes their gradient in float32 from the handoff — the one-process answer within the states' rounding."""
+    pytest.importorskip("triton")
+    _only_in_a_world_of(cp)
+    monkeypatch.setenv("PDELTA_STATES_BF16", "1")
+    check_cp(cp_groups, cp, "pkda", "zigzag", TRITON_CASES["long_pieces"], torch.float32, 2e-3, backend="triton")
+
+
 def test_cp_triton_falls_back_to_pytorch_exchange(cp_groups, monkeypatch):
     """When the cross-rank state-pass kernels do not fit the GPU, the PyTorch exchange takes over: same answers."""
     pytest.importorskip("triton")
