@@ -110,13 +110,16 @@ def test_output_gradients_left_for_other_stages_survive_their_pytorch_fallbacks(
     (stages.GradHandoff). When such a stage runs in PyTorch instead (its kernels do not fit: the state pass's
     forward or backward, the WY backward), nothing may be lost. GVA (HV = 2H): dP is folded after the sum. With
     the output backward in PyTorch too and HV = H, the WY fallback's dK̂ comes with transposed strides (the write
-    keys' kernel adds into it in place)."""
+    keys' kernel adds into it in place). Padded (T = 150): the chunk states in bfloat16, their float32 gradient
+    through the handoff's "states" slot into every fallback."""
     import pdelta_cp.kernels._triton_utils as utils
     import pdelta_cp.kernels.stages as stages
     import pdelta_cp.kernels.state_pass as sp
     from triton.runtime.errors import OutOfResources
 
     utils._warned.clear()
+    # (the state pass forward's own fallback makes float32 states: that case compares like with like)
+    monkeypatch.setenv("PDELTA_STATES_BF16", "1" if T == 150 and where != "state_pass_forward" else "0")
     HV = 2 if where == "wy_and_output_backward" else 4
     inp = make_inputs(T=T, H=2, HV=HV, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE)
     out_k, grads_k = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
@@ -136,6 +139,8 @@ def test_output_gradients_left_for_other_stages_survive_their_pytorch_fallbacks(
     with pytest.warns(RuntimeWarning, match="does not fit"):
         out_f, grads_f = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
     tol = 1e-5 if DEVICE == "cpu" else 5e-3
+    if where == "state_pass_backward" and T == 150:  # that fallback differentiates a float32 pass (2e-5 apart)
+        tol = max(tol, 1e-4)
     assert all(rel_rms(a, b) < tol for a, b in zip(out_f, out_k))
     assert all(rel_rms(grads_f[n], grads_k[n]) < tol for n in grads_k), {n: rel_rms(grads_f[n], grads_k[n])
                                                                           for n in grads_k}
