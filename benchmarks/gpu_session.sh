@@ -327,7 +327,8 @@ glue)  # one GPU, session k: the glue cuts (q/k relayout fused into the l2 norm,
   ;;
 ab)  # one GPU, session l: A/B of env settings ($SETTINGS, e.g. "default PDELTA_STATES_BF16=1"). GPU tests: all at
   # default, $TESTS_AB (a -k filter) under every other setting, side by side; then one benchmark process per setting,
-  # alternating ($ROUNDS rounds, $TS tokens, $OPS ours); then fla ($FLA_OPS) alone, while the budget lasts
+  # alternating ($ROUNDS rounds, $TS tokens, $OPS ours); then fla ($FLA_OPS) alone and profiles ($PROFILE: op names),
+  # while the budget lasts
   export CUDA_VISIBLE_DEVICES=0
   timeout ${TESTLIMIT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s > "$OUT/gpu_tests.log" 2>&1 &
   n=0
@@ -351,6 +352,11 @@ ab)  # one GPU, session l: A/B of env settings ($SETTINGS, e.g. "default PDELTA_
   [ "$left" -gt 30 ] && timeout $left python3 benchmarks/bench_kernels.py --T ${TS:-32768 131072} --warmup 5 --rep 20 \
       --ops ${FLA_OPS:-fla-gdn fla-kda} --out "$OUT/kernels_fla.json" > "$OUT/kernels_fla.log" 2>&1
   echo "fla rc=$? at ${SECONDS}s"
+  for v in ${PROFILE:-}; do  # per-kernel tables at 32K (ours or fla's op names), into logs.tgz
+    left=$(( ${BUDGET:-570} - SECONDS )); [ "$left" -lt 40 ] && break
+    (cd benchmarks && timeout $left python3 profile_op.py --variant $v --T 32768 --out "$OUT/profile_$v.log" \
+        > /dev/null 2>&1); echo "profile $v rc=$? at ${SECONDS}s"
+  done
   unset CUDA_VISIBLE_DEVICES
   ;;
 record)  # one GPU: the K = 256 GPU tests ($TESTS), then the record benchmark, ours and fla in one process (carry

@@ -31,9 +31,19 @@ from .stages import GradHandoff, Recompute, add_left, arm, load_wy, save_states,
 
 
 @triton.jit
+def _chunk_step(S, w, u, p_t, d, PRECISION: tl.constexpr):
+    """S_{c+1} = d ⊙ S_c + P̃ᵀ (U − W S_c) for one [BK, BV] column block of the state."""
+    delta = u - tl.dot(w, S, input_precision=PRECISION)
+    return d[:, None] * S + tl.dot(p_t, delta, input_precision=PRECISION)
+
+
+@triton.jit
 def _state_fwd_kernel(W, U, P, D, S0, FIRST, LENGTH, STARTS, FINAL, HV,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      SUMMARY: tl.constexpr, STORE_STARTS: tl.constexpr, PRECISION: tl.constexpr):
+                      SUMMARY: tl.constexpr, STORE_STARTS: tl.constexpr, PRECISION: tl.constexpr,
+                      MAP_PRECISION: tl.constexpr):
+    """MAP_PRECISION: the summary's M column blocks (long products of transition maps need more than TF32); its b
+    blocks are the pass's own arithmetic and take PRECISION, as the pass does."""
     i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first = tl.load(FIRST + i_s).to(tl.int64)
     n = tl.load(LENGTH + i_s)
@@ -63,8 +73,13 @@ def _state_fwd_kernel(W, U, P, D, S0, FIRST, LENGTH, STARTS, FINAL, HV,
         u = tl.load(U + (base * C + rc[:, None]) * V + ucol[None, :], mask=umask[None, :], other=0.0)
         p_t = tl.load(P + (base * C + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
         d = tl.load(D + base * K + rk, mask=mk, other=0.0)
-        delta = u - tl.dot(w, S, input_precision=PRECISION)
-        S = d[:, None] * S + tl.dot(p_t, delta, input_precision=PRECISION)
+        if SUMMARY:
+            if i_v * BV < K:  # a block holding M columns (one of M's and b's when BV does not divide K)
+                S = _chunk_step(S, w, u, p_t, d, MAP_PRECISION)
+            else:
+                S = _chunk_step(S, w, u, p_t, d, PRECISION)
+        else:
+            S = _chunk_step(S, w, u, p_t, d, PRECISION)
     tl.store(FINAL + ((i_s * HV + i_h) * K + rk[:, None]) * NCOL + cols[None, :], S, mask=smask)
 
 
@@ -196,6 +211,12 @@ def _precision(summary: bool) -> str:
     return "tf32x3" if summary else "tf32"  # long products of transition maps need more than TF32
 
 
+def _summary_b_precision() -> str:
+    """The summary's b columns: TF32 like the pass itself (session l), or tf32x3 as before with
+    PDELTA_SUMMARY_B_TF32X3=1."""
+    return _precision(os.environ.get("PDELTA_SUMMARY_B_TF32X3") == "1")
+
+
 def _segments_tensor(values, device) -> Tensor:
     return index_tensor(values, device, torch.int32)
 
@@ -238,7 +259,9 @@ def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=Tru
     grid = (triton.cdiv(ncol, BV), HV, nseg)
     _state_fwd_kernel[grid](W, U, P, D, W if S0 is None else S0, _segments_tensor(first, W.device),
                             _segments_tensor(length, W.device), starts, final, HV, K=K, V=V, C=C, BK=BK, BV=BV,
-                            SUMMARY=summary, STORE_STARTS=store_starts, PRECISION=_precision(summary),
+                            SUMMARY=summary, STORE_STARTS=store_starts,
+                            PRECISION=_summary_b_precision() if summary else _precision(False),
+                            MAP_PRECISION=_precision(True),
                             **launch_config("state_fwd", forward_warps(K, warps), stages))
     return starts, final
 
