@@ -62,7 +62,7 @@ def kernels(K: int, V: int) -> list[tuple[str, object, dict, int, int]]:
         ("output_channel_bwd_qp", channel._out_ch_bwd_qp_kernel, chunk, warps, stages),
         ("output_channel_bwd_qp (scratch)", channel._out_ch_bwd_qp_kernel, dict(chunk, SCRATCH=True), warps, stages),
         ("state_fwd", state_pass._state_fwd_kernel,
-         dict(state, SUMMARY=False, STORE_STARTS=True, MAP_PRECISION="tf32x3"),
+         dict(state, SUMMARY=False, STORE_STARTS=True),
          state_pass.forward_warps(K, swarps), sstages),
         ("state_bwd", state_pass._state_bwd_kernel, dict(state, STORE_GRADS=False, STORE_LAM=True), swarps, sstages),
         ("state_grads", state_pass._state_grads_kernel, state, swarps, sstages),

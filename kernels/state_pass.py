@@ -41,9 +41,9 @@ def _chunk_step(S, w, u, p_t, d, PRECISION: tl.constexpr):
 def _state_fwd_kernel(W, U, P, D, S0, FIRST, LENGTH, STARTS, FINAL, HV,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       SUMMARY: tl.constexpr, STORE_STARTS: tl.constexpr, PRECISION: tl.constexpr,
-                      MAP_PRECISION: tl.constexpr):
-    """MAP_PRECISION: the summary's M column blocks (long products of transition maps need more than TF32); its b
-    blocks are the pass's own arithmetic and take PRECISION, as the pass does."""
+                      MAP_PRECISION: tl.constexpr = "ieee", SPLIT_PRECISION: tl.constexpr = False):
+    """SPLIT_PRECISION (summary only): the M column blocks take MAP_PRECISION (long products of transition maps need
+    more than TF32), the b blocks PRECISION (see _summary_b_precision); otherwise every block takes PRECISION."""
     i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first = tl.load(FIRST + i_s).to(tl.int64)
     n = tl.load(LENGTH + i_s)
@@ -73,7 +73,7 @@ def _state_fwd_kernel(W, U, P, D, S0, FIRST, LENGTH, STARTS, FINAL, HV,
         u = tl.load(U + (base * C + rc[:, None]) * V + ucol[None, :], mask=umask[None, :], other=0.0)
         p_t = tl.load(P + (base * C + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
         d = tl.load(D + base * K + rk, mask=mk, other=0.0)
-        if SUMMARY:
+        if SPLIT_PRECISION:
             if i_v * BV < K:  # a block holding M columns (one of M's and b's when BV does not divide K)
                 S = _chunk_step(S, w, u, p_t, d, MAP_PRECISION)
             else:
@@ -212,9 +212,9 @@ def _precision(summary: bool) -> str:
 
 
 def _summary_b_precision() -> str:
-    """The summary's b columns: TF32 like the pass itself (session l), or tf32x3 as before with
-    PDELTA_SUMMARY_B_TF32X3=1."""
-    return _precision(os.environ.get("PDELTA_SUMMARY_B_TF32X3") == "1")
+    """The summary's b columns: tf32x3 like its M columns, or with PDELTA_SUMMARY_B_TF32=1 (opt-in, CPU-tested
+    only: no GPU could be had to time and test it in session l) TF32, the pass's own arithmetic."""
+    return _precision(os.environ.get("PDELTA_SUMMARY_B_TF32") != "1")
 
 
 def _segments_tensor(values, device) -> Tensor:
@@ -262,6 +262,7 @@ def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=Tru
                             SUMMARY=summary, STORE_STARTS=store_starts,
                             PRECISION=_summary_b_precision() if summary else _precision(False),
                             MAP_PRECISION=_precision(True),
+                            SPLIT_PRECISION=summary and os.environ.get("PDELTA_SUMMARY_B_TF32") == "1",
                             **launch_config("state_fwd", forward_warps(K, warps), stages))
     return starts, final
 
