@@ -173,11 +173,14 @@ def test_recomputing_wy_in_backward_changes_nothing(monkeypatch, variant, remake
                                                                          if not torch.equal(grads_r[n], grads_k[n])]
 
 
-@pytest.mark.parametrize("variant", ["pgdn", "pkda"])
-def test_recomputing_the_states_in_backward_changes_nothing_but_memory(monkeypatch, variant):
+@pytest.mark.parametrize("variant,states", [("pgdn", "0"), ("pkda", "0"), ("pkda", "1")],
+                         ids=["pgdn", "pkda", "pkda_bf16_states"])
+def test_recomputing_the_states_in_backward_changes_nothing_but_memory(monkeypatch, variant, states):
     """PDELTA_RECOMPUTE_STATES=1: the chunk states are remade in backward from the sub-segments' entering states
-    (T = 330: six chunks in sub-segments of four) — outputs and every gradient bit-identical, and (PGDN) the
-    states [Nc, HV, K, V] no longer among the saved tensors, only the sub-segments' entering states."""
+    (T = 330: six chunks in sub-segments of four) — outputs and every gradient bit-identical (also with the states
+    stored in bfloat16: the remake rounds them the same way), and (PGDN) the states [Nc, HV, K, V] no longer among
+    the saved tensors, only the sub-segments' entering states."""
+    monkeypatch.setenv("PDELTA_STATES_BF16", states)
     inp = make_inputs(T=330, H=2, HV=4, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE)
     out_k, grads_k = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
     from pdelta_cp.kernels import stages
