@@ -60,7 +60,7 @@ def _value_tile_t(X, base, stride, nrows, rows, cols, mv):
 @triton.jit
 def state_tile(S, srow, V: tl.constexpr, rk, cols, mk, mv):
     """Rows ``rk``, columns ``cols`` of a chunk state S [.., K, V] (row ``srow`` first) in float32, whatever its
-    storage (float32, or bfloat16 with PDELTA_STATES_BF16=1: see state_pass.states_dtype)."""
+    storage (float32, or bfloat16 for 16-bit inputs: see state_pass.states_dtype)."""
     return tl.load(S + (srow + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :],
                    other=0.0).to(tl.float32)
 

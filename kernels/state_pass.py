@@ -40,10 +40,7 @@ def _chunk_step(S, w, u, p_t, d, PRECISION: tl.constexpr):
 @triton.jit
 def _state_fwd_kernel(W, U, P, D, S0, FIRST, LENGTH, STARTS, FINAL, HV,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      SUMMARY: tl.constexpr, STORE_STARTS: tl.constexpr, PRECISION: tl.constexpr,
-                      MAP_PRECISION: tl.constexpr = "ieee", SPLIT_PRECISION: tl.constexpr = False):
-    """SPLIT_PRECISION (summary only): the M column blocks take MAP_PRECISION (long products of transition maps need
-    more than TF32), the b blocks PRECISION (see _summary_b_precision); otherwise every block takes PRECISION."""
+                      SUMMARY: tl.constexpr, STORE_STARTS: tl.constexpr, PRECISION: tl.constexpr):
     i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first = tl.load(FIRST + i_s).to(tl.int64)
     n = tl.load(LENGTH + i_s)
@@ -73,13 +70,7 @@ def _state_fwd_kernel(W, U, P, D, S0, FIRST, LENGTH, STARTS, FINAL, HV,
         u = tl.load(U + (base * C + rc[:, None]) * V + ucol[None, :], mask=umask[None, :], other=0.0)
         p_t = tl.load(P + (base * C + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
         d = tl.load(D + base * K + rk, mask=mk, other=0.0)
-        if SPLIT_PRECISION:
-            if i_v * BV < K:  # a block holding M columns (one of M's and b's when BV does not divide K)
-                S = _chunk_step(S, w, u, p_t, d, MAP_PRECISION)
-            else:
-                S = _chunk_step(S, w, u, p_t, d, PRECISION)
-        else:
-            S = _chunk_step(S, w, u, p_t, d, PRECISION)
+        S = _chunk_step(S, w, u, p_t, d, PRECISION)
     tl.store(FINAL + ((i_s * HV + i_h) * K + rk[:, None]) * NCOL + cols[None, :], S, mask=smask)
 
 
@@ -208,13 +199,9 @@ def _with_narrow_retry(launch):
 def _precision(summary: bool) -> str:
     if INTERPRET:
         return "ieee"
-    return "tf32x3" if summary else "tf32"  # long products of transition maps need more than TF32
-
-
-def _summary_b_precision() -> str:
-    """The summary's b columns: tf32x3 like its M columns, or with PDELTA_SUMMARY_B_TF32=1 (opt-in, CPU-tested
-    only: no GPU could be had to time and test it in session l) TF32, the pass's own arithmetic."""
-    return _precision(os.environ.get("PDELTA_SUMMARY_B_TF32") != "1")
+    # long products of transition maps need more than TF32 (the summary's b columns too: taking them at TF32 by a
+    # per-column-block branch was correct but 7.7% slower on an H100, session l)
+    return "tf32x3" if summary else "tf32"
 
 
 def _segments_tensor(values, device) -> Tensor:
@@ -259,10 +246,7 @@ def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=Tru
     grid = (triton.cdiv(ncol, BV), HV, nseg)
     _state_fwd_kernel[grid](W, U, P, D, W if S0 is None else S0, _segments_tensor(first, W.device),
                             _segments_tensor(length, W.device), starts, final, HV, K=K, V=V, C=C, BK=BK, BV=BV,
-                            SUMMARY=summary, STORE_STARTS=store_starts,
-                            PRECISION=_summary_b_precision() if summary else _precision(False),
-                            MAP_PRECISION=_precision(True),
-                            SPLIT_PRECISION=summary and os.environ.get("PDELTA_SUMMARY_B_TF32") == "1",
+                            SUMMARY=summary, STORE_STARTS=store_starts, PRECISION=_precision(summary),
                             **launch_config("state_fwd", forward_warps(K, warps), stages))
     return starts, final
 

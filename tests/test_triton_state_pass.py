@@ -42,14 +42,6 @@ def test_state_pass_matches_scan(K, V, sub_len, split_backward, monkeypatch):
     _check_state_pass(K, V, sub_len)
 
 
-@pytest.mark.parametrize("K,V", [(16, 72), (20, 100)])  # column blocks of 64: the first holds M and b columns
-def test_summary_with_its_b_columns_at_the_pass_precision_matches_scan(K, V, monkeypatch):
-    """PDELTA_SUMMARY_B_TF32=1: the summary kernel picks the precision per column block (M blocks MAP_PRECISION, b
-    blocks PRECISION; both exact in the interpreter) — the sub-segment summaries and folds still give the scan."""
-    monkeypatch.setenv("PDELTA_SUMMARY_B_TF32", "1")
-    _check_state_pass(K, V, 2)
-
-
 @pytest.mark.parametrize("stage", ["forward", "backward"])
 @pytest.mark.parametrize("narrow_fits", [True, False])
 def test_state_pass_survives_shared_memory_overflow(monkeypatch, stage, narrow_fits):
