@@ -25,7 +25,13 @@ CASES = {  # name: (variant, B, T, H, HV, K, V, dtype, cu_seqlens)
     "pgdn_batch_fp16": ("pgdn", 4, 2048, 4, 4, 64, 64, torch.float16, None),
     "pgdn_k256_bf16": ("pgdn", 1, 2048, 2, 2, 256, 256, torch.bfloat16, None),
     "pkda_k256_gva_bf16": ("pkda", 1, 1024, 2, 4, 256, 192, torch.bfloat16, [0, 300, 1024]),
+    # weak gates (a state lives thousands of tokens): with the reference tests' gates (decay_strength 1) a chunk's
+    # entering state is nearly forgotten by its end, so PGDN's and PKDA's chunk-to-chunk coupling (the W·S feedback
+    # of the state pass) moves the outputs by ~1e-7 and a broken one would pass (benchmarks/precision_sites.py)
+    "pgdn_4k_weak_decay_bf16": ("pgdn", 1, 4096, 8, 8, 128, 128, torch.bfloat16, None),
+    "pkda_2k_weak_decay_bf16": ("pkda", 1, 2048, 4, 4, 128, 128, torch.bfloat16, None),
 }
+WEAK_DECAY = 0.02  # decay_strength of the *_weak_decay cases (as tests/distributed/test_cp_gpu.py)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -35,7 +41,7 @@ def test_triton_matches_float64(name):
     variant, B, T, H, HV, K, V, dtype, cu = CASES[name]
     N = B if cu is None else len(cu) - 1
     inp = make_inputs(B=B, T=T, H=H, HV=HV, K=K, V=V, variant=variant, dtype=dtype, num_sequences=N,
-                      device="cuda")
+                      device="cuda", decay_strength=WEAK_DECAY if "weak_decay" in name else 1.0)
     cu_t = None if cu is None else torch.tensor(cu, device="cuda")
     ref_inp = {n: t.detach().double().requires_grad_(True) for n, t in inp.items()}
     ref_out, ref_grads = outputs_and_grads(precond_delta_rule, ref_inp, output_final_state=True, cu_seqlens=cu_t,

@@ -288,13 +288,15 @@ def test_bf16_values_reach_the_kernels_unconverted(variant, T):
     assert grads["v"].dtype == torch.bfloat16 and out[0].dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("variant", ["pgdn", "pkda"])
-def test_chunk_states_stored_in_bf16_keep_every_gradient(variant, monkeypatch):
+@pytest.mark.parametrize("variant,strength", [("pgdn", 1.0), ("pkda", 1.0), ("pkda", 0.02)],
+                         ids=["pgdn", "pkda", "pkda_weak_decay"])
+def test_chunk_states_stored_in_bf16_keep_every_gradient(variant, strength, monkeypatch):
     """The chunk states S follow the inputs: float32 for float32 inputs, bfloat16 for 16-bit ones
     (state_pass.states_dtype). PDELTA_STATES_BF16=1 forces bfloat16 with float32 inputs here, so that the float64
     comparison sees only the states' rounding: every output and gradient stays within it, the gradient of S reaches
     the pass in float32 through the handoff (autograd would round it to S's dtype), and the saved bytes drop by
-    exactly half the states (T = 330: six chunks)."""
+    exactly half the states (T = 330: six chunks). Weak gates (states live thousands of tokens): the state term
+    dominates O, so S's rounding shows nearly in full there."""
     import pdelta_cp.kernels.state_pass as sp
 
     stored, arrived = [], []
@@ -303,7 +305,8 @@ def test_chunk_states_stored_in_bf16_keep_every_gradient(variant, monkeypatch):
                         real_forward(*a, **k))
     monkeypatch.setattr(sp, "arriving_state_grad", lambda handoff, g: arrived.append(
         (g, real_arriving(handoff, g))) or arrived[-1][1])
-    inp = make_inputs(T=330, H=2, HV=4, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE)
+    inp = make_inputs(T=330, H=2, HV=4, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE,
+                      decay_strength=strength)
     outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
     assert stored[-1] == torch.float32
     half = {n: t.detach().bfloat16().requires_grad_(True) for n, t in inp.items()}
@@ -319,7 +322,8 @@ def test_chunk_states_stored_in_bf16_keep_every_gradient(variant, monkeypatch):
     assert from_autograd is None and used.dtype == torch.float32
     errors = {n: rel_rms(a, b) for n, a, b in zip(("o", "final_S", "final_A"), out, ref_out)}
     errors.update({n: rel_rms(grads[n], ref_grads[n]) for n in grads})
-    tol = 1.5e-3 if DEVICE == "cpu" else 8e-3  # ≈ 4e-4 measured (bf16 roundoff 2^-9 on S); float32 states: 2e-5
+    # measured ≈ 4e-4, weak gates ≈ 1.7e-3 (bf16 roundoff 2^-9 on S); float32 states: 2e-5
+    tol = (1.5e-3 if strength == 1.0 else 3e-3) if DEVICE == "cpu" else 8e-3
     assert max(errors.values()) < tol, errors
     assert errors["final_S"] < 2e-5  # the pass carries S in float32: only what other kernels read is rounded
     if variant == "pgdn":
