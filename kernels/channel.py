@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ..chunk.delta import wy_form
 from ..chunk.gram import gram
-from .output import _value_tile, _value_tile_t, state_tile, state_tile_t, transpose_via, value_rows
+from .output import _store_value_tile, _value_tile, _value_tile_t, state_tile, state_tile_t, transpose_via, value_rows
 from .stages import make_output_stage, make_wy_stage
 from .gram_channel import _rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_upper
 from .wy import (_blocked_inverse, _invert_unit_lower, _load_block, _load_blocked_inverse, _store_blocked_inverse,
@@ -195,8 +195,7 @@ def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
         delta = u - tl.dot(_rows(W, vrow, rc, rk, mk, K), s, input_precision=PRECISION)
         qd = _rows(Q, krow, rc, rk, mk, K) * tl.exp(_rows(GAM, vrow, rc, rk, mk, K))
         o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
-        tl.store(O + orow + rc[:, None] * ostride + cols[None, :], o,  # in O's dtype
-                 mask=(rc < on)[:, None] & mv[None, :])
+        _store_value_tile(O, orow, ostride, on, rc, cols, mv, o)
 
 
 @triton.jit

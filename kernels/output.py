@@ -58,6 +58,13 @@ def _value_tile_t(X, base, stride, nrows, rows, cols, mv):
 
 
 @triton.jit
+def _store_value_tile(X, base, stride, nrows, rows, cols, mv, value):
+    """Store ``value`` into rows ``rows`` of a value tensor (O, dV) at (base, stride, nrows) from `value_rows`,
+    columns ``cols`` (masked; rows past ``nrows`` are padding and never written), in X's dtype."""
+    tl.store(X + base + rows[:, None] * stride + cols[None, :], value, mask=(rows < nrows)[:, None] & mv[None, :])
+
+
+@triton.jit
 def state_tile(S, srow, V: tl.constexpr, rk, cols, mk, mv):
     """Rows ``rk``, columns ``cols`` of a chunk state S [.., K, V] (row ``srow`` first) in float32, whatever its
     storage (float32, or bfloat16 for 16-bit inputs: see state_pass.states_dtype)."""
@@ -101,8 +108,7 @@ def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
         delta = u - tl.dot(w, s, input_precision=PRECISION)
         qd = tl.load(Q + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0) * tl.exp(gam)[:, None]
         o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
-        tl.store(O + orow + rc[:, None] * ostride + cols[None, :], o,  # in O's dtype
-                 mask=(rc < on)[:, None] & mv[None, :])
+        _store_value_tile(O, orow, ostride, on, rc, cols, mv, o)
 
 
 @triton.jit

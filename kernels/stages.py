@@ -256,6 +256,12 @@ def stream_mode(rows: StreamRows | None) -> int:
     return 0 if rows is None else 1 if rows.dense else 2
 
 
+def kernel_rows(rows: StreamRows | None, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' STARTS, LENS arguments: the row tables, or ``placeholder`` twice where the kernels do not read
+    them (STREAM 0 and 1)."""
+    return (placeholder, placeholder) if rows is None else (rows.starts, rows.lens)
+
+
 def rows_saved(rows: StreamRows | None) -> tuple[torch.Tensor, ...]:
     """The row tables to ``save_for_backward`` (nothing on ctx: per-block recompute frees only saved tensors)."""
     return () if rows is None else (rows.starts, rows.lens)
@@ -317,7 +323,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
         HV, V = v.shape[1], v.shape[-1]  # v: [Nc, HV, C, V] or [L, HV, V]
         BK, BV, warps, stages = chunk_tile_config(K, V)
         W, P_t = k_hat.new_empty(Nc, HV, C, K), k_hat.new_empty(Nc, HV, C, K)
-        starts, lens = (beta, beta) if rows is None else rows[:2]  # (unread placeholders in the chunk layout)
+        starts, lens = kernel_rows(rows, beta)
         U, d = k_hat.new_empty(Nc, HV, C, V), k_hat.new_empty(decay_shape(Nc, HV, K))
         from_t, T = T is not None, k_hat.new_empty(Nc, HV, C, C) if T is None else T
         kernel, fwd_warps = (fwd_kernel, None) if pick_fwd is None else pick_fwd(K)
@@ -352,7 +358,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
             Nc, H, _, K = k_hat.shape
             HV, V = v.shape[1], v.shape[-1]  # v: [Nc, HV, C, V] or [L, HV, V]
             rows = rows_loaded(row_tables, ctx.rows_meta)
-            starts, lens = (beta, beta) if rows is None else rows[:2]
+            starts, lens = kernel_rows(rows, beta)
             grads = (dW, dU, dP_t, dd)
             left = take_one(ctx.handoff, "wy")  # the output stage's dP, per value head (the kernel adds into it)
             if Nc and not ctx.fallback and kernel_backward():
@@ -418,7 +424,7 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             BK, BV, warps, stages = chunk_tile_config(K, V)
             stream = rows is not None
             O = U.new_empty(rows.num_tokens, HV, V, dtype=stream_dtype) if stream else U.new_empty(Nc, HV, C, V)
-            starts, lens = rows[:2] if stream else (gamma, gamma)  # (unread placeholders in the chunk layout)
+            starts, lens = kernel_rows(rows, gamma)
             ctx.fallback = Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: fwd_kernel[(Nc, HV)](
                 q_hat, p, gamma, W, U, S, O, H, HV, HV // H, starts, lens, K=K, V=V, C=C, BK=BK, BV=BV,
                 PRECISION=dot_precision(), STREAM=stream_mode(rows), **launch_config(f"{name}_fwd", warps, stages)))
@@ -440,7 +446,7 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             # dS in float32 whatever S's storage; it reaches the state pass through the handoff's "states" slot
             dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S, dtype=torch.float32)
             rows = rows_loaded(row_tables, ctx.rows_meta)
-            starts, lens = rows[:2] if rows is not None else (gamma, gamma)
+            starts, lens = kernel_rows(rows, gamma)
             common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), STREAM=stream_mode(rows))
             # PDELTA_SCRATCH_TRANSPOSE=1 (opt-in): dA and Aᵀ as transposes through [C, C] scratch rows
             scratch = W.new_empty(Nc, HV, C, C) if os.environ.get("PDELTA_SCRATCH_TRANSPOSE") == "1" else None

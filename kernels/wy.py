@@ -22,7 +22,7 @@ import triton.language as tl
 from ..chunk.delta import wy_form
 from ._triton_utils import INTERPRET
 from .gram_channel import _rows, _rows_t
-from .output import _value_tile, _value_tile_t, value_rows
+from .output import _store_value_tile, _value_tile, _value_tile_t, value_rows
 from .stages import make_wy_stage
 
 # The backward kernel passed the GPU tests on H100 (Triton 3.6.0, K/V up to 128 and odd sizes). Where it does
@@ -321,8 +321,7 @@ def _value_side_backward(DU, VV, DV, vrow, vbase, vstride, vn, beta, T_t, rc, V:
         dT += tl.dot(du, vv_t * beta[None, :], input_precision=PRECISION)
         d_bv = tl.dot(T_t, du, input_precision=PRECISION)
         vv = _value_tile(VV, vbase, vstride, vn, rc, cols, mv)
-        tl.store(DV + vbase + rc[:, None] * vstride + cols[None, :], d_bv * beta[:, None],
-                 mask=(rc < vn)[:, None] & mv[None, :])
+        _store_value_tile(DV, vbase, vstride, vn, rc, cols, mv, d_bv * beta[:, None])
         d_beta += tl.sum(d_bv * vv, axis=1)
         du_t = tl.load(DU + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
         dT_t += tl.dot(vv * beta[:, None], du_t, input_precision=PRECISION)
