@@ -48,8 +48,9 @@ def outputs_and_grads(variant: str, x: dict, do: torch.Tensor) -> list[torch.Ten
     return [o.detach().clone()] + [t.grad.clone() for t in x.values() if t.grad is not None]
 
 
-def time_op(variant: str, x: dict, do: torch.Tensor) -> float:
-    return do_bench(lambda: run_op(variant, x).backward(do), warmup=5, rep=25)
+def time_op(variant: str, x: dict, do: torch.Tensor, rep_ms: int = 25) -> float:
+    """Median fwd+bwd in ms over about ``rep_ms`` of repetitions (do_bench's rep is a time, not a count)."""
+    return do_bench(lambda: run_op(variant, x).backward(do), warmup=5, rep=rep_ms)
 
 
 def main() -> None:
@@ -59,6 +60,11 @@ def main() -> None:
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--kernels", nargs="*", default=None, help="only these kernel families")
     ap.add_argument("--settings", nargs="*", default=None, help="VAR=VALUE[,VAR=VALUE] entries instead of warps")
+    ap.add_argument("--tolerance", type=float, default=1e-3,
+                    help="largest relative RMS difference from the default that is not a miscompile (raise it for "
+                         "settings that round differently, e.g. PDELTA_BF16_WS=1)")
+    ap.add_argument("--rep-ms", type=int, default=25, help="timing window per trial in ms (at 128K one fwd+bwd "
+                    "takes ~80 ms: give 400 or more for several repetitions)")
     ap.add_argument("--out", default="warps.json")
     args = ap.parse_args()
     emit = rows_writer(args.out, {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -70,7 +76,7 @@ def main() -> None:
         time_x = make(1, args.T, 16, 128, 128)
         time_do = torch.randn(1, args.T, 16, 128, device="cuda", dtype=torch.bfloat16)
         reference = outputs_and_grads(variant, check_x, check_do)
-        base = time_op(variant, time_x, time_do)
+        base = time_op(variant, time_x, time_do, args.rep_ms)
         emit({"variant": variant, "kernel": "default", "T": args.T, "fwd_bwd_ms": base})
         trials = [dict(kv.split("=", 1) for kv in entry.split(",")) for entry in args.settings or []]
         if args.settings is None:
@@ -82,9 +88,9 @@ def main() -> None:
             try:
                 got = outputs_and_grads(variant, check_x, check_do)
                 row["max_rel_diff_vs_default"] = max(rel_rms(a, b) for a, b in zip(got, reference))
-                row["miscompiled"] = row["max_rel_diff_vs_default"] > 1e-3
+                row["miscompiled"] = row["max_rel_diff_vs_default"] > args.tolerance
                 if not row["miscompiled"]:
-                    row["fwd_bwd_ms"] = time_op(variant, time_x, time_do)
+                    row["fwd_bwd_ms"] = time_op(variant, time_x, time_do, args.rep_ms)
                     row["vs_default"] = row["fwd_bwd_ms"] / base
             except Exception as exc:  # a config that does not compile or fit must not lose the others
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -93,7 +99,7 @@ def main() -> None:
                     os.environ.pop(var)
             emit(row)
         emit({"variant": variant, "kernel": "default (again)", "T": args.T,
-              "fwd_bwd_ms": time_op(variant, time_x, time_do)})
+              "fwd_bwd_ms": time_op(variant, time_x, time_do, args.rep_ms)})
         del check_x, check_do, time_x, time_do, reference
 
 
