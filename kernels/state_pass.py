@@ -181,6 +181,11 @@ def _config(K: int, ncol: int, narrow: bool = False) -> tuple[int, int, int, int
     """
     BK = max(16, next_pow2(K))
     BV = 16 if narrow else min(64 if BK <= 64 else 32, max(16, next_pow2(ncol)))
+    forced = os.environ.get("PDELTA_STATE_BV")  # tuning switch for GPU A/B runs (16, 32 or 64 columns)
+    if forced is not None and not narrow:
+        if forced not in ("16", "32", "64"):
+            raise ValueError(f"PDELTA_STATE_BV must be one of 16, 32, 64, got {forced!r}")
+        BV = int(forced)
     return BK, BV, 4 if BK <= 64 else 8, 2 if BK <= 64 else 1
 
 

@@ -377,6 +377,14 @@ def test_sub_len_switch(monkeypatch):
     assert sp.default_sub_len([7, 3], 2, 16, torch.device(DEVICE)) == 2
     monkeypatch.setenv("PDELTA_SUB_LEN", "0")
     assert sp.default_sub_len([7, 3], 2, 16, torch.device(DEVICE)) == 7
+    monkeypatch.setenv("PDELTA_STATE_BV", "16")  # the pass's V tile: a tuning switch, checked the same way
+    inp = make_inputs(T=200, H=1, HV=1, K=16, V=40, variant="pgdn", dtype=torch.float32, device=DEVICE)
+    assert_triton_matches_float64(inp)
+    assert sp._config(16, 40)[1] == 16
+    monkeypatch.setenv("PDELTA_STATE_BV", "24")
+    with pytest.raises(ValueError, match="PDELTA_STATE_BV must be one of 16, 32, 64"):
+        sp._config(16, 40)
+    monkeypatch.delenv("PDELTA_STATE_BV")
     monkeypatch.setenv("PDELTA_SUB_LEN", "auto")
     with pytest.raises(ValueError, match="PDELTA_SUB_LEN='auto'"):
         sp.default_sub_len([7, 3], 2, 16, torch.device(DEVICE))
