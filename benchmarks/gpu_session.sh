@@ -368,25 +368,29 @@ sweep)  # one GPU, session m: GPU tests at the default (two processes) and under
   # then one process per T sweeping $SWEEP (warps_sweep.py --settings: miscompile check, then fwd+bwd against the
   # default in the same process), fla ($FLA_OPS) and profiles ($PROFILE) while the budget lasts
   export CUDA_VISIBLE_DEVICES=0
-  timeout ${TESTLIMIT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s -k "k256 or varlen" \
-      > "$OUT/gpu_tests.log" 2>&1 &
-  timeout ${TESTLIMIT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s -k "not k256 and not varlen" \
-      > "$OUT/gpu_tests_rest.log" 2>&1 &
+  if [ -z "${SKIP_DEFAULT_TESTS:-}" ]; then
+    timeout ${TESTLIMIT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s -k "k256 or varlen" \
+        > "$OUT/gpu_tests.log" 2>&1 &
+    timeout ${TESTLIMIT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s \
+        -k "not k256 and not varlen" > "$OUT/gpu_tests_rest.log" 2>&1 &
+  fi
   n=0
   for setting in ${SETTINGS_TESTS:-}; do
     n=$((n + 1))
-    env $setting timeout ${TESTLIMIT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s \
-        -k "${TESTS_AB:-pgdn_16k or weak_decay}" > "$OUT/gpu_tests_ab$n.log" 2>&1 &
+    env ${setting//,/ } timeout ${TESTLIMIT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s \
+        -k "${TESTS_AB:-pgdn_16k or weak_decay}" > "$OUT/gpu_tests_ab$n.log" 2>&1 &  # VAR=1,VAR2=2: several
   done
   wait; echo "gpu tests done at ${SECONDS}s"; tail -qn1 "$OUT"/gpu_tests*.log
-  for T in ${TS:-32768 131072}; do
+  for TH in ${TS:-32768 131072}; do  # T, or T:H for another head count
+    T=${TH%%:*}; H=16; [ "$TH" != "$T" ] && H=${TH##*:}
     left=$(( ${BUDGET:-570} - SECONDS )); [ "$left" -lt 40 ] && break
-    timeout $left python3 benchmarks/warps_sweep.py --variants ${OPS:-pgdn} --T $T --tolerance 2e-2 --rep-ms ${REP_MS:-400} \
-        --settings $SWEEP --out "$OUT/sweep_$T.json" > "$OUT/sweep_$T.log" 2>&1; echo "sweep $T rc=$? at ${SECONDS}s"
+    timeout $left python3 benchmarks/warps_sweep.py --variants ${OPS:-pgdn} --T $T --H $H --tolerance 2e-2 \
+        --rep-ms ${REP_MS:-400} --settings $SWEEP --out "$OUT/sweep_${T}_h$H.json" > "$OUT/sweep_${T}_h$H.log" 2>&1
+    echo "sweep $T H=$H rc=$? at ${SECONDS}s"
   done
   left=$(( ${BUDGET:-570} - SECONDS ))
-  [ "$left" -gt 30 ] && timeout $left python3 benchmarks/bench_kernels.py --T ${TS:-32768 131072} --warmup 5 --rep 20 \
-      --ops ${FLA_OPS:-fla-gdn} pgdn --out "$OUT/kernels_fla.json" > "$OUT/kernels_fla.log" 2>&1
+  [ "$left" -gt 30 ] && [ -n "${FLA_OPS:-}" ] && timeout $left python3 benchmarks/bench_kernels.py --T ${FLA_TS:-32768} \
+      --warmup 5 --rep 20 --ops $FLA_OPS --out "$OUT/kernels_fla.json" > "$OUT/kernels_fla.log" 2>&1
   echo "fla rc=$? at ${SECONDS}s"
   for v in ${PROFILE:-}; do
     left=$(( ${BUDGET:-570} - SECONDS )); [ "$left" -lt 40 ] && break

@@ -57,6 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", nargs="+", default=["pgdn", "pkda"], choices=sorted(KERNELS))
     ap.add_argument("--T", type=int, default=32768)
+    ap.add_argument("--H", type=int, default=16, help="heads of the timed op (B = 1, K = V = 128, bf16)")
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--kernels", nargs="*", default=None, help="only these kernel families")
     ap.add_argument("--settings", nargs="*", default=None, help="VAR=VALUE[,VAR=VALUE] entries instead of warps")
@@ -73,17 +74,17 @@ def main() -> None:
     for variant in args.variants:
         check_x = make(1, 4096, 4, 128, 128, dtype=torch.float32, seed=1)
         check_do = torch.randn(1, 4096, 4, 128, device="cuda")
-        time_x = make(1, args.T, 16, 128, 128)
-        time_do = torch.randn(1, args.T, 16, 128, device="cuda", dtype=torch.bfloat16)
+        time_x = make(1, args.T, args.H, 128, 128)
+        time_do = torch.randn(1, args.T, args.H, 128, device="cuda", dtype=torch.bfloat16)
         reference = outputs_and_grads(variant, check_x, check_do)
         base = time_op(variant, time_x, time_do, args.rep_ms)
-        emit({"variant": variant, "kernel": "default", "T": args.T, "fwd_bwd_ms": base})
+        emit({"variant": variant, "kernel": "default", "T": args.T, "H": args.H, "fwd_bwd_ms": base})
         trials = [dict(kv.split("=", 1) for kv in entry.split(",")) for entry in args.settings or []]
         if args.settings is None:
             trials = [{f"PDELTA_WARPS_{kernel.upper()}": str(warps)} for kernel in KERNELS[variant]
                       if not args.kernels or kernel in args.kernels for warps in args.warps]
         for env in trials:
-            row = {"variant": variant, "settings": env, "T": args.T}
+            row = {"variant": variant, "settings": env, "T": args.T, "H": args.H}
             os.environ.update(env)
             try:
                 got = outputs_and_grads(variant, check_x, check_do)

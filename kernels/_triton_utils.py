@@ -114,13 +114,6 @@ def dot_precision() -> str:
     return "ieee" if INTERPRET else "tf32"
 
 
-def ws_bf16() -> bool:
-    """PDELTA_BF16_WS=1: the products W·S (outputs, state pass, their backward remakes of Δ = U − W S) take
-    bfloat16 operands with float32 accumulation instead of TF32 — the cheapest rounding site by
-    benchmarks/precision_sites.py (PDN o 1.69e-3 against a bf16 output floor of 1.66e-3). Read at every launch."""
-    return os.environ.get("PDELTA_BF16_WS", "0") == "1"
-
-
 def exact_in_bf16(*tensors: torch.Tensor) -> bool:
     """True when every operand is stored in bfloat16: their product is then exact with bfloat16 operands (float32
     accumulation), as it is at TF32 — bfloat16 only costs less (and fewer registers)."""

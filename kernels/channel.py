@@ -176,7 +176,7 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
 @triton.jit
 def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
                        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       PRECISION: tl.constexpr, STREAM: tl.constexpr = 0, WS_BF16: tl.constexpr = False):
+                       PRECISION: tl.constexpr, STREAM: tl.constexpr = 0):
     """One program per chunk and value head: the per-channel-decay Gram A once, then every V block."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
@@ -193,7 +193,7 @@ def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
         mv = cols < V
         s = state_tile(S, srow, V, rk, cols, mk, mv)
         u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        delta = u - mm(_rows(W, vrow, rc, rk, mk, K), s, WS_BF16, PRECISION)
+        delta = u - tl.dot(_rows(W, vrow, rc, rk, mk, K), s, input_precision=PRECISION)
         qd = _rows(Q, krow, rc, rk, mk, K) * tl.exp(_rows(GAM, vrow, rc, rk, mk, K))
         o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
         _store_value_tile(O, orow, ostride, on, rc, cols, mv, o)
@@ -233,7 +233,7 @@ def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, STARTS, 
 def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G, STARTS, LENS,
                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           PRECISION: tl.constexpr, SCRATCH: tl.constexpr = False,
-                          STREAM: tl.constexpr = 0, WS_BF16: tl.constexpr = False, DOS_BF16: tl.constexpr = False):
+                          STREAM: tl.constexpr = 0, DOS_BF16: tl.constexpr = False):
     """As output.py's `_out_bwd_qp_kernel` (SCRATCH: dA as dAᵀ's transpose through scratch memory)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
@@ -255,12 +255,12 @@ def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G, S
         u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
         do = _value_tile(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
         do_t = _value_tile_t(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
-        delta = u - mm(_rows(W, vrow, rc, rk, mk, K), s, WS_BF16, PRECISION)
+        delta = u - tl.dot(_rows(W, vrow, rc, rk, mk, K), s, input_precision=PRECISION)
         d_q += mm(do, s_t, DOS_BF16, PRECISION)
         dA_t += tl.dot(delta, do_t, input_precision=PRECISION)
         if not SCRATCH:
             u_t = tl.load(U + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
-            delta_t = u_t - mm(s_t, _rows_t(W, vrow, rc, rk, mk, K), WS_BF16, PRECISION)
+            delta_t = u_t - tl.dot(s_t, _rows_t(W, vrow, rc, rk, mk, K), input_precision=PRECISION)
             dA += tl.dot(do, delta_t, input_precision=PRECISION)
     if SCRATCH:
         dA = transpose_via(SCR, vrow, dA_t, rc, C)

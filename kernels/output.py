@@ -81,8 +81,10 @@ def state_tile_t(S, srow, V: tl.constexpr, rk, cols, mk, mv):
 
 @triton.jit
 def mm(a, b, BF16: tl.constexpr, PRECISION: tl.constexpr):
-    """a·b with float32 accumulation: bfloat16 operands when BF16 (exact where both already hold bfloat16 values,
-    e.g. dO and S for 16-bit inputs; else one rounding of each operand), else at PRECISION."""
+    """a·b with float32 accumulation; BF16 (host: _triton_utils.exact_in_bf16): both operands hold bfloat16 values
+    (dO and S for 16-bit inputs), so bfloat16 operands give the exact product, as TF32 does, for less. (Rounding
+    float32 operands to bfloat16 this way — PDELTA_BF16_WS, session m, W·S — hit an illegal memory access on an
+    H100 with Triton 3.6, like session h's all-bf16 build: not used for inexact products.)"""
     if BF16:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     return tl.dot(a, b, input_precision=PRECISION)
@@ -91,7 +93,7 @@ def mm(a, b, BF16: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
                     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    PRECISION: tl.constexpr, STREAM: tl.constexpr = 0, WS_BF16: tl.constexpr = False):
+                    PRECISION: tl.constexpr, STREAM: tl.constexpr = 0):
     """One program per chunk and value head: A once, then every V block (A is the costly part)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
@@ -114,7 +116,7 @@ def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
         s = state_tile(S, srow, V, rk, cols, mk, mv)
         w = tl.load(W + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
         u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-        delta = u - mm(w, s, WS_BF16, PRECISION)
+        delta = u - tl.dot(w, s, input_precision=PRECISION)
         qd = tl.load(Q + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0) * tl.exp(gam)[:, None]
         o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
         _store_value_tile(O, orow, ostride, on, rc, cols, mv, o)
@@ -170,7 +172,7 @@ def transpose_via(SCR, row0, x, rc, C: tl.constexpr):
 def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G, STARTS, LENS,
                        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        PRECISION: tl.constexpr, SCRATCH: tl.constexpr = False,
-                       STREAM: tl.constexpr = 0, WS_BF16: tl.constexpr = False, DOS_BF16: tl.constexpr = False):
+                       STREAM: tl.constexpr = 0, DOS_BF16: tl.constexpr = False):
     """dQ̂, dP and dΓ: accumulates dO Sᵀ and dAᵀ = Δ dOᵀ over V blocks, and dA = dO Δᵀ too — or, with SCRATCH,
     dA and Aᵀ as transposes through scratch memory (two fewer products per V block, one fewer per chunk)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -196,13 +198,13 @@ def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G, STAR
         u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
         do = _value_tile(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
         do_t = _value_tile_t(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
-        delta = u - mm(w, s, WS_BF16, PRECISION)  # [C, BV]
+        delta = u - tl.dot(w, s, input_precision=PRECISION)  # [C, BV]
         d_q += mm(do, s_t, DOS_BF16, PRECISION)
         dA_t += tl.dot(delta, do_t, input_precision=PRECISION)
         if not SCRATCH:
             u_t = tl.load(U + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
             w_t = tl.load(W + (vrow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
-            delta_t = u_t - mm(s_t, w_t, WS_BF16, PRECISION)  # [BV, C]
+            delta_t = u_t - tl.dot(s_t, w_t, input_precision=PRECISION)  # [BV, C]
             dA += tl.dot(do, delta_t, input_precision=PRECISION)
     if SCRATCH:
         dA = transpose_via(SCR, vrow, dA_t, rc, C)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._triton_utils import chunk_tile_config, dot_precision, exact_in_bf16, launch_config, launch_or_fallback, ws_bf16
+from ._triton_utils import chunk_tile_config, dot_precision, exact_in_bf16, launch_config, launch_or_fallback
 
 C = 64
 
@@ -427,7 +427,7 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             starts, lens = kernel_rows(rows, gamma)
             ctx.fallback = Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: fwd_kernel[(Nc, HV)](
                 q_hat, p, gamma, W, U, S, O, H, HV, HV // H, starts, lens, K=K, V=V, C=C, BK=BK, BV=BV,
-                PRECISION=dot_precision(), STREAM=stream_mode(rows), WS_BF16=ws_bf16(),
+                PRECISION=dot_precision(), STREAM=stream_mode(rows),
                 **launch_config(f"{name}_fwd", warps, stages)))
             if ctx.fallback:
                 O = torch_form(q_hat, p, gamma, W, U, S.float())
@@ -457,7 +457,7 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
                         **launch_config(f"{name}_bwd_state", warps, stages), **common)) \
                     and launch_or_fallback(f"{name}_bwd_qp", lambda: bwd_qp_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, scratch if scratch is not None else dq, H, HV,
-                        HV // H, starts, lens, SCRATCH=scratch is not None, WS_BF16=ws_bf16(),
+                        HV // H, starts, lens, SCRATCH=scratch is not None,
                         DOS_BF16=exact_in_bf16(dO, S),
                         **launch_config(f"{name}_bwd_qp", warps, stages),
                         **common)):

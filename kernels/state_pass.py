@@ -26,24 +26,21 @@ import triton.language as tl
 from torch import Tensor
 
 from ..indices import index_tensor, put_rows, take_rows
-from ._triton_utils import INTERPRET, launch_config, launch_or_fallback, next_pow2, num_sms, warn_fallback, ws_bf16
-from .output import mm
+from ._triton_utils import INTERPRET, launch_config, launch_or_fallback, next_pow2, num_sms, warn_fallback
 from .stages import GradHandoff, Recompute, add_left, arm, load_wy, save_states, save_wy, take_one, torch_form_grads
 
 
 @triton.jit
-def _chunk_step(S, w, u, p_t, d, PRECISION: tl.constexpr, WS_BF16: tl.constexpr):
-    """S_{c+1} = d ⊙ S_c + P̃ᵀ (U − W S_c) for one [BK, BV] column block of the state (S carried in float32;
-    WS_BF16: W S_c from bfloat16 operands, see _triton_utils.ws_bf16)."""
-    delta = u - mm(w, S, WS_BF16, PRECISION)
+def _chunk_step(S, w, u, p_t, d, PRECISION: tl.constexpr):
+    """S_{c+1} = d ⊙ S_c + P̃ᵀ (U − W S_c) for one [BK, BV] column block of the state."""
+    delta = u - tl.dot(w, S, input_precision=PRECISION)
     return d[:, None] * S + tl.dot(p_t, delta, input_precision=PRECISION)
 
 
 @triton.jit
 def _state_fwd_kernel(W, U, P, D, S0, FIRST, LENGTH, STARTS, FINAL, HV,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      SUMMARY: tl.constexpr, STORE_STARTS: tl.constexpr, PRECISION: tl.constexpr,
-                      WS_BF16: tl.constexpr = False):
+                      SUMMARY: tl.constexpr, STORE_STARTS: tl.constexpr, PRECISION: tl.constexpr):
     i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first = tl.load(FIRST + i_s).to(tl.int64)
     n = tl.load(LENGTH + i_s)
@@ -73,7 +70,7 @@ def _state_fwd_kernel(W, U, P, D, S0, FIRST, LENGTH, STARTS, FINAL, HV,
         u = tl.load(U + (base * C + rc[:, None]) * V + ucol[None, :], mask=umask[None, :], other=0.0)
         p_t = tl.load(P + (base * C + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
         d = tl.load(D + base * K + rk, mask=mk, other=0.0)
-        S = _chunk_step(S, w, u, p_t, d, PRECISION, WS_BF16)
+        S = _chunk_step(S, w, u, p_t, d, PRECISION)
     tl.store(FINAL + ((i_s * HV + i_h) * K + rk[:, None]) * NCOL + cols[None, :], S, mask=smask)
 
 
@@ -81,8 +78,7 @@ def _state_fwd_kernel(W, U, P, D, S0, FIRST, LENGTH, STARTS, FINAL, HV,
 def _state_bwd_kernel(W, U, P, D, STARTS, G, TERMINAL, FIRST, LENGTH,
                       DW, DU, DP, DD, DS0, LAM, HV, NCH,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      STORE_GRADS: tl.constexpr, STORE_LAM: tl.constexpr, PRECISION: tl.constexpr,
-                      WS_BF16: tl.constexpr = False):
+                      STORE_GRADS: tl.constexpr, STORE_LAM: tl.constexpr, PRECISION: tl.constexpr):
     """DW, DP [NV, Nc, HV, C, K] and DD [NV, Nc, HV, K] receive per-V-block partial sums (slot i_v).
     STORE_LAM (with STORE_GRADS off): LAM [Nc, HV, K, V] receives Λ_{c+1}, the adjoint leaving every chunk, for
     :func:`_state_grads_kernel` — the sequential loop then does only what the recurrence needs."""
@@ -111,7 +107,7 @@ def _state_bwd_kernel(W, U, P, D, STARTS, G, TERMINAL, FIRST, LENGTH,
                         other=0.0).to(tl.float32)
             s_t = tl.load(STARTS + (base * K + rk[None, :]) * V + cols[:, None], mask=tmask, other=0.0).to(tl.float32)
             u = tl.load(U + (base * C + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
-            delta = u - mm(w, s, WS_BF16, PRECISION)  # [C, BV], as the forward made it
+            delta = u - tl.dot(w, s, input_precision=PRECISION)  # [C, BV]
             d_p = tl.dot(delta, X, input_precision=PRECISION)  # [C, BK]
             d_w_t = -tl.dot(s, d_delta_t, input_precision=PRECISION)  # [BK, C]
             tl.store(DP + slot * C * K + (base * C + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
@@ -125,7 +121,7 @@ def _state_bwd_kernel(W, U, P, D, STARTS, G, TERMINAL, FIRST, LENGTH,
 @triton.jit
 def _state_grads_kernel(W, U, P, STARTS, LAM, DW, DU, DP, DD, HV,
                         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, WS_BF16: tl.constexpr = False):
+                        ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr):
     """Per (chunk, value head), all of V in a loop of BV-wide tiles, from S_c (STARTS) and Λ_{c+1} (LAM):
     dU = P̃ Λ, dW = −dU Sᵀ, dP̃ = (U − W S) Λᵀ, dd = Σ_v S ⊙ Λ — complete sums, no per-V-block copies.
     ACCUMULATE: dW and dU are added to what DW and DU hold (the output stage's, see stages.GradHandoff)."""
@@ -155,7 +151,7 @@ def _state_grads_kernel(W, U, P, STARTS, LAM, DW, DU, DP, DD, HV,
             tl.store(du_at, d_u + tl.load(du_at, mask=mv[None, :], other=0.0), mask=mv[None, :])
         else:
             tl.store(du_at, d_u, mask=mv[None, :])
-        delta = u - mm(w, s, WS_BF16, PRECISION)  # [C, BV], as the forward made it
+        delta = u - tl.dot(w, s, input_precision=PRECISION)  # [C, BV]
         d_p += tl.dot(delta, tl.load(LAM + vk, mask=m_vk, other=0.0), input_precision=PRECISION)
         d_w -= tl.dot(d_u, tl.load(STARTS + vk, mask=m_vk, other=0.0).to(tl.float32), input_precision=PRECISION)
         d_d += tl.sum(s * lam, axis=1)
@@ -256,7 +252,6 @@ def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=Tru
     _state_fwd_kernel[grid](W, U, P, D, W if S0 is None else S0, _segments_tensor(first, W.device),
                             _segments_tensor(length, W.device), starts, final, HV, K=K, V=V, C=C, BK=BK, BV=BV,
                             SUMMARY=summary, STORE_STARTS=store_starts, PRECISION=_precision(summary),
-                            WS_BF16=ws_bf16() and not summary,
                             **launch_config("state_fwd", forward_warps(K, warps), stages))
     return starts, final
 
@@ -286,14 +281,14 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
     _state_bwd_kernel[(NV, HV, nseg)](W, U, P, D, starts, G, terminal, _segments_tensor(first, W.device),
                                        _segments_tensor(length, W.device), dW, dU, dP, dD, dS0, lam, HV, Nc * HV,
                                        K=K, V=V, C=C, BK=BK, BV=BV, STORE_GRADS=store_grads and not split,
-                                       STORE_LAM=split, PRECISION=_precision(False), WS_BF16=ws_bf16(),
+                                       STORE_LAM=split, PRECISION=_precision(False),
                                        **launch_config("state_bwd", warps, stages))
     if split:
         dW, dU = add_to if add_to is not None else (W.new_empty((Nc, HV, C, K)), W.new_empty((Nc, HV, C, V)))
         dP, dD = W.new_empty((Nc, HV, C, K)), W.new_empty((Nc, HV, K))
         if not launch_or_fallback("state_grads", lambda: _state_grads_kernel[(Nc, HV)](
                 W, U, P, starts, lam, dW, dU, dP, dD, HV, K=K, V=V, C=C, BK=BK, BV=BV,
-                ACCUMULATE=add_to is not None, PRECISION=_precision(False), WS_BF16=ws_bf16(),
+                ACCUMULATE=add_to is not None, PRECISION=_precision(False),
                 **launch_config("state_grads", warps, stages))):
             # Λ may already be in G's storage: no retry from G, but the grads follow from Λ and S directly
             _state_grads_torch(W, U, P, starts, lam, dW, dU, dP, dD, accumulate=add_to is not None)
