@@ -366,6 +366,25 @@ def test_sub_len_switch(monkeypatch):
     monkeypatch.setenv("PDELTA_SUB_LEN", "auto")
     with pytest.raises(ValueError, match="PDELTA_SUB_LEN='auto'"):
         sp.default_sub_len([7, 3], 2, 16, torch.device(DEVICE))
+    monkeypatch.delenv("PDELTA_SUB_LEN")
+
+
+def test_sub_segment_policy_and_pass_stages(monkeypatch):
+    """The GPU policy (the interpreter always cuts): one pass per segment when that gives programs for a quarter
+    of the SMs (B = 1, H = 16, V = 128 on 132 SMs: 64 programs), sub-segments for ~4 waves below (H = 4) and
+    always where summaries are needed anyway (CP); 2 pipeline stages for the sequential passes up to K = 128."""
+    import pdelta_cp.kernels.state_pass as sp
+
+    monkeypatch.delenv("PDELTA_SUB_LEN", raising=False)
+    monkeypatch.setattr(sp, "INTERPRET", False)
+    monkeypatch.setattr(sp, "num_sms", lambda device: 132)
+    dev = torch.device("cpu")
+    assert sp.default_sub_len([512], 16, 128, dev) == 512
+    assert sp.default_sub_len([64] * 8, 4, 128, dev) == 64  # 8 sequences: 128 programs
+    assert sp.default_sub_len([512], 4, 128, dev) == 16  # 16 programs: 33 sub-segments
+    assert sp.default_sub_len([512], 16, 128, dev, summaries_needed=True) == 64
+    assert sp._config(128, 128, pass_stages=True)[3] == 2 and sp._config(128, 256)[3] == 1
+    assert sp._config(256, 256, pass_stages=True)[3] == 1 and sp._config(64, 64)[3] == 2
 
 
 def test_wy_forward_choice(monkeypatch):

@@ -295,7 +295,8 @@ class _DeltaStage:
 
         plan = self.plan
         W = self.chunks.W
-        sub_len = default_sub_len(plan.seg_num_chunks, W.shape[1], self.chunks.U.shape[-1], W.device)
+        sub_len = default_sub_len(plan.seg_num_chunks, W.shape[1], self.chunks.U.shape[-1], W.device,
+                                  summaries_needed=True)
         out = cp_state_pass(*self._kernel_chunks(), init_all, layout, group, plan.seg_first_chunk,
                             plan.seg_num_chunks, sub_len, after, self.recompute, handoff=self.handoff,
                             input_dtype=self.out_dtype)
