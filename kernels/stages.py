@@ -128,6 +128,16 @@ class _RemadeOnce:
         return out
 
 
+def adjoint_dtype(S: torch.Tensor) -> torch.dtype:
+    """Storage of the chunk-state-sized gradients — dS from the output stage and the adjoints Λ the reverse pass
+    keeps for the chunk-gradient kernel (written over dS): float32, or bfloat16 with PDELTA_ADJOINTS_BF16=1 where
+    the states S themselves are bfloat16 (as fla keeps dh in the inputs' dtype). The reverse pass carries Λ in
+    float32; only the stored copies are rounded. Opt-in (session m, CPU-tested): halves the largest float32
+    tensor of the backward (1 KB per token and head at K = V = 128) and its traffic; not yet timed on a GPU."""
+    on = os.environ.get("PDELTA_ADJOINTS_BF16", "0") == "1"
+    return torch.bfloat16 if on and S.dtype == torch.bfloat16 else torch.float32
+
+
 class GradHandoff:
     """Gradients passed between the stages of one layer instead of being summed by autograd.
 
@@ -444,8 +454,9 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             BK, BV, warps, stages = chunk_tile_config(K, V)
             dO = dO.contiguous()
             dq, dp, dW = torch.empty_like(W), torch.empty_like(W), torch.empty_like(W)
-            # dS in float32 whatever S's storage; it reaches the state pass through the handoff's "states" slot
-            dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S, dtype=torch.float32)
+            # dS in float32 whatever S's storage (or bfloat16, see adjoint_dtype); it reaches the state pass
+            # through the handoff's "states" slot (autograd would cast it to S's dtype)
+            dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S, dtype=adjoint_dtype(S))
             rows = rows_loaded(row_tables, ctx.rows_meta)
             starts, lens = kernel_rows(rows, gamma)
             common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), STREAM=stream_mode(rows))

@@ -98,7 +98,7 @@ def _state_bwd_kernel(W, U, P, D, STARTS, G, TERMINAL, FIRST, LENGTH,
         w = tl.load(W + (base * C + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
         p_t = tl.load(P + (base * C + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
         d = tl.load(D + base * K + rk, mask=mk, other=0.0)
-        g_t = tl.load(G + (base * K + rk[None, :]) * V + cols[:, None], mask=tmask, other=0.0)
+        g_t = tl.load(G + (base * K + rk[None, :]) * V + cols[:, None], mask=tmask, other=0.0).to(tl.float32)
         d_delta_t = tl.dot(X, p_t, input_precision=PRECISION)  # [BV, C] = (P̃ Λ)ᵀ
         if STORE_LAM:
             tl.store(LAM + (base * K + rk[None, :]) * V + cols[:, None], X, mask=tmask)
@@ -143,7 +143,7 @@ def _state_grads_kernel(W, U, P, STARTS, LAM, DW, DU, DP, DD, HV,
         m_kv = mk[:, None] & mv[None, :]
         m_vk = mv[:, None] & mk[None, :]
         s = tl.load(STARTS + kv, mask=m_kv, other=0.0).to(tl.float32)  # float32 or bfloat16 storage
-        lam = tl.load(LAM + kv, mask=m_kv, other=0.0)
+        lam = tl.load(LAM + kv, mask=m_kv, other=0.0).to(tl.float32)  # float32 or bfloat16 storage
         u = tl.load(U + (base * C + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
         d_u = tl.dot(p, lam, input_precision=PRECISION)  # [C, BV]
         du_at = DU + (base * C + rc[:, None]) * V + cols[None, :]
@@ -152,7 +152,7 @@ def _state_grads_kernel(W, U, P, STARTS, LAM, DW, DU, DP, DD, HV,
         else:
             tl.store(du_at, d_u, mask=mv[None, :])
         delta = u - tl.dot(w, s, input_precision=PRECISION)  # [C, BV]
-        d_p += tl.dot(delta, tl.load(LAM + vk, mask=m_vk, other=0.0), input_precision=PRECISION)
+        d_p += tl.dot(delta, tl.load(LAM + vk, mask=m_vk, other=0.0).to(tl.float32), input_precision=PRECISION)
         d_w -= tl.dot(d_u, tl.load(STARTS + vk, mask=m_vk, other=0.0).to(tl.float32), input_precision=PRECISION)
         d_d += tl.sum(s * lam, axis=1)
     dw_at = DW + (base * C + rc[:, None]) * K + rk[None, :]
@@ -278,8 +278,9 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
         dD, dU = W.new_empty((NV, Nc, HV, K)), W.new_empty((Nc, HV, C, V))
     else:
         dW = dP = dD = dU = W.new_empty(1)
-    in_place = split and reuse_g and G.dtype == torch.float32 and G.is_contiguous()
-    lam = (G if in_place else W.new_empty((Nc, HV, K, V))) if split else W.new_empty(1)
+    # Λ is stored in G's dtype: float32, or bfloat16 when the output stage left dS so (stages.adjoint_dtype)
+    in_place = split and reuse_g and G.is_contiguous()
+    lam = (G if in_place else W.new_empty((Nc, HV, K, V), dtype=G.dtype)) if split else W.new_empty(1)
     dS0 = W.new_empty((nseg, HV, K, V))
     _state_bwd_kernel[(NV, HV, nseg)](W, U, P, D, starts, G, terminal, _segments_tensor(first, W.device),
                                        _segments_tensor(length, W.device), dW, dU, dP, dD, dS0, lam, HV, Nc * HV,
@@ -310,6 +311,7 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
 def _state_grads_torch(W, U, P, starts, lam, dW, dU, dP, dD, accumulate: bool) -> None:
     """:func:`_state_grads_kernel` in PyTorch (its fallback), writing (or adding) into the same tensors."""
     starts = starts.float()
+    lam = lam.float()
     d_u = P @ lam  # [Nc, HV, C, V]
     d_w = -(d_u @ starts.mT)
     if accumulate:
@@ -412,6 +414,7 @@ class StatePass(torch.autograd.Function):
         grads = _with_narrow_retry(lambda narrow: _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final,
                                                                    narrow, left))
         if grads is None:  # recompute the pass in PyTorch and differentiate that
+            g_starts = None if g_starts is None else g_starts.float()  # (bfloat16 when stages.adjoint_dtype says so)
             grads = add_left(torch_form_grads(lambda *t: state_pass_torch(*t, *ctx.segments),
                                               (W, U, P, D, S_enter), (g_starts, g_final)), left)
         return (*grads, None, None, None, None, None, None, None)
@@ -426,16 +429,17 @@ def arm_state_pass(handoff: GradHandoff | None) -> None:
 
 def arriving_state_grad(handoff: GradHandoff | None, g_starts: Tensor | None) -> Tensor | None:
     """The gradient of the chunk states: from the handoff's "states" slot when the output stage left it there
-    (float32), else as autograd gave it (None: no gradient)."""
+    (float32, or bfloat16 under PDELTA_ADJOINTS_BF16=1), else as autograd gave it (None: no gradient)."""
     left = take_one(handoff, "states")
     return g_starts if left is None else left
 
 
 def zero_or_float(g: Tensor | None, like: Tensor) -> Tensor:
-    """``g`` as a contiguous float32 tensor, or float32 zeros shaped like ``like`` when there is none."""
+    """``g`` as a contiguous float32 tensor (bfloat16 stays: the kernels widen it as they load, see
+    stages.adjoint_dtype), or float32 zeros shaped like ``like`` when there is none."""
     if g is None:
         return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-    return g.float().contiguous()
+    return (g if g.dtype == torch.bfloat16 else g.float()).contiguous()
 
 
 def _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final, narrow, left):

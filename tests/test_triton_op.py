@@ -337,6 +337,47 @@ def test_chunk_states_stored_in_bf16_keep_every_gradient(variant, strength, monk
         assert saved_full["saved_bytes_per_token"] - saved_half["saved_bytes_per_token"] == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("variant", ["pgdn", "pkda"])
+def test_adjoints_in_bf16_keep_every_gradient(variant, monkeypatch):
+    """PDELTA_ADJOINTS_BF16=1 (with bfloat16 states): dS leaves the output stage in bfloat16 and the reverse pass
+    stores its adjoints Λ so (over dS) — the forward is untouched, every gradient stays within bf16 roundoff of
+    float64 (weak gates: the adjoints live long), the gradients do move off the float32-adjoint ones, and the
+    state pass's PyTorch fallback takes the bfloat16 dS too."""
+    import pdelta_cp.kernels.state_pass as sp
+    from triton.runtime.errors import OutOfResources
+
+    arrived = []
+    real_arriving = sp.arriving_state_grad
+    monkeypatch.setattr(sp, "arriving_state_grad", lambda handoff, g: arrived.append(real_arriving(handoff, g))
+                        or arrived[-1])
+    monkeypatch.setenv("PDELTA_STATES_BF16", "1")
+    inp = make_inputs(T=330, H=2, HV=4, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE,
+                      decay_strength=0.02)
+    ref_inp = {n: t.detach().double().requires_grad_(True) for n, t in inp.items()}
+    ref_out, ref_grads = outputs_and_grads(naive_precond_delta_rule, ref_inp, output_final_state=True)
+    out32, grads32 = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    assert arrived.pop().dtype == torch.float32
+    monkeypatch.setenv("PDELTA_ADJOINTS_BF16", "1")
+    out, grads = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    assert arrived.pop().dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(out, out32))
+    errors = {n: rel_rms(grads[n], ref_grads[n]) for n in grads}
+    assert max(errors.values()) < (3e-3 if DEVICE == "cpu" else 8e-3), errors
+    assert rel_rms(grads["k"], grads32["k"]) > 1e-5 and rel_rms(grads["v"], grads32["v"]) > 1e-5
+
+    def too_big(*args, **kwargs):
+        raise OutOfResources(1, 0, "shared")
+
+    import pdelta_cp.kernels._triton_utils as utils
+
+    utils._warned.clear()  # (each fallback warns once per process)
+    monkeypatch.setattr(sp, "_kernel_backward", too_big)
+    with pytest.warns(RuntimeWarning, match="does not fit"):
+        _, grads_f = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    assert all(rel_rms(grads_f[n], grads[n]) < 3e-3 for n in grads), {n: rel_rms(grads_f[n], grads[n])
+                                                                       for n in grads}
+
+
 def test_sub_len_switch(monkeypatch):
     """PDELTA_SUB_LEN: 0 runs every segment as one sequential pass (no summaries), N cuts N-chunk sub-segments;
     both match float64. A value that is not a whole number is refused by name."""
