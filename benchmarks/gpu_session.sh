@@ -23,6 +23,22 @@ pack_outputs() {
 }
 trap pack_outputs EXIT
 { nvidia-smi --query-gpu=name,memory.total --format=csv; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/gpu.txt" 2>&1
+# One GPU: the kernel GPU tests at the defaults as two background processes (a cold machine spends most of this in
+# compiles, on the CPU; one process took > 180 s for eight cases in session l). The caller waits.
+default_gpu_tests() {
+  timeout $1 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s -k "k256 or varlen" \
+      > "$OUT/gpu_tests.log" 2>&1 &
+  timeout $1 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s -k "not k256 and not varlen" \
+      > "$OUT/gpu_tests_rest.log" 2>&1 &
+}
+# Per-kernel tables at 32K for the op names in $PROFILE (ours or fla's), into logs.tgz, while the budget lasts.
+profiles() {
+  for v in ${PROFILE:-}; do
+    left=$(( ${BUDGET:-570} - SECONDS )); [ "$left" -lt 40 ] && break
+    (cd benchmarks && timeout $left python3 profile_op.py --variant $v --T 32768 --out "$OUT/profile_$v.log" \
+        > /dev/null 2>&1); echo "profile $v rc=$? at ${SECONDS}s"
+  done
+}
 case "$1" in
 cp)  # our CP: GPU tests, strong/weak scaling on N GPUs (up to 1M tokens), then 2 and 1 GPU; K=256 kernel tests
   if python3 -c "import megatron.core" 2>/dev/null; then  # the Megatron bf16 check (2 GPUs)
@@ -330,12 +346,7 @@ ab)  # one GPU, session l: A/B of env settings ($SETTINGS, e.g. "default PDELTA_
   # alternating ($ROUNDS rounds, $TS tokens, $OPS ours); then fla ($FLA_OPS) alone and profiles ($PROFILE: op names),
   # while the budget lasts
   export CUDA_VISIBLE_DEVICES=0
-  # the default-setting tests as two processes side by side: a cold machine spends most of this in compiles (CPU),
-  # and one process took > 180 s for the eight cases (session l)
-  timeout ${TESTLIMIT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s -k "k256 or varlen" \
-      > "$OUT/gpu_tests.log" 2>&1 &
-  timeout ${TESTLIMIT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s -k "not k256 and not varlen" \
-      > "$OUT/gpu_tests_rest.log" 2>&1 &
+  default_gpu_tests ${TESTLIMIT:-300}
   n=0
   for setting in ${SETTINGS:-default}; do
     [ "$setting" = default ] && continue; n=$((n + 1))
@@ -357,23 +368,14 @@ ab)  # one GPU, session l: A/B of env settings ($SETTINGS, e.g. "default PDELTA_
   [ "$left" -gt 30 ] && timeout $left python3 benchmarks/bench_kernels.py --T ${TS:-32768 131072} --warmup 5 --rep 20 \
       --ops ${FLA_OPS:-fla-gdn fla-kda} --out "$OUT/kernels_fla.json" > "$OUT/kernels_fla.log" 2>&1
   echo "fla rc=$? at ${SECONDS}s"
-  for v in ${PROFILE:-}; do  # per-kernel tables at 32K (ours or fla's op names), into logs.tgz
-    left=$(( ${BUDGET:-570} - SECONDS )); [ "$left" -lt 40 ] && break
-    (cd benchmarks && timeout $left python3 profile_op.py --variant $v --T 32768 --out "$OUT/profile_$v.log" \
-        > /dev/null 2>&1); echo "profile $v rc=$? at ${SECONDS}s"
-  done
+  profiles
   unset CUDA_VISIBLE_DEVICES
   ;;
 sweep)  # one GPU, session m: GPU tests at the default (two processes) and under each of $SETTINGS_TESTS beside them;
   # then one process per T sweeping $SWEEP (warps_sweep.py --settings: miscompile check, then fwd+bwd against the
   # default in the same process), fla ($FLA_OPS) and profiles ($PROFILE) while the budget lasts
   export CUDA_VISIBLE_DEVICES=0
-  if [ -z "${SKIP_DEFAULT_TESTS:-}" ]; then
-    timeout ${TESTLIMIT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s -k "k256 or varlen" \
-        > "$OUT/gpu_tests.log" 2>&1 &
-    timeout ${TESTLIMIT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -s \
-        -k "not k256 and not varlen" > "$OUT/gpu_tests_rest.log" 2>&1 &
-  fi
+  [ -z "${SKIP_DEFAULT_TESTS:-}" ] && default_gpu_tests ${TESTLIMIT:-240}
   n=0
   for setting in ${SETTINGS_TESTS:-}; do
     n=$((n + 1))
@@ -392,11 +394,7 @@ sweep)  # one GPU, session m: GPU tests at the default (two processes) and under
   [ "$left" -gt 30 ] && [ -n "${FLA_OPS:-}" ] && timeout $left python3 benchmarks/bench_kernels.py --T ${FLA_TS:-32768} \
       --warmup 5 --rep 20 --ops $FLA_OPS --out "$OUT/kernels_fla.json" > "$OUT/kernels_fla.log" 2>&1
   echo "fla rc=$? at ${SECONDS}s"
-  for v in ${PROFILE:-}; do
-    left=$(( ${BUDGET:-570} - SECONDS )); [ "$left" -lt 40 ] && break
-    (cd benchmarks && timeout $left python3 profile_op.py --variant $v --T 32768 --out "$OUT/profile_$v.log" \
-        > /dev/null 2>&1); echo "profile $v rc=$? at ${SECONDS}s"
-  done
+  profiles
   unset CUDA_VISIBLE_DEVICES
   ;;
 record)  # one GPU: the K = 256 GPU tests ($TESTS), then the record benchmark, ours and fla in one process (carry
