@@ -81,8 +81,11 @@ class _LiveBytes(TorchDispatchMode):
     are hidden by :func:`_uncounted_kernel_launches`, so on CPU this is the GPU allocator's view of the op.
     """
 
-    def __init__(self):
+    def __init__(self, exclude: set[int] = frozenset()):
+        """``exclude``: data pointers of storages not to count (the caller's inputs: views of them made inside
+        the mode are no new memory)."""
         super().__init__()
+        self.exclude = exclude
         self.refs, self.made = collections.Counter(), {}
         self.current = self.peak = 0
         self.at_peak: list[tuple[int, str]] = []
@@ -100,6 +103,8 @@ class _LiveBytes(TorchDispatchMode):
             if not isinstance(t, torch.Tensor) or t.device.type == "meta" or not t.untyped_storage().data_ptr():
                 continue
             ptr = t.untyped_storage().data_ptr()
+            if ptr in self.exclude:
+                continue
             if ptr not in self.made:
                 what = f"{self.phase} {func.overloadpacket.__name__} {tuple(t.shape)} {t.dtype} at {_made_at()}"
                 self.made[ptr] = (t.untyped_storage().nbytes(), what)
@@ -150,15 +155,17 @@ def graph_stats(variant: str, T: int, H: int, K: int, V: int, dtype, backend: st
     inp = make_inputs(B=1, T=T, H=H, K=K, V=V, variant=variant, dtype=dtype, device=device)
     saved: dict[int, int] = {}
 
-    def pack(t):
-        if t.device.type != "meta":
+    inputs = {t.untyped_storage().data_ptr() for t in inp.values() if isinstance(t, torch.Tensor)}
+
+    def pack(t):  # what backward keeps beyond the inputs (an input saved for backward costs nothing more)
+        if t.device.type != "meta" and t.untyped_storage().data_ptr() not in inputs:
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     call(precond_delta_rule, inp, backend=backend)  # warm-up: cached plans and index tensors, as in training
     launches = _uncounted_kernel_launches()
     launches.clear()
-    fwd, bwd, live = _CountOps(), _CountOps(), _LiveBytes()
+    fwd, bwd, live = _CountOps(), _CountOps(), _LiveBytes(exclude=inputs)
     with live:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fwd:
             o = call(precond_delta_rule, inp, backend=backend)[0]
@@ -167,7 +174,7 @@ def graph_stats(variant: str, T: int, H: int, K: int, V: int, dtype, backend: st
         live.phase = "bwd"
         with bwd:
             o.backward(do)
-    input_bytes = sum(t.untyped_storage().nbytes() for t in inp.values())
+    input_bytes = sum(t.untyped_storage().nbytes() for t in inp.values() if isinstance(t, torch.Tensor))
     saved_bytes = sum(saved.values())
     return {"variant": variant, "T": T, "H": H, "K": K, "V": V, "dtype": str(dtype), "backend": backend,
             "fwd_ops": sum(fwd.counts.values()), "bwd_ops": sum(bwd.counts.values()),

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import remade
 from ._triton_utils import next_pow2
 from .stages import arm, take_one
 
@@ -56,14 +57,14 @@ class WeightedSquares(torch.autograd.Function):
         a = k.new_empty(Nc, H, K)
         if Nc * H:
             _ends_fwd_kernel[(Nc * H,)](w, k, a, K=K, C=C, BK=next_pow2(K), num_warps=4 if K <= 64 else 8)
-        ctx.save_for_backward(w, k)
+        remade.save(ctx, w, k, share=True)
         ctx.handoff = handoff
         arm(handoff, "weighted_squares")
         return a
 
     @staticmethod
     def backward(ctx, da: torch.Tensor):
-        w, k = ctx.saved_tensors
+        w, k = remade.load(ctx)[1]
         Nc, H, C, K = k.shape
         left = take_one(ctx.handoff, "weighted_squares")
         dw, dk = torch.empty_like(w), torch.empty_like(k) if left is None else left

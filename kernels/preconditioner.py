@@ -13,6 +13,7 @@ Partial sums over channel tiles (dβ_atk, dG, dc) go to separate slots and are s
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..chunk.preconditioner import write_keys
+from . import remade
 from ._triton_utils import dot_precision, launch_or_fallback, next_pow2
 from .stages import arm, pass_on, plus_left, take_one
 
@@ -99,29 +101,39 @@ def _config(K: int):
     return BK, triton.cdiv(K, BK)
 
 
+def _write_keys(k_hat, g_atk, beta_atk, A_start, centre, *, x: float, eps: float) -> tuple[torch.Tensor, bool]:
+    """(p, whether the PyTorch form made it) — the kernel where it fits the GPU."""
+    Nc, H, _, K = k_hat.shape
+    BK, NKB = _config(K)
+    p = torch.empty_like(k_hat)
+    fallback = Nc > 0 and not launch_or_fallback("write_keys_fwd", lambda: _keys_fwd_kernel[(NKB, Nc, H)](
+        k_hat, g_atk, beta_atk, A_start, centre, p, H, math.log(x), eps, K=K, C=C, BK=BK, PRECISION=dot_precision(),
+        num_warps=4))
+    if fallback:
+        p = write_keys(k_hat, g_atk, beta_atk, A_start, centre, x, eps)
+    return p, fallback
+
+
+def _write_keys_again(*inputs: torch.Tensor, x: float, eps: float) -> torch.Tensor:
+    """p again, for :mod:`remade` (bitwise the forward's)."""
+    return _write_keys(*inputs, x=x, eps=eps)[0]
+
+
 class WriteKeys(torch.autograd.Function):
     """With a ``handoff`` (kernels.stages.GradHandoff) the backward adds the WY stage's dK̂ (slot "write_keys") and
     passes the sum on to the preconditioner's chunk ends (slot "weighted_squares") when that slot is armed."""
 
     @staticmethod
     def forward(ctx, k_hat, g_atk, beta_atk, A_start, centre, x, eps, handoff):
-        Nc, H, _, K = k_hat.shape
-        BK, NKB = _config(K)
-        p = torch.empty_like(k_hat)
-        log_x = math.log(x)
-        ctx.fallback = Nc > 0 and not launch_or_fallback("write_keys_fwd", lambda: _keys_fwd_kernel[(NKB, Nc, H)](
-            k_hat, g_atk, beta_atk, A_start, centre, p, H, log_x, eps, K=K, C=C, BK=BK, PRECISION=dot_precision(),
-            num_warps=4))
-        if ctx.fallback:
-            p = write_keys(k_hat, g_atk, beta_atk, A_start, centre, x, eps)
-        ctx.save_for_backward(k_hat, g_atk, beta_atk, A_start, centre)
+        p, ctx.fallback = _write_keys(k_hat, g_atk, beta_atk, A_start, centre, x=x, eps=eps)
+        remade.save(ctx, k_hat, g_atk, beta_atk, A_start, centre, share=True)
         ctx.x, ctx.eps, ctx.handoff = x, eps, handoff
         arm(handoff, "write_keys")
         return p
 
     @staticmethod
     def backward(ctx, dp):
-        k_hat, g_atk, beta_atk, A_start, centre = ctx.saved_tensors
+        k_hat, g_atk, beta_atk, A_start, centre = remade.load(ctx)[1]
         Nc, H, _, K = k_hat.shape
         BK, NKB = _config(K)
         dp = dp.contiguous()
@@ -147,4 +159,6 @@ def write_keys_triton(k_hat, g_atk, beta_atk, A_start, centre, x: float, eps: fl
     """Same contract as :func:`pdelta_cp.chunk.preconditioner.write_keys` (float32). ``handoff``: see
     :class:`WriteKeys`."""
     args = [t.contiguous().float() for t in (k_hat, g_atk, beta_atk, A_start, centre)]
-    return WriteKeys.apply(*args, float(x), float(eps), handoff)
+    p = WriteKeys.apply(*args, float(x), float(eps), handoff)
+    # the stages keep k̂ (or its own recipe's inputs) and the small tensors for p, not p (see kernels/remade.py)
+    return remade.register(p, functools.partial(_write_keys_again, x=float(x), eps=float(eps)), *args)

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import remade
 from ._triton_utils import chunk_tile_config, dot_precision, exact_in_bf16, launch_config, launch_or_fallback
 
 C = 64
@@ -40,7 +41,7 @@ class Recompute:
     """
 
     def __init__(self, fn: Callable, *inputs: torch.Tensor, states: bool = False):
-        self.inputs = tuple(t.detach() for t in inputs)
+        self.inputs = tuple(remade.detached(t) for t in inputs)
         self.cache = _RemadeOnce(fn)
         self.states = _States(self.cache) if states else None
 
@@ -58,7 +59,7 @@ class _States:
         self.pending: torch.Tensor | None = None  # S_sub, from the state pass's forward to the output stage's
 
     def _remake(self, *inputs):
-        W, U, P_t, d = self.wy_cache(inputs[:-1])
+        W, U, P_t, d = self.wy_cache(lambda: inputs[:-1])
         return (self.remake_starts(W, U, P_t, d, inputs[-1]),)
 
     def give(self, remake_starts: Callable, S_sub: torch.Tensor) -> torch.Tensor:
@@ -88,8 +89,8 @@ def save_states(ctx, recompute: Recompute | None, S: torch.Tensor, remake_starts
         ctx.states = states
         return states.give(remake_starts, S_sub)
     if states is not None:
-        saved, remade = states.take(S)
-        ctx.states = states if remade else None
+        saved, from_sub = states.take(S)
+        ctx.states = states if from_sub else None
         return saved
     ctx.states = None
     return S
@@ -115,11 +116,13 @@ class _RemadeOnce:
         self.readers += 1
         self.unread = self.readers
 
-    def __call__(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def __call__(self, inputs: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        """The outputs; ``inputs()`` gives fn's inputs, called only when they are not cached (they may be remade
+        themselves: see remade.load)."""
         out = self.out
         if out is None:
             with torch.no_grad():
-                out = self.fn(*inputs)
+                out = self.fn(*inputs())
         self.unread -= 1
         if self.unread > 0:
             self.out = out
@@ -220,25 +223,25 @@ def save_wy(ctx, recompute: Recompute | None, wy: tuple, *others) -> None:
     ctx.n_wy = len(wy)
     if recompute is None:
         ctx.wy_cache, ctx.n_first = None, len(wy)
-        ctx.save_for_backward(*wy, *others)
+        remade.save(ctx, *wy, *others)
     else:
         ctx.wy_cache, ctx.n_first = recompute.cache, len(recompute.inputs)
         recompute.cache.register()
-        ctx.save_for_backward(*recompute.inputs, *others)
+        remade.save(ctx, *recompute.inputs, *others)
 
 
 def load_wy(ctx, states_at: int | None = None) -> tuple[tuple, tuple]:
     """(WY tensors, others) as saved by :func:`save_wy`; ``others[states_at]`` is the chunk states S, remade
     (once per backward, for both stages) if :func:`save_states` saved S_sub in its place. One read of
     ``ctx.saved_tensors``: non-reentrant checkpointing refuses a second."""
-    saved = ctx.saved_tensors
-    first, others = saved[:ctx.n_first], saved[ctx.n_first:]
+    first, others = remade.load(ctx, lazy=ctx.n_first)  # the WY stage's inputs: remade only if the cache is cold
     if states_at is not None and ctx.states is not None:
-        remade = ctx.states.cache(tuple(first) + (others[states_at],))[0]
-        others = others[:states_at] + (remade,) + others[states_at + 1:]
+        S_sub = others[states_at]
+        states = ctx.states.cache(lambda: first() + (S_sub,))[0]
+        others = others[:states_at] + (states,) + others[states_at + 1:]
     if ctx.wy_cache is not None:
         return tuple(ctx.wy_cache(first)[:ctx.n_wy]), others
-    return first, others
+    return first(), others
 
 
 def _fold_groups(t: torch.Tensor, H: int) -> torch.Tensor:
@@ -354,7 +357,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
                 T = k_hat.new_empty(0)
             else:
                 W, U, P_t, d, T = out
-            ctx.save_for_backward(k_hat, p, v, beta, gamma, T, *rows_saved(rows))
+            remade.save(ctx, k_hat, p, v, beta, gamma, T, *rows_saved(rows), share=True)  # K̂, P: after the peak
             ctx.mark_non_differentiable(T)
             ctx.set_materialize_grads(False)  # no zero [Nc, HV, C, C] gradient for T (the backward takes None)
             ctx.handoff = handoff
@@ -364,7 +367,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
 
         @staticmethod
         def backward(ctx, dW, dU, dP_t, dd, dT):
-            k_hat, p, v, beta, gamma, T, *row_tables = ctx.saved_tensors
+            k_hat, p, v, beta, gamma, T, *row_tables = remade.load(ctx)[1]
             Nc, H, _, K = k_hat.shape
             HV, V = v.shape[1], v.shape[-1]  # v: [Nc, HV, C, V] or [L, HV, V]
             rows = rows_loaded(row_tables, ctx.rows_meta)

@@ -43,3 +43,20 @@ def test_glue_around_the_kernels_moves_only_per_token_scalars(T):
     autograd_sums = [e for e in sites if re.search(r"add at autograd (WriteKeys|WeightedSquares)Backward", e)]
     assert not autograd_sums, autograd_sums
     assert not [e for e in sites if "_to_copy at autograd StageBackward" in e], sites  # a returned gradient cast
+
+
+def test_no_normalised_or_write_keys_alive_at_the_peak(monkeypatch):
+    """q̂, k̂ and P are remade in backward (kernels/remade.py): none of the float32 [Nc, H, C, K] tensors that the l2
+    norm or the write keys make in forward is alive at the peak; with PDELTA_KEEP_KEYS=1 k̂ and P are (q̂ is read by
+    the output stage alone, whose backward runs before the peak: the l2 norm keeps x, not q̂)."""
+    import graph_stats
+
+    def forward_keys_at_peak():
+        stats = graph_stats.graph_stats("pgdn", T=256, H=2, K=32, V=32, dtype=torch.bfloat16, backend="triton",
+                                        device="cpu")
+        return [e for e in stats["alive_at_peak"]
+                if re.search(r"fwd \S+ \(4, 2, 64, 32\) torch.float32 at kernels/(l2norm|preconditioner).py", e)]
+
+    assert forward_keys_at_peak() == []
+    monkeypatch.setenv("PDELTA_KEEP_KEYS", "1")
+    assert len(forward_keys_at_peak()) == 2

@@ -48,6 +48,27 @@ def test_triton_l2norm_to_chunks_matches_relayout_then_normalize(L, H, K, C, dty
         l2_normalize_to_chunks_triton(x[:L - 1], 0.5, C)
 
 
+def test_triton_l2norm_padded_chunks_keep_x_not_y():
+    """Chunks by row tables (a segment's last chunk short: its other rows zero) both ways, and what backward keeps:
+    x and the inverse norms, never the float32 y (the stages that read y keep it as long as they need it)."""
+    gen = torch.Generator().manual_seed(5)
+    L, H, K, C = 100, 2, 24, 32
+    starts, lens = torch.tensor([0, 32, 64, 70]), torch.tensor([32, 32, 6, 30], dtype=torch.int32)
+    x = torch.randn(L, H, K, generator=gen).to(DEVICE, torch.bfloat16)
+    dy = torch.randn(4, H, C, K, generator=gen).to(DEVICE)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya = l2_normalize_to_chunks_triton(a, 0.5, C, starts.to(DEVICE), lens.to(DEVICE))
+    rows = torch.arange(C)
+    idx = torch.where(rows[None, :] < lens[:, None], starts[:, None] + rows[None, :], L)  # row L: zeros
+    padded = torch.cat([b.float(), b.new_zeros(1, H, K, dtype=torch.float32)])[idx.to(DEVICE)].transpose(1, 2)
+    yb = _L2Normalize.apply(padded, 0.5)
+    assert not any(t.shape == ya.shape for t in ya.grad_fn.saved_tensors), "y kept for backward"
+    assert any(t.data_ptr() == a.data_ptr() for t in ya.grad_fn.saved_tensors), "x not kept"
+    (ya * dy).sum().backward()
+    (yb * dy).sum().backward()
+    assert rel_rms(ya, yb) < 1e-6 and rel_rms(a.grad.float(), b.grad.float()) < 1e-2
+
+
 @pytest.mark.parametrize("K", [16, 100])
 def test_triton_preconditioner_chunk_ends_match_pytorch(K):
     """The preconditioner's per-chunk zero-start end state Σ_c w_c k̂_c² (the summary CP exchanges)."""

@@ -1,0 +1,123 @@
+"""kernels/remade.py: forward tensors that backward remakes from their recipes instead of keeping them."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pdelta_cp.kernels import remade  # noqa: E402
+from pdelta_cp.testing import call, make_inputs  # noqa: E402
+from pdelta_cp.ops import precond_delta_rule  # noqa: E402
+
+
+class _Scale(torch.autograd.Function):
+    """y = t · w; saves t through remade.save (``share`` from the caller), reads it back in backward."""
+
+    @staticmethod
+    def forward(ctx, t, w, share):
+        remade.save(ctx, t, w, share=share)
+        return t * w
+
+    @staticmethod
+    def backward(ctx, dy):
+        t, w = remade.load(ctx)[1]
+        return dy * w, (dy * t).sum(), None
+
+
+def _recipe(calls: list):
+    def double(x):
+        calls.append(1)
+        return x * 2
+
+    return double
+
+
+def test_a_registered_tensor_is_saved_as_its_inputs_and_remade_bitwise():
+    calls = []
+    x = torch.randn(5, requires_grad=True)
+    t = remade.register(x.detach() * 2, _recipe(calls), x.detach())
+    w = torch.tensor(3.0, requires_grad=True)
+    y = _Scale.apply(t, w, False)
+    saved = y.grad_fn.saved_tensors
+    assert not any(s is t or s.data_ptr() == t.data_ptr() for s in saved), "t itself kept"
+    y.sum().backward()
+    assert len(calls) == 1 and torch.equal(w.grad, t.sum())
+
+
+def test_sharing_readers_remake_once_and_drop_the_copy_after_the_last():
+    calls = []
+    x = torch.randn(4)
+    t = remade.register(x * 2, _recipe(calls), x)
+    w1, w2 = torch.tensor(1.5, requires_grad=True), torch.tensor(-2.0, requires_grad=True)
+    loss = _Scale.apply(t, w1, True).sum() + _Scale.apply(t, w2, True).sum()
+    recipe = remade._RECIPES[t][0]
+    loss.backward()
+    assert len(calls) == 1, "sharing readers remade it more than once"
+    assert recipe.copy is None and recipe.unread == recipe.readers == 2
+    assert torch.equal(w1.grad, (x * 2).sum()) and torch.equal(w2.grad, (x * 2).sum())
+
+
+def test_private_readers_remake_for_themselves():
+    calls = []
+    x = torch.randn(4)
+    t = remade.register(x * 2, _recipe(calls), x)
+    w1, w2 = torch.tensor(1.5, requires_grad=True), torch.tensor(-2.0, requires_grad=True)
+    (_Scale.apply(t, w1, False).sum() + _Scale.apply(t, w2, False).sum()).backward()
+    assert len(calls) == 2
+
+
+def test_nested_recipes_save_only_the_innermost_inputs_and_lazy_parts_stay_unmade():
+    calls = []
+    x = torch.randn(6)
+    inner = remade.register(x * 2, _recipe(calls), x)
+    outer = remade.register(inner * 2, _recipe(calls), inner)
+
+    class Lazy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            remade.save(ctx, a, b)
+            return a + b
+
+        @staticmethod
+        def backward(ctx, dy):
+            first, rest = remade.load(ctx, lazy=1)
+            assert len(calls) == 0, "the lazy part was made before it was asked for"
+            assert torch.equal(first()[0], x * 4) and len(calls) == 2  # inner, then outer
+            return dy, dy
+
+    b = torch.randn(6, requires_grad=True)
+    y = Lazy.apply(outer, b)
+    assert [s.data_ptr() for s in y.grad_fn.saved_tensors] == [x.data_ptr(), b.data_ptr()]
+    y.sum().backward()
+
+
+def test_keep_keys_switch_registers_nothing(monkeypatch):
+    monkeypatch.setenv("PDELTA_KEEP_KEYS", "1")
+    t = remade.register(torch.randn(3), _recipe([]), torch.randn(3))
+    assert t not in remade._RECIPES
+
+
+@pytest.mark.parametrize("variant", ["pgdn", "pkda"])
+def test_op_gradients_are_bitwise_those_of_kept_keys(variant, monkeypatch):
+    """The op with q̂, k̂ and P remade in backward gives exactly the gradients it gives keeping them (the remakes
+    run the forward's kernels on the forward's inputs), and keeps fewer bytes from forward to backward."""
+    inp = make_inputs(T=150, H=2, HV=4, K=16, V=24, variant=variant, dtype=torch.float32)
+
+    def run():
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            o, S, A = call(precond_delta_rule, inp, backend="triton", output_final_state=True)
+        loss = (o * o).sum() + S.sum() + A.sum()
+        return torch.autograd.grad(loss, list(inp.values())), sum(saved.values())
+
+    grads, remade_bytes = run()
+    monkeypatch.setenv("PDELTA_KEEP_KEYS", "1")
+    kept_grads, kept_bytes = run()
+    for name, a, b in zip(inp, grads, kept_grads):
+        assert torch.equal(a, b), name
+    Nc = 3  # 150 tokens in chunks of 64
+    assert kept_bytes - remade_bytes >= 3 * Nc * 2 * 64 * 16 * 4, "q̂, k̂ and P [Nc, H, C, K] float32 still kept"
