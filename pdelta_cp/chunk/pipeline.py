@@ -164,16 +164,15 @@ def _stream_layout(plan: ChunkPlan, backend: str) -> bool:
     return backend == "triton" and (plan.dense or os.environ.get("PDELTA_STREAM_PADDED", "1") != "0")
 
 
-def _keys_and_queries(plan: ChunkPlan, inp: StreamInputs, forms: _Forms, stream: bool) -> tuple[Tensor, Tensor]:
-    """q̂, k̂ [Nc, H, C, K] in the compute dtype (normalised in chunk layout: padding rows stay zero)."""
+def _normalised(plan: ChunkPlan, inp: StreamInputs, forms: _Forms, stream: bool, x: Tensor, scale: float) -> Tensor:
+    """q̂ (x = q, scale = q_scale) or k̂ (x = k, scale 1) [Nc, H, C, K] in the compute dtype (normalised in chunk
+    layout: padding rows stay zero)."""
     if stream and inp.qk_l2norm and forms.normalize_to_chunks is not None and inp.dtype == torch.float32:
         # the kernels read the stream layout and write the chunk layout: no relayout copy, no cast, either way
         rows = (plan.chunk_size,) if plan.dense else (plan.chunk_size, plan.chunk_start, plan.chunk_len)
-        return forms.normalize_to_chunks(inp.q, inp.q_scale, *rows), forms.normalize_to_chunks(inp.k, 1.0, *rows)
-    q, k = _heads_first(plan, inp.q, inp.dtype), _heads_first(plan, inp.k, inp.dtype)
-    if inp.qk_l2norm:
-        return forms.normalize(q, inp.q_scale), forms.normalize(k, 1.0)
-    return q * inp.q_scale, k
+        return forms.normalize_to_chunks(x, scale, *rows)
+    x = _heads_first(plan, x, inp.dtype)
+    return forms.normalize(x, scale) if inp.qk_l2norm else x * scale if scale != 1.0 else x
 
 
 def _initial(init: Tensor | None, shape, like: Tensor) -> Callable[[int], Tensor]:
@@ -220,10 +219,11 @@ class _DeltaStage:
 
     torch: the PyTorch chunk form and a chunk-by-chunk loop. triton: Triton WY/UT, state-pass and output
     kernels (scalar decay for PDN/PGDN, per-channel decay for PKDA).
-    Inputs are chunk tensors: q_hat, k_hat, p [Nc,H,C,K]; v [Nc,HV,C,V]; beta [Nc,HV,C]; g None|[Nc,HV,C]|[..,K].
+    Inputs are chunk tensors: k_hat, p [Nc,H,C,K]; v [Nc,HV,C,V]; beta [Nc,HV,C]; g None|[Nc,HV,C]|[..,K]; and
+    ``queries()``, which makes q̂ [Nc,H,C,K] (called where q̂ is first read).
     """
 
-    def __init__(self, plan: ChunkPlan, q_hat, k_hat, p, v, beta, g, backend: str, handoff=None,
+    def __init__(self, plan: ChunkPlan, queries: Callable[[], Tensor], k_hat, p, v, beta, g, backend: str, handoff=None,
                  out_dtype: torch.dtype = torch.float32):
         self.plan, self.backend, self.out_dtype = plan, backend, out_dtype
         HV, H = v.shape[1], k_hat.shape[1]  # v: [Nc, HV, C, V], or [L, HV, V] for the kernels (see _stream_layout)
@@ -263,14 +263,14 @@ class _DeltaStage:
             else:
                 self.recompute = Recompute(functools.partial(wy, rows=self.rows), k_hat, p, v, beta, self.gamma,
                                            states=states)
-            self.q_hat, self.p = q_hat, p
+            self.queries, self.p = queries, p
             decay = d if self.per_channel else d[..., None]
             self.chunks = DeltaChunks(q_decayed=None, qp=None, W=W, U=U, p_tilde=p_tilde, decay=decay)
         else:
             def per_value_head(t: Tensor) -> Tensor:
                 return t.repeat_interleave(HV // H, dim=1) if HV > H else t
 
-            self.chunks = delta_chunks(per_value_head(q_hat), per_value_head(k_hat), per_value_head(p), v, beta, g)
+            self.chunks = delta_chunks(per_value_head(queries()), per_value_head(k_hat), per_value_head(p), v, beta, g)
 
     def maps(self, ids):
         return self.chunks.maps(ids)
@@ -313,7 +313,7 @@ class _DeltaStage:
         else:
             from ..kernels.output import output_scalar_decay as output
         # the kernels write O in the stream layout and dtype themselves (and read dO so)
-        o = output(self.q_hat, self.p, self.gamma, self.chunks.W, self.chunks.U, S_start, self.recompute,
+        o = output(self.queries(), self.p, self.gamma, self.chunks.W, self.chunks.U, S_start, self.recompute,
                    self.handoff, self.rows, self.out_dtype)
         return o if self.rows is not None else _tokens_first(self.plan, o, self.out_dtype)
 
@@ -329,7 +329,11 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
     handoff = _grad_handoff(backend)
     forms = _forms(backend, handoff)
     stream = _stream_layout(plan, backend)
-    q_hat, k_hat = _keys_and_queries(plan, inp, forms, stream)  # [Nc, H, C, K]
+    k_hat = _normalised(plan, inp, forms, stream, inp.k, 1.0)  # [Nc, H, C, K]
+    # q̂ is made where it is first read (the output stage on the kernel path): its normalisation's backward then
+    # runs right after the output stage's (autograd runs the latest-made ready node first), and q̂'s float32
+    # gradient is not alive through the state pass's backward
+    queries = functools.partial(_normalised, plan, inp, forms, stream, inp.q, inp.q_scale)
     g_atk, beta_atk = _heads_first(plan, inp.g_atk, dt), _heads_first(plan, inp.beta_atk, dt)
     pre = preconditioner_chunks(k_hat, g_atk, beta_atk, forms.weighted_squares)
     A_init = _initial(inp.initial_A_state, (H, K), k_hat)
@@ -348,7 +352,7 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
         v = inp.v.contiguous()
     else:  # the kernels keep 16-bit V as it is (no float32 copy)
         v = _heads_first(plan, inp.v, inp.v.dtype if backend == "triton" else dt)
-    stage = _DeltaStage(plan, q_hat, k_hat, p, v, _heads_first(plan, inp.beta, dt), g, backend, handoff, inp.v.dtype)
+    stage = _DeltaStage(plan, queries, k_hat, p, v, _heads_first(plan, inp.beta, dt), g, backend, handoff, inp.v.dtype)
     result = None
     # 3-4 at once under CP with the kernels: kernel summaries, one exchange, adjoint mirror (kernels.cp_state_pass);
     # PDELTA_CP_TREE=1 forces the PyTorch exchange below (autograd through a tree of dense maps), for bisecting
