@@ -55,7 +55,8 @@ def enabled() -> bool:
 
 def register(t: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
     """Stages that :func:`save` ``t`` keep ``inputs`` instead and remake it as ``fn(*inputs)`` (no gradient;
-    ``fn`` must hold no tensor and give bitwise the same values). Inputs may have recipes of their own. Returns t."""
+    ``fn`` must hold no activation — constants, or a cached chunk plan — and give bitwise the same values). Inputs
+    may have recipes of their own. Returns t."""
     if enabled():
         _RECIPES[t] = (_Recipe(fn), inputs)
     return t

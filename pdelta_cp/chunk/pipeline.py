@@ -214,17 +214,24 @@ def _entering_states(
     return torch.stack(states), gathered
 
 
+def _log_decays_again(plan: ChunkPlan, dtype: torch.dtype, g_stream: Tensor) -> Tensor:
+    """Per-channel Γ = cumsum of g within each chunk, from the op's g [L, HV, K], made as the forward makes it (for
+    kernels.remade: backward remakes Γ instead of keeping it; ``plan`` is the cached chunk plan)."""
+    return _heads_first(plan, g_stream, dtype).cumsum(-2)
+
+
 class _DeltaStage:
     """Steps 3-4 for one backend: chunk quantities (with their affine maps for CP) and the state pass + outputs.
 
     torch: the PyTorch chunk form and a chunk-by-chunk loop. triton: Triton WY/UT, state-pass and output
     kernels (scalar decay for PDN/PGDN, per-channel decay for PKDA).
     Inputs are chunk tensors: k_hat, p [Nc,H,C,K]; v [Nc,HV,C,V]; beta [Nc,HV,C]; g None|[Nc,HV,C]|[..,K]; and
-    ``queries()``, which makes q̂ [Nc,H,C,K] (called where q̂ is first read).
+    ``queries()``, which makes q̂ [Nc,H,C,K] (called where q̂ is first read); ``g_stream``: the op's g, from which
+    backward remakes the per-channel Γ (kernels.remade).
     """
 
     def __init__(self, plan: ChunkPlan, queries: Callable[[], Tensor], k_hat, p, v, beta, g, backend: str, handoff=None,
-                 out_dtype: torch.dtype = torch.float32):
+                 out_dtype: torch.dtype = torch.float32, g_stream: Tensor | None = None):
         self.plan, self.backend, self.out_dtype = plan, backend, out_dtype
         HV, H = v.shape[1], k_hat.shape[1]  # v: [Nc, HV, C, V], or [L, HV, V] for the kernels (see _stream_layout)
         if backend == "triton":
@@ -237,6 +244,10 @@ class _DeltaStage:
                 self.gamma = torch.zeros_like(beta)
             else:
                 self.gamma = g.cumsum(-2) if self.per_channel else g.cumsum(-1)
+            if self.per_channel and g_stream is not None:  # Γ [Nc, HV, C, K] float32: remade from the op's g
+                from ..kernels import remade
+
+                remade.register(self.gamma, functools.partial(_log_decays_again, plan, g.dtype), g_stream)
             from ..kernels.stages import Recompute, StreamRows
 
             # the output stage's gradients of W, U and P go to the state pass's and the WY stage's backward, which
@@ -352,7 +363,8 @@ def chunked_precond_delta_rule(inp: StreamInputs, layout: StreamLayout, group, b
         v = inp.v.contiguous()
     else:  # the kernels keep 16-bit V as it is (no float32 copy)
         v = _heads_first(plan, inp.v, inp.v.dtype if backend == "triton" else dt)
-    stage = _DeltaStage(plan, queries, k_hat, p, v, _heads_first(plan, inp.beta, dt), g, backend, handoff, inp.v.dtype)
+    stage = _DeltaStage(plan, queries, k_hat, p, v, _heads_first(plan, inp.beta, dt), g, backend, handoff, inp.v.dtype,
+                        g_stream=inp.g)
     result = None
     # 3-4 at once under CP with the kernels: kernel summaries, one exchange, adjoint mirror (kernels.cp_state_pass);
     # PDELTA_CP_TREE=1 forces the PyTorch exchange below (autograd through a tree of dense maps), for bisecting
