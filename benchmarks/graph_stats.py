@@ -120,11 +120,14 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PACKAGE_DIRS = tuple(os.path.join(_REPO, d) + os.sep for d in ("pdelta_cp", "kernels", "megatron_patches"))
 
 
+_ALLOCATION_HELPERS = {"grad_buffer"}  # named by their caller's line: the helper's own line says nothing
+
+
 def _made_at() -> str:
     """The innermost line of this repository's package code on the stack (``autograd`` when none: the engine)."""
     for frame in reversed(traceback.extract_stack()):
         path = os.path.realpath(frame.filename)
-        if path.startswith(_PACKAGE_DIRS):
+        if path.startswith(_PACKAGE_DIRS) and frame.name not in _ALLOCATION_HELPERS:
             return f"{os.path.relpath(path, _REPO)}:{frame.lineno}"
     return "autograd"
 

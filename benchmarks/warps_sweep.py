@@ -53,6 +53,17 @@ def time_op(variant: str, x: dict, do: torch.Tensor, rep_ms: int = 25) -> float:
     return do_bench(lambda: run_op(variant, x).backward(do), warmup=5, rep=rep_ms)
 
 
+def peak_gib(variant: str, x: dict, do: torch.Tensor) -> float:
+    """GPU memory peak of one fwd+bwd above what was allocated before it (inputs, their grads), in GiB: the memory
+    switches (PDELTA_KEEP_KEYS, PDELTA_REMAKE_WY_BF16, PDELTA_ADJOINTS_BF16) are judged by it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    run_op(variant, x).backward(do)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", nargs="+", default=["pgdn", "pkda"], choices=sorted(KERNELS))
@@ -78,7 +89,8 @@ def main() -> None:
         time_do = torch.randn(1, args.T, args.H, 128, device="cuda", dtype=torch.bfloat16)
         reference = outputs_and_grads(variant, check_x, check_do)
         base = time_op(variant, time_x, time_do, args.rep_ms)
-        emit({"variant": variant, "kernel": "default", "T": args.T, "H": args.H, "fwd_bwd_ms": base})
+        emit({"variant": variant, "kernel": "default", "T": args.T, "H": args.H, "fwd_bwd_ms": base,
+              "peak_gib": peak_gib(variant, time_x, time_do)})
         trials = [dict(kv.split("=", 1) for kv in entry.split(",")) for entry in args.settings or []]
         if args.settings is None:
             trials = [{f"PDELTA_WARPS_{kernel.upper()}": str(warps)} for kernel in KERNELS[variant]
@@ -93,6 +105,7 @@ def main() -> None:
                 if not row["miscompiled"]:
                     row["fwd_bwd_ms"] = time_op(variant, time_x, time_do, args.rep_ms)
                     row["vs_default"] = row["fwd_bwd_ms"] / base
+                    row["peak_gib"] = peak_gib(variant, time_x, time_do)
             except Exception as exc:  # a config that does not compile or fit must not lose the others
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             finally:

@@ -192,7 +192,7 @@ def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
         cols = v0 + tl.arange(0, BV)
         mv = cols < V
         s = state_tile(S, srow, V, rk, cols, mk, mv)
-        u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
         delta = u - tl.dot(_rows(W, vrow, rc, rk, mk, K), s, input_precision=PRECISION)
         qd = _rows(Q, krow, rc, rk, mk, K) * tl.exp(_rows(GAM, vrow, rc, rk, mk, K))
         o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
@@ -252,14 +252,14 @@ def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G, S
         mv = cols < V
         s = state_tile(S, srow, V, rk, cols, mk, mv)
         s_t = state_tile_t(S, srow, V, rk, cols, mk, mv)
-        u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
         do = _value_tile(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
         do_t = _value_tile_t(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
         delta = u - tl.dot(_rows(W, vrow, rc, rk, mk, K), s, input_precision=PRECISION)
         d_q += mm(do, s_t, DOS_BF16, PRECISION)
         dA_t += tl.dot(delta, do_t, input_precision=PRECISION)
         if not SCRATCH:
-            u_t = tl.load(U + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+            u_t = tl.load(U + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0).to(tl.float32)
             delta_t = u_t - tl.dot(s_t, _rows_t(W, vrow, rc, rk, mk, K), input_precision=PRECISION)
             dA += tl.dot(do, delta_t, input_precision=PRECISION)
     if SCRATCH:

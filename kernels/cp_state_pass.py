@@ -26,7 +26,7 @@ from ..cp.exchange import fold_in_stream_order
 from ..cp.layout import StreamLayout
 from ..indices import put_rows, take_rows
 from ..chunk.summary import DENSE
-from .stages import GradHandoff, Recompute, load_wy, save_states, save_wy
+from .stages import GradHandoff, Recompute, grad_buffer, load_wy, save_states, save_wy
 from .state_pass import _fold_backward, _fold_forward, _with_narrow_retry, arm_state_pass, arriving_state_grad, \
     last_subs, remake_starts, split_segments, state_backward, state_forward, states_dtype, zero_or_float
 
@@ -80,7 +80,7 @@ class CPStatePass(torch.autograd.Function):
         segs = layout.segments
         HV, K, V = W.shape[1], W.shape[-1], U.shape[-1]
         g_starts = zero_or_float(arriving_state_grad(handoff, g_starts), starts)
-        terminal = W.new_zeros((len(subs), HV, K, V))
+        terminal = grad_buffer(W, (len(subs), HV, K, V), zeros=True)
         if g_final is not None:
             put_rows(terminal, last_sub, g_final)
         # (a) adjoint at every sub-segment start from the local gradients only; ν at every piece start
@@ -99,7 +99,7 @@ class CPStatePass(torch.autograd.Function):
         dW, dU, dP, dD, dS0 = state_backward(W, U, P, D, starts, g_starts, out.contiguous(), first, length,
                                              narrow=narrow, reuse_g=handoff is not None,
                                              add_to=None if handoff is None else handoff.take("state_pass"))
-        d_init = W.new_zeros(init_shape)
+        d_init = grad_buffer(W, init_shape, zeros=True)
         for i, s in enumerate(segs):  # states that entered from an initial state (own pieces' only: no double count)
             if not _continues(layout, i):
                 d_init[s.seq] += dS0[first_sub[i]]

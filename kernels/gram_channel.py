@@ -27,14 +27,15 @@ DIAG_REACH = tl.constexpr(30.0 if os.environ.get("PDELTA_GRAM_SPLIT", "1") != "0
 
 @triton.jit
 def _rows(X, row0, rows, rk, mk, K: tl.constexpr):
-    """[len(rows), len(rk)] tile of rows row0 + rows of a [*, K] tensor (columns rk, masked by mk)."""
-    return tl.load(X + (row0 + rows[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    """[len(rows), len(rk)] tile of rows row0 + rows of a [*, K] tensor (columns rk, masked by mk), in float32
+    whatever the storage (W is bfloat16 where backward remakes it so: stages.remade_wy_dtype)."""
+    return tl.load(X + (row0 + rows[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _rows_t(X, row0, rows, rk, mk, K: tl.constexpr):
     """The same tile transposed, read straight from memory (no transpose of a register tile)."""
-    return tl.load(X + (row0 + rows[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+    return tl.load(X + (row0 + rows[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0).to(tl.float32)
 
 
 @triton.jit

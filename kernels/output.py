@@ -106,7 +106,7 @@ def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
     mk = rk < K
     gam = tl.load(GAM + vrow + rc)
     q = tl.load(Q + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
-    p_t = tl.load(P + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+    p_t = tl.load(P + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0).to(tl.float32)
     lower = rc[:, None] >= rc[None, :]
     A = tl.where(lower, tl.dot(q, p_t, input_precision=PRECISION)
                  * tl.exp(tl.where(lower, gam[:, None] - gam[None, :], 0.0)), 0.0)
@@ -114,8 +114,8 @@ def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
         cols = v0 + tl.arange(0, BV)
         mv = cols < V
         s = state_tile(S, srow, V, rk, cols, mk, mv)
-        w = tl.load(W + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
-        u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        w = tl.load(W + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
+        u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
         delta = u - tl.dot(w, s, input_precision=PRECISION)
         qd = tl.load(Q + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0) * tl.exp(gam)[:, None]
         o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
@@ -138,7 +138,7 @@ def _out_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, STARTS, LEN
     mk = rk < K
     gam = tl.load(GAM + vrow + rc)
     upper = rc[:, None] <= rc[None, :]
-    pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
     q_t = tl.load(Q + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
     A_t = tl.where(upper, tl.dot(pp, q_t, input_precision=PRECISION)
                    * tl.exp(tl.where(upper, gam[None, :] - gam[:, None], 0.0)), 0.0)
@@ -150,7 +150,7 @@ def _out_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, STARTS, LEN
         d_delta = tl.dot(A_t, do, input_precision=PRECISION)
         tl.store(DU + (vrow + rc[:, None]) * V + cols[None, :], d_delta, mask=mv[None, :])
         qd_t = tl.load(Q + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0) * tl.exp(gam)[None, :]
-        w_t = tl.load(W + (vrow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+        w_t = tl.load(W + (vrow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0).to(tl.float32)
         d_s = tl.dot(qd_t, do, input_precision=PRECISION) - tl.dot(w_t, d_delta, input_precision=PRECISION)
         tl.store(DS + (srow + rk[:, None]) * V + cols[None, :], d_s, mask=mk[:, None] & mv[None, :])
         s_t = state_tile_t(S, srow, V, rk, cols, mk, mv)
@@ -186,7 +186,7 @@ def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G, STAR
     mk = rk < K
     gam = tl.load(GAM + vrow + rc)
     eg = tl.exp(gam)
-    w = tl.load(W + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    w = tl.load(W + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
     d_q = tl.zeros([C, BK], dtype=tl.float32)
     dA = tl.zeros([C, C], dtype=tl.float32)
     dA_t = tl.zeros([C, C], dtype=tl.float32)
@@ -195,15 +195,15 @@ def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G, STAR
         mv = cols < V
         s = state_tile(S, srow, V, rk, cols, mk, mv)
         s_t = state_tile_t(S, srow, V, rk, cols, mk, mv)
-        u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
         do = _value_tile(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
         do_t = _value_tile_t(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
         delta = u - tl.dot(w, s, input_precision=PRECISION)  # [C, BV]
         d_q += mm(do, s_t, DOS_BF16, PRECISION)
         dA_t += tl.dot(delta, do_t, input_precision=PRECISION)
         if not SCRATCH:
-            u_t = tl.load(U + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
-            w_t = tl.load(W + (vrow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+            u_t = tl.load(U + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0).to(tl.float32)
+            w_t = tl.load(W + (vrow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0).to(tl.float32)
             delta_t = u_t - tl.dot(s_t, w_t, input_precision=PRECISION)  # [BV, C]
             dA += tl.dot(do, delta_t, input_precision=PRECISION)
     if SCRATCH:
@@ -215,10 +215,10 @@ def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G, STAR
     upper = rc[:, None] <= rc[None, :]
     decay = tl.exp(tl.where(lower, gam[:, None] - gam[None, :], 0.0))
     decay_t = tl.exp(tl.where(upper, gam[None, :] - gam[:, None], 0.0))
-    p_t = tl.load(P + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+    p_t = tl.load(P + (krow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0).to(tl.float32)
     A = tl.where(lower, tl.dot(q, p_t, input_precision=PRECISION) * decay, 0.0)
     dA = tl.where(lower, dA, 0.0)
-    pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
     d_q += tl.dot(dA * decay, pp, input_precision=PRECISION)
     tl.store(DQ + (vrow + rc[:, None]) * K + rk[None, :], d_q, mask=mk[None, :])
     if SCRATCH:

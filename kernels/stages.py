@@ -141,6 +141,25 @@ def adjoint_dtype(S: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if on and S.dtype == torch.bfloat16 else torch.float32
 
 
+def grad_buffer(like: torch.Tensor, shape, zeros: bool = False) -> torch.Tensor:
+    """A float32 buffer on ``like``'s device: gradients (and float32 partials) stay float32 whatever the storage of
+    the tensor they belong to (W, U, P̃ may be remade in bfloat16, see :func:`remade_wy_dtype`)."""
+    return like.new_zeros(shape, dtype=torch.float32) if zeros else like.new_empty(shape, dtype=torch.float32)
+
+
+def remade_wy_dtype(input_dtype: torch.dtype, states_remade: bool) -> torch.dtype:
+    """Storage of W, U, P̃ as backward remakes them (:class:`Recompute` from the inverse): float32, or bfloat16 with
+    PDELTA_REMAKE_WY_BF16=1 for 16-bit inputs — as fla remakes w, u in the inputs' dtype. Only backward reads them
+    (the output and state-pass gradients; the forward keeps its float32 tensors), so the outputs are unchanged
+    and the gradients are those of the forward up to the rounding of W, U, P̃. Never when the chunk states are
+    remade from them too (PDELTA_RECOMPUTE_STATES=1: the states would drift from the forward's). Opt-in (session
+    n, CPU-tested): halves the three largest remade tensors (1.5 KB per token and head at K = 128) and their
+    reads in the backward kernels."""
+    on = os.environ.get("PDELTA_REMAKE_WY_BF16", "0") == "1"
+    half = input_dtype in (torch.bfloat16, torch.float16)
+    return torch.bfloat16 if on and half and not states_remade else torch.float32
+
+
 class GradHandoff:
     """Gradients passed between the stages of one layer instead of being summed by autograd.
 
@@ -329,15 +348,17 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
     again from the inverse T the forward stored, by the same kernel without its Gram and solve.
     """
 
-    def launch_forward(k_hat, p, v, beta, gamma, T=None, rows: StreamRows | None = None):
+    def launch_forward(k_hat, p, v, beta, gamma, T=None, rows: StreamRows | None = None,
+                       wy_dtype: torch.dtype = torch.float32):
         """(W, U, P̃, d, T) from the forward kernel, or None when it does not fit the GPU; with T given, the
-        kernel reads it (FROM_T) instead of forming and storing it: the same arithmetic for everything else."""
+        kernel reads it (FROM_T) instead of forming and storing it: the same arithmetic for everything else.
+        ``wy_dtype``: storage of W, U, P̃ (the kernel's stores round to it)."""
         Nc, H, _, K = k_hat.shape
         HV, V = v.shape[1], v.shape[-1]  # v: [Nc, HV, C, V] or [L, HV, V]
         BK, BV, warps, stages = chunk_tile_config(K, V)
-        W, P_t = k_hat.new_empty(Nc, HV, C, K), k_hat.new_empty(Nc, HV, C, K)
+        W, P_t = k_hat.new_empty(Nc, HV, C, K, dtype=wy_dtype), k_hat.new_empty(Nc, HV, C, K, dtype=wy_dtype)
         starts, lens = kernel_rows(rows, beta)
-        U, d = k_hat.new_empty(Nc, HV, C, V), k_hat.new_empty(decay_shape(Nc, HV, K))
+        U, d = k_hat.new_empty(Nc, HV, C, V, dtype=wy_dtype), k_hat.new_empty(decay_shape(Nc, HV, K))
         from_t, T = T is not None, k_hat.new_empty(Nc, HV, C, C) if T is None else T
         kernel, fwd_warps = (fwd_kernel, None) if pick_fwd is None else pick_fwd(K)
         if Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: kernel[(Nc, HV)](
@@ -411,10 +432,11 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
             return W, U, P_t, d
         return W, U, P_t, d, (T if T.numel() else None)
 
-    def remake(k_hat, p, v, beta, gamma, T, rows: StreamRows | None = None):
-        """(W, U, P̃, d) from the stored inverse T (no gradient): bitwise what the forward returned."""
+    def remake(k_hat, p, v, beta, gamma, T, rows: StreamRows | None = None, wy_dtype: torch.dtype = torch.float32):
+        """(W, U, P̃, d) from the stored inverse T (no gradient): bitwise what the forward returned (rounded to
+        ``wy_dtype``, see :func:`remade_wy_dtype`)."""
         args = prepared(k_hat, p, v, beta, gamma)
-        out = launch_forward(*args, T=T, rows=rows)
+        out = launch_forward(*args, T=T, rows=rows, wy_dtype=wy_dtype)
         if out is None:  # cannot happen after the same kernel ran in forward; stay correct anyway
             k_hat, p, v, beta, gamma = args
             return tuple(t.contiguous() for t in torch_form(k_hat, p, _chunk_values(v, rows), beta, gamma))
@@ -456,15 +478,16 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             HV, V = U.shape[1], U.shape[-1]
             BK, BV, warps, stages = chunk_tile_config(K, V)
             dO = dO.contiguous()
-            dq, dp, dW = torch.empty_like(W), torch.empty_like(W), torch.empty_like(W)
+            dq, dp, dW = (grad_buffer(W, W.shape) for _ in range(3))
             # dS in float32 whatever S's storage (or bfloat16, see adjoint_dtype); it reaches the state pass
             # through the handoff's "states" slot (autograd would cast it to S's dtype)
-            dgam, dU, dS = torch.empty_like(gamma), torch.empty_like(U), torch.empty_like(S, dtype=adjoint_dtype(S))
+            dU, dS = grad_buffer(U, U.shape), torch.empty_like(S, dtype=adjoint_dtype(S))
+            dgam = torch.empty_like(gamma)
             rows = rows_loaded(row_tables, ctx.rows_meta)
             starts, lens = kernel_rows(rows, gamma)
             common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), STREAM=stream_mode(rows))
             # PDELTA_SCRATCH_TRANSPOSE=1 (opt-in): dA and Aᵀ as transposes through [C, C] scratch rows
-            scratch = W.new_empty(Nc, HV, C, C) if os.environ.get("PDELTA_SCRATCH_TRANSPOSE") == "1" else None
+            scratch = grad_buffer(W, (Nc, HV, C, C)) if os.environ.get("PDELTA_SCRATCH_TRANSPOSE") == "1" else None
             if Nc and not ctx.fallback and launch_or_fallback(
                     f"{name}_bwd_state", lambda: bwd_state_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H, starts, lens,
@@ -483,10 +506,10 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
                 return (_fold_groups(dq, H), None if dp is None else _fold_groups(dp, H), dgam, dW, dU,
                         pass_on(handoff, "states", dS), None, None, None, None)
             if not Nc:
-                return (torch.zeros_like(q_hat), torch.zeros_like(p), dgam, W.new_zeros(W.shape), dU, dS, None, None,
-                        None, None)
+                return (torch.zeros_like(q_hat), torch.zeros_like(p), dgam, grad_buffer(W, W.shape, zeros=True), dU, dS,
+                        None, None, None, None)
             dO = dO if rows is None else _stream_to_chunks(dO, rows)
-            *grads, dS = torch_form_grads(torch_form, (q_hat, p, gamma, W, U, S.float()), (dO,))
+            *grads, dS = torch_form_grads(torch_form, (q_hat, p, gamma, W.float(), U.float(), S.float()), (dO,))
             return (*grads, pass_on(ctx.handoff, "states", dS), None, None, None, None)
 
     Stage.__name__ = f"{name}_stage"

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from ..indices import index_tensor, put_rows, take_rows
 from ._triton_utils import INTERPRET, launch_config, launch_or_fallback, next_pow2, num_sms, warn_fallback
-from .stages import GradHandoff, Recompute, add_left, arm, load_wy, save_states, save_wy, take_one, torch_form_grads
+from .stages import (GradHandoff, Recompute, add_left, arm, grad_buffer, load_wy, save_states, save_wy, take_one,
+                     torch_form_grads)
 
 
 @triton.jit
@@ -66,9 +67,9 @@ def _state_fwd_kernel(W, U, P, D, S0, FIRST, LENGTH, STARTS, FINAL, HV,
         base = (first + j) * HV + i_h
         if STORE_STARTS:
             tl.store(STARTS + (base * K + rk[:, None]) * NCOL + cols[None, :], S, mask=smask)
-        w = tl.load(W + (base * C + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
-        u = tl.load(U + (base * C + rc[:, None]) * V + ucol[None, :], mask=umask[None, :], other=0.0)
-        p_t = tl.load(P + (base * C + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+        w = tl.load(W + (base * C + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
+        u = tl.load(U + (base * C + rc[:, None]) * V + ucol[None, :], mask=umask[None, :], other=0.0).to(tl.float32)
+        p_t = tl.load(P + (base * C + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0).to(tl.float32)
         d = tl.load(D + base * K + rk, mask=mk, other=0.0)
         S = _chunk_step(S, w, u, p_t, d, PRECISION)
     tl.store(FINAL + ((i_s * HV + i_h) * K + rk[:, None]) * NCOL + cols[None, :], S, mask=smask)
@@ -95,8 +96,8 @@ def _state_bwd_kernel(W, U, P, D, STARTS, G, TERMINAL, FIRST, LENGTH,
     X = tl.load(TERMINAL + ((i_s * HV + i_h) * K + rk[None, :]) * V + cols[:, None], mask=tmask, other=0.0)
     for jj in range(n):
         base = (first + n - 1 - jj) * HV + i_h
-        w = tl.load(W + (base * C + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
-        p_t = tl.load(P + (base * C + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0)
+        w = tl.load(W + (base * C + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
+        p_t = tl.load(P + (base * C + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0).to(tl.float32)
         d = tl.load(D + base * K + rk, mask=mk, other=0.0)
         g_t = tl.load(G + (base * K + rk[None, :]) * V + cols[:, None], mask=tmask, other=0.0).to(tl.float32)
         d_delta_t = tl.dot(X, p_t, input_precision=PRECISION)  # [BV, C] = (P̃ Λ)ᵀ
@@ -106,7 +107,7 @@ def _state_bwd_kernel(W, U, P, D, STARTS, G, TERMINAL, FIRST, LENGTH,
             s = tl.load(STARTS + (base * K + rk[:, None]) * V + cols[None, :], mask=mk[:, None] & mv[None, :],
                         other=0.0).to(tl.float32)
             s_t = tl.load(STARTS + (base * K + rk[None, :]) * V + cols[:, None], mask=tmask, other=0.0).to(tl.float32)
-            u = tl.load(U + (base * C + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+            u = tl.load(U + (base * C + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
             delta = u - tl.dot(w, s, input_precision=PRECISION)  # [C, BV]
             d_p = tl.dot(delta, X, input_precision=PRECISION)  # [C, BK]
             d_w_t = -tl.dot(s, d_delta_t, input_precision=PRECISION)  # [BK, C]
@@ -130,8 +131,8 @@ def _state_grads_kernel(W, U, P, STARTS, LAM, DW, DU, DP, DD, HV,
     rk = tl.arange(0, BK)
     rc = tl.arange(0, C)
     mk = rk < K
-    w = tl.load(W + (base * C + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)  # [C, BK]
-    p = tl.load(P + (base * C + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)  # [C, BK]
+    w = tl.load(W + (base * C + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)  # [C, BK]
+    p = tl.load(P + (base * C + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)  # [C, BK]
     d_w = tl.zeros((C, BK), dtype=tl.float32)
     d_p = tl.zeros((C, BK), dtype=tl.float32)
     d_d = tl.zeros((BK,), dtype=tl.float32)
@@ -144,7 +145,7 @@ def _state_grads_kernel(W, U, P, STARTS, LAM, DW, DU, DP, DD, HV,
         m_vk = mv[:, None] & mk[None, :]
         s = tl.load(STARTS + kv, mask=m_kv, other=0.0).to(tl.float32)  # float32 or bfloat16 storage
         lam = tl.load(LAM + kv, mask=m_kv, other=0.0).to(tl.float32)  # float32 or bfloat16 storage
-        u = tl.load(U + (base * C + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0)
+        u = tl.load(U + (base * C + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
         d_u = tl.dot(p, lam, input_precision=PRECISION)  # [C, BV]
         du_at = DU + (base * C + rc[:, None]) * V + cols[None, :]
         if ACCUMULATE:
@@ -249,7 +250,7 @@ def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=Tru
     BK, BV, warps, stages = _config(K, ncol, narrow, pass_stages=not summary)
     nseg = len(first)
     starts = W.new_empty((Nc, HV, K, ncol) if store_starts else (1,), dtype=starts_dtype)
-    final = W.new_empty((nseg, HV, K, ncol))
+    final = W.new_empty((nseg, HV, K, ncol), dtype=torch.float32)
     grid = (triton.cdiv(ncol, BV), HV, nseg)
     _state_fwd_kernel[grid](W, U, P, D, W if S0 is None else S0, _segments_tensor(first, W.device),
                             _segments_tensor(length, W.device), starts, final, HV, K=K, V=V, C=C, BK=BK, BV=BV,
@@ -274,22 +275,22 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
     nseg = len(first)
     split = store_grads and split_backward_enabled(K)
     if store_grads and not split:
-        dW, dP = W.new_empty((NV, Nc, HV, C, K)), W.new_empty((NV, Nc, HV, C, K))
-        dD, dU = W.new_empty((NV, Nc, HV, K)), W.new_empty((Nc, HV, C, V))
+        dW, dP = grad_buffer(W, (NV, Nc, HV, C, K)), grad_buffer(W, (NV, Nc, HV, C, K))
+        dD, dU = grad_buffer(W, (NV, Nc, HV, K)), grad_buffer(W, (Nc, HV, C, V))
     else:
-        dW = dP = dD = dU = W.new_empty(1)
+        dW = dP = dD = dU = grad_buffer(W, (1,))
     # Λ is stored in G's dtype: float32, or bfloat16 when the output stage left dS so (stages.adjoint_dtype)
     in_place = split and reuse_g and G.is_contiguous()
-    lam = (G if in_place else W.new_empty((Nc, HV, K, V), dtype=G.dtype)) if split else W.new_empty(1)
-    dS0 = W.new_empty((nseg, HV, K, V))
+    lam = (G if in_place else W.new_empty((Nc, HV, K, V), dtype=G.dtype)) if split else grad_buffer(W, (1,))
+    dS0 = grad_buffer(W, (nseg, HV, K, V))
     _state_bwd_kernel[(NV, HV, nseg)](W, U, P, D, starts, G, terminal, _segments_tensor(first, W.device),
                                        _segments_tensor(length, W.device), dW, dU, dP, dD, dS0, lam, HV, Nc * HV,
                                        K=K, V=V, C=C, BK=BK, BV=BV, STORE_GRADS=store_grads and not split,
                                        STORE_LAM=split, PRECISION=_precision(False),
                                        **launch_config("state_bwd", warps, stages))
     if split:
-        dW, dU = add_to if add_to is not None else (W.new_empty((Nc, HV, C, K)), W.new_empty((Nc, HV, C, V)))
-        dP, dD = W.new_empty((Nc, HV, C, K)), W.new_empty((Nc, HV, K))
+        dW, dU = add_to if add_to is not None else (grad_buffer(W, (Nc, HV, C, K)), grad_buffer(W, (Nc, HV, C, V)))
+        dP, dD = grad_buffer(W, (Nc, HV, C, K)), grad_buffer(W, (Nc, HV, K))
         if not launch_or_fallback("state_grads", lambda: _state_grads_kernel[(Nc, HV)](
                 W, U, P, starts, lam, dW, dU, dP, dD, HV, K=K, V=V, C=C, BK=BK, BV=BV,
                 ACCUMULATE=add_to is not None, PRECISION=_precision(False),
@@ -310,8 +311,7 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
 
 def _state_grads_torch(W, U, P, starts, lam, dW, dU, dP, dD, accumulate: bool) -> None:
     """:func:`_state_grads_kernel` in PyTorch (its fallback), writing (or adding) into the same tensors."""
-    starts = starts.float()
-    lam = lam.float()
+    W, U, P, starts, lam = (t.float() for t in (W, U, P, starts, lam))
     d_u = P @ lam  # [Nc, HV, C, V]
     d_w = -(d_u @ starts.mT)
     if accumulate:
@@ -416,7 +416,7 @@ class StatePass(torch.autograd.Function):
         if grads is None:  # recompute the pass in PyTorch and differentiate that
             g_starts = None if g_starts is None else g_starts.float()  # (bfloat16 when stages.adjoint_dtype says so)
             grads = add_left(torch_form_grads(lambda *t: state_pass_torch(*t, *ctx.segments),
-                                              (W, U, P, D, S_enter), (g_starts, g_final)), left)
+                                              (W.float(), U.float(), P.float(), D, S_enter), (g_starts, g_final)), left)
         return (*grads, None, None, None, None, None, None, None)
 
 
@@ -447,8 +447,8 @@ def _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final, narrow, left
     first, length = [s[0] for s in subs], [s[1] for s in subs]
     HV, K, V = W.shape[1], W.shape[-1], U.shape[-1]
     g_starts = zero_or_float(g_starts, starts)
-    g_final = W.new_zeros((len(last), HV, K, V)) if g_final is None else g_final
-    terminal = W.new_zeros((len(subs), HV, K, V))
+    g_final = grad_buffer(W, (len(last), HV, K, V), zeros=True) if g_final is None else g_final
+    terminal = grad_buffer(W, (len(subs), HV, K, V), zeros=True)
     put_rows(terminal, last, g_final)
     if M is not None:
         *_, local = state_backward(W, U, P, D, starts, g_starts, torch.zeros_like(terminal), first, length,

@@ -121,3 +121,46 @@ def test_op_gradients_are_bitwise_those_of_kept_keys(variant, monkeypatch):
         assert torch.equal(a, b), name
     Nc = 3  # 150 tokens in chunks of 64
     assert kept_bytes - remade_bytes >= 3 * Nc * 2 * 64 * 16 * 4, "q̂, k̂ and P [Nc, H, C, K] float32 still kept"
+
+
+def _outputs_and_grads(inp, **kw):
+    o, S, A = call(precond_delta_rule, inp, backend="triton", output_final_state=True, **kw)
+    loss = (o.float() * torch.linspace(-1, 1, o.shape[-1])).sum() + S.sum() + A.sum()
+    return (o, S, A), torch.autograd.grad(loss, list(inp.values()))
+
+
+@pytest.mark.parametrize("variant", ["pgdn", "pkda"])
+def test_wy_remade_in_bf16_leaves_outputs_and_keeps_gradients_within_the_gpu_limits(variant, monkeypatch):
+    """PDELTA_REMAKE_WY_BF16=1 (bf16 inputs): backward reads W, U, P̃ rounded to bfloat16; the forward, and so every
+    output, is unchanged bitwise, and every gradient stays within tests/test_gpu.py's limits of float64."""
+    from pdelta_cp.testing import rel_rms
+
+    inp = make_inputs(T=200, H=2, HV=4, K=32, V=48, variant=variant, dtype=torch.bfloat16, decay_strength=0.05)
+    ref = {n: t.detach().double().requires_grad_(True) for n, t in inp.items()}
+    o_ref = call(precond_delta_rule, ref, backend="torch", output_final_state=True)
+    loss = (o_ref[0] * torch.linspace(-1, 1, o_ref[0].shape[-1], dtype=torch.float64)).sum() + o_ref[1].sum() \
+        + o_ref[2].sum()
+    g_ref = torch.autograd.grad(loss, list(ref.values()))
+    outs, grads = _outputs_and_grads(inp)
+    monkeypatch.setenv("PDELTA_REMAKE_WY_BF16", "1")
+    outs_bf16, grads_bf16 = _outputs_and_grads(inp)
+    for a, b in zip(outs, outs_bf16):
+        assert torch.equal(a, b)
+    limits = {"q": 8e-3, "k": 8e-3, "v": 8e-3, "initial_state": 8e-3, "initial_A_state": 8e-3}
+    moved = False
+    for name, a, b, r in zip(inp, grads, grads_bf16, g_ref):
+        assert rel_rms(b, r) < limits.get(name, 2e-2), name
+        moved |= not torch.equal(a, b)
+    assert moved, "no gradient changed: W, U, P̃ were not remade in bfloat16"
+
+
+def test_wy_remade_in_bf16_only_for_16bit_inputs_and_kept_states():
+    from pdelta_cp.kernels.stages import remade_wy_dtype
+
+    assert remade_wy_dtype(torch.bfloat16, states_remade=False) == torch.float32  # off by default
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PDELTA_REMAKE_WY_BF16", "1")
+        assert remade_wy_dtype(torch.bfloat16, states_remade=False) == torch.bfloat16
+        assert remade_wy_dtype(torch.float16, states_remade=False) == torch.bfloat16
+        assert remade_wy_dtype(torch.float32, states_remade=False) == torch.float32
+        assert remade_wy_dtype(torch.bfloat16, states_remade=True) == torch.float32  # S remade from them: no

@@ -248,7 +248,7 @@ class _DeltaStage:
                 from ..kernels import remade
 
                 remade.register(self.gamma, functools.partial(_log_decays_again, plan, g.dtype), g_stream)
-            from ..kernels.stages import Recompute, StreamRows
+            from ..kernels.stages import Recompute, StreamRows, remade_wy_dtype
 
             # the output stage's gradients of W, U and P go to the state pass's and the WY stage's backward, which
             # add their own in-kernel (no autograd sums); None (PDELTA_GRAD_HANDOFF=0) leaves the sums to autograd
@@ -269,8 +269,10 @@ class _DeltaStage:
             if keep:
                 self.recompute = None
             elif from_inverse:
-                self.recompute = Recompute(functools.partial(wy.remake, rows=self.rows), k_hat, p, v, beta, self.gamma,
-                                           T, states=states)
+                # PDELTA_REMAKE_WY_BF16=1: remade in bfloat16 for 16-bit inputs (stages.remade_wy_dtype)
+                wy_dtype = remade_wy_dtype(out_dtype, states)
+                self.recompute = Recompute(functools.partial(wy.remake, rows=self.rows, wy_dtype=wy_dtype), k_hat, p,
+                                           v, beta, self.gamma, T, states=states)
             else:
                 self.recompute = Recompute(functools.partial(wy, rows=self.rows), k_hat, p, v, beta, self.gamma,
                                            states=states)
