@@ -1,11 +1,11 @@
 """Forward tensors that backward makes again from smaller ones instead of keeping them: saved-tensor recipes.
 
-The normalised queries and keys q̂, k̂ and the write keys P ([Nc, H, C, K] float32, 512 bytes per token and head
-each at K = 128) are read by several stages in backward. Kept from forward, all three are alive through the
-backward's memory peak (the state pass's chunk gradients), where no stage reads them. With a recipe, a stage that
-would save such a tensor saves the recipe's inputs instead — the op's own q and k, the per-row norms, the entering
-preconditioner states: nothing new — and its backward makes the tensor again (bitwise: the same kernel on the same
-inputs). As fla-core re-normalises q and k in its backward.
+The normalised queries and keys q̂, k̂, the write keys P and PKDA's per-channel Γ ([Nc, H or HV, C, K] float32,
+512 bytes per token and head each at K = 128) are read by several stages in backward. Kept from forward, they are
+alive through the backward's memory peak (the state pass's chunk gradients), where no stage reads them. With a
+recipe, a stage that would save such a tensor saves the recipe's inputs instead — the op's own q, k and g, the
+per-row norms, the entering preconditioner states: nothing new — and its backward makes the tensor again
+(bitwise: the same kernel on the same inputs). As fla-core re-normalises q and k in its backward.
 
     t = register(t, fn, *inputs)          # forward, where t is made: fn(*inputs) gives t again
     save(ctx, *tensors, share=...)        # in place of ctx.save_for_backward
