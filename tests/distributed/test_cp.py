@@ -148,6 +148,20 @@ def test_cp_with_triton_kernels_bf16_states(cp_groups, monkeypatch, cp):
     check_cp(cp_groups, cp, "pkda", "zigzag", TRITON_CASES["long_pieces"], torch.float32, 2e-3, backend="triton")
 
 
+@pytest.mark.parametrize("cp", [2, 4])
+def test_cp_with_triton_kernels_wy_remade_in_bf16(cp_groups, monkeypatch, cp):
+    """PDELTA_REMAKE_WY_BF16's remake (forced here for float32 inputs) under CP: backward reads W, U, P̃ rounded
+    to bfloat16 on every rank — the one-process answer within their rounding."""
+    pytest.importorskip("triton")
+    _only_in_a_world_of(cp)
+    from pdelta_cp.kernels import stages
+
+    asked = []
+    monkeypatch.setattr(stages, "remade_wy_dtype", lambda *args: asked.append(1) or torch.bfloat16)
+    check_cp(cp_groups, cp, "pgdn", "zigzag", TRITON_CASES["long_pieces"], torch.float32, 5e-3, backend="triton")
+    assert asked
+
+
 def test_cp_triton_falls_back_to_pytorch_exchange(cp_groups, monkeypatch):
     """When the cross-rank state-pass kernels do not fit the GPU, the PyTorch exchange takes over: same answers."""
     pytest.importorskip("triton")
