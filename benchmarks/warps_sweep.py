@@ -26,7 +26,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import make, rows_writer  # noqa: E402
+from bench_kernels import environment, make, rows_writer  # noqa: E402
 
 from pdelta_cp import precond_delta_rule  # noqa: E402
 from pdelta_cp.kernels._triton_utils import WARPS_SWITCHES as KERNELS  # noqa: E402
@@ -79,8 +79,7 @@ def main() -> None:
                     "takes ~80 ms: give 400 or more for several repetitions)")
     ap.add_argument("--out", default="warps.json")
     args = ap.parse_args()
-    emit = rows_writer(args.out, {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                  "command": " ".join(sys.argv)})
+    emit = rows_writer(args.out, environment())  # GPU, torch, Triton, Python, fla, PDELTA_* switches, command
 
     for variant in args.variants:
         check_x = make(1, 4096, 4, 128, 128, dtype=torch.float32, seed=1)
