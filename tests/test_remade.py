@@ -164,3 +164,21 @@ def test_wy_remade_in_bf16_only_for_16bit_inputs_and_kept_states():
         assert remade_wy_dtype(torch.float16, states_remade=False) == torch.bfloat16
         assert remade_wy_dtype(torch.float32, states_remade=False) == torch.float32
         assert remade_wy_dtype(torch.bfloat16, states_remade=True) == torch.float32  # S remade from them: no
+
+
+def test_recipes_die_with_their_tensors():
+    """The registry holds a recipe only while its tensor lives: q̂, k̂ and P die with the forward (the stages saved
+    their inputs), so nothing is left after it, nor after backward — a leak would keep every layer's q, k and
+    preconditioner inputs alive."""
+    import gc
+
+    inp = make_inputs(T=70, H=1, K=16, V=16, variant="pgdn", dtype=torch.float32)
+    gc.collect()
+    before = len(remade._RECIPES)
+    o, S, A = call(precond_delta_rule, inp, backend="triton", output_final_state=True)
+    gc.collect()
+    assert len(remade._RECIPES) == before
+    (o.sum() + S.sum() + A.sum()).backward()
+    del o, S, A
+    gc.collect()
+    assert len(remade._RECIPES) == before and all(t.grad is not None for t in inp.values())
