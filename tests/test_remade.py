@@ -177,8 +177,8 @@ def test_recipes_die_with_their_tensors():
     before = len(remade._RECIPES)
     o, S, A = call(precond_delta_rule, inp, backend="triton", output_final_state=True)
     gc.collect()
-    assert len(remade._RECIPES) == before
+    assert len(remade._RECIPES) <= before  # (<=: another test's leftovers may die meanwhile)
     (o.sum() + S.sum() + A.sum()).backward()
     del o, S, A
     gc.collect()
-    assert len(remade._RECIPES) == before and all(t.grad is not None for t in inp.values())
+    assert len(remade._RECIPES) <= before and all(t.grad is not None for t in inp.values())
