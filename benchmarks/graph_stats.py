@@ -6,6 +6,7 @@ Runs anywhere (CPU: Triton kernels under TRITON_INTERPRET=1), so glue and memory
 GPU sessions. Triton kernel launches are not aten ops and are not counted; everything around them is.
 
     TRITON_INTERPRET=1 python benchmarks/graph_stats.py --variant pgdn --T 2048
+    TRITON_INTERPRET=1 python benchmarks/graph_stats.py --variant pgdn --K 128 --V 128 --settings "" PDELTA_KEEP_KEYS=1
 
 ``alive_at_peak`` lists what was alive at the peak (bytes per token, op, shape, dtype, phase, the line that made
 it): the map for memory work. Per-token bytes scale with H (and with K·V for per-chunk states), so small H and
@@ -202,10 +203,25 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--settings", nargs="*", default=[""],
+                    help="VAR=VALUE[,VAR=VALUE] environment settings to compare, one row each ('' = as it is), "
+                         "e.g. PDELTA_KEEP_KEYS=1 PDELTA_REMAKE_WY_BF16=1,PDELTA_ADJOINTS_BF16=1")
     args = ap.parse_args()
-    for variant in args.variant:
-        print(json.dumps(graph_stats(variant, args.T, args.H, args.K, args.V, getattr(torch, args.dtype),
-                                     args.backend, args.device)), flush=True)
+    for setting in args.settings:
+        env = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            for variant in args.variant:
+                row = graph_stats(variant, args.T, args.H, args.K, args.V, getattr(torch, args.dtype), args.backend,
+                                  args.device)
+                print(json.dumps({"settings": env, **row}), flush=True)
+        finally:
+            for k, v in saved.items():  # as before this setting
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
 
 
 if __name__ == "__main__":

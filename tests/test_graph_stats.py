@@ -60,3 +60,19 @@ def test_no_normalised_or_write_keys_alive_at_the_peak(monkeypatch):
     assert forward_keys_at_peak() == []
     monkeypatch.setenv("PDELTA_KEEP_KEYS", "1")
     assert len(forward_keys_at_peak()) >= 2
+
+
+def test_settings_compare_switches_in_one_run():
+    """``--settings``: one row per environment setting, each measured under it and restored after (keeping the
+    keys saves more bytes for backward than remaking them)."""
+    import json
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "graph_stats.py")
+    env = {k: v for k, v in os.environ.items() if k != "PDELTA_KEEP_KEYS"}
+    out = subprocess.run([sys.executable, script, "--variant", "pgdn", "--T", "130", "--H", "1", "--K", "16", "--V",
+                          "16", "--settings", "", "PDELTA_KEEP_KEYS=1", ""], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["settings"] for r in rows] == [{}, {"PDELTA_KEEP_KEYS": "1"}, {}]
+    assert rows[1]["saved_bytes_per_token"] > rows[0]["saved_bytes_per_token"] == rows[2]["saved_bytes_per_token"]
