@@ -25,28 +25,44 @@ from collections.abc import Callable
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-_RECIPES = WeakTensorKeyDictionary()  # tensor -> (recipe, inputs): alive while the tensor is
+_RECIPES = WeakTensorKeyDictionary()  # tensor -> (RemadeOnce, inputs): alive while the tensor is
 
 
-class _Recipe:
-    """How to make one forward tensor again, and the copy its sharing readers pass on (None until backward)."""
+class RemadeOnce:
+    """Tensors remade in backward by ``fn`` from saved inputs, once for every registered reader: the WY outputs
+    (stages.Recompute), the chunk states (stages._States) and each recipe's tensor for its sharing readers.
 
-    def __init__(self, fn: Callable[..., torch.Tensor]):
-        self.fn = fn
+    Dropped as soon as the last registered reader has read them: the autograd nodes (and so this cache) live
+    until the whole backward ends, so a kept copy would pile up over all layers (12 KB per token per layer at
+    the 340M shape: ~69 GiB per GPU at 1M tokens on 4 GPUs). A second backward through the graph remakes them.
+    If autograd prunes a registered reader (a loss on the final state only), the outputs stay until the graph is
+    freed — correct, only not early.
+    """
+
+    def __init__(self, fn: Callable):
+        self.fn, self.out = fn, None
         self.readers = self.unread = 0
-        self.copy: torch.Tensor | None = None
 
-    def make(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+    def register(self) -> None:
+        """One more reader will read the outputs in backward."""
+        self.readers += 1
+        self.unread = self.readers
+
+    def make(self, inputs) -> object:
+        """fn's outputs for a reader of its own (not cached, not counted)."""
         with torch.no_grad():
             return self.fn(*inputs)
 
-    def shared(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        """The sharing readers' copy: made by the first, dropped after the last (then counted afresh, for a second
-        backward through the graph)."""
-        copy = self.copy if self.copy is not None else self.make(inputs)
+    def __call__(self, inputs: Callable[[], tuple]) -> object:
+        """The outputs; ``inputs()`` gives fn's inputs, called only when they are not cached (they may be remade
+        themselves: see :func:`load`)."""
+        out = self.out if self.out is not None else self.make(inputs())
         self.unread -= 1
-        self.copy, self.unread = (copy, self.unread) if self.unread > 0 else (None, self.readers)
-        return copy
+        if self.unread > 0:
+            self.out = out
+        else:  # the last reader: the tensors die with its backward
+            self.out, self.unread = None, self.readers
+        return out
 
 
 def enabled() -> bool:
@@ -58,7 +74,7 @@ def register(t: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: torch.Te
     ``fn`` must hold no activation — constants, or a cached chunk plan — and give bitwise the same values). Inputs
     may have recipes of their own. Returns t."""
     if enabled():
-        _RECIPES[t] = (_Recipe(fn), inputs)
+        _RECIPES[t] = (RemadeOnce(fn), inputs)
     return t
 
 
@@ -79,8 +95,7 @@ def _plan(t, flat: list, share: bool):
         return None
     recipe, inputs = entry
     if share:
-        recipe.readers += 1
-        recipe.unread = recipe.readers
+        recipe.register()
     return recipe, tuple(_plan(i, flat, share) for i in inputs), share
 
 
@@ -101,7 +116,7 @@ def _build(plan, saved, memo: dict):
     recipe, children, share = plan
     inputs = [_build(c, saved, memo) for c in children]
     if share:
-        return recipe.shared(inputs)
+        return recipe(lambda: inputs)
     if id(recipe) not in memo:  # one private remake per backward call, however often it is read there
         memo[id(recipe)] = recipe.make(inputs)
     return memo[id(recipe)]

@@ -42,7 +42,7 @@ class Recompute:
 
     def __init__(self, fn: Callable, *inputs: torch.Tensor, states: bool = False):
         self.inputs = tuple(remade.detached(t) for t in inputs)
-        self.cache = _RemadeOnce(fn)
+        self.cache = remade.RemadeOnce(fn)
         self.states = _States(self.cache) if states else None
 
 
@@ -52,9 +52,9 @@ class _States:
     per-sub-segment entering states instead and hands them to the output stage; in backward one state-pass
     forward launch remakes S from them and the remade WY outputs, once for both stages (as fla remakes its h)."""
 
-    def __init__(self, wy_cache: "_RemadeOnce"):
+    def __init__(self, wy_cache: remade.RemadeOnce):
         self.wy_cache = wy_cache
-        self.cache = _RemadeOnce(self._remake)
+        self.cache = remade.RemadeOnce(self._remake)
         self.remake_starts: Callable | None = None  # (W, U, P̃, d, S_sub) -> S, set by the state pass
         self.pending: torch.Tensor | None = None  # S_sub, from the state pass's forward to the output stage's
 
@@ -94,41 +94,6 @@ def save_states(ctx, recompute: Recompute | None, S: torch.Tensor, remake_starts
         return saved
     ctx.states = None
     return S
-
-
-class _RemadeOnce:
-    """Tensors remade once in backward by ``fn`` from saved inputs, shared by every stage of one layer that reads
-    them: the WY outputs (:class:`Recompute`) and, with ``states=True``, the chunk states (:class:`_States`).
-
-    Dropped as soon as the last registered stage has read them: the autograd nodes (and so this cache) live
-    until the whole backward ends, so a kept copy would pile up over all layers (12 KB per token per layer at
-    the 340M shape: ~69 GiB per GPU at 1M tokens on 4 GPUs). A second backward through the graph remakes them.
-    If autograd prunes a registered stage (a loss on the final state only), the outputs stay until the graph is
-    freed — correct, only not early.
-    """
-
-    def __init__(self, fn: Callable):
-        self.fn, self.out = fn, None
-        self.readers = self.unread = 0
-
-    def register(self) -> None:
-        """One more stage will read the outputs in backward."""
-        self.readers += 1
-        self.unread = self.readers
-
-    def __call__(self, inputs: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-        """The outputs; ``inputs()`` gives fn's inputs, called only when they are not cached (they may be remade
-        themselves: see remade.load)."""
-        out = self.out
-        if out is None:
-            with torch.no_grad():
-                out = self.fn(*inputs())
-        self.unread -= 1
-        if self.unread > 0:
-            self.out = out
-        else:  # the last reader: the tensors die with its backward
-            self.out, self.unread = None, self.readers
-        return out
 
 
 def adjoint_dtype(S: torch.Tensor) -> torch.dtype:

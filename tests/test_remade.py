@@ -52,7 +52,7 @@ def test_sharing_readers_remake_once_and_drop_the_copy_after_the_last():
     recipe = remade._RECIPES[t][0]
     loss.backward()
     assert len(calls) == 1, "sharing readers remade it more than once"
-    assert recipe.copy is None and recipe.unread == recipe.readers == 2
+    assert recipe.out is None and recipe.unread == recipe.readers == 2
     assert torch.equal(w1.grad, (x * 2).sum()) and torch.equal(w2.grad, (x * 2).sum())
 
 
