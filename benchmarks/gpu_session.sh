@@ -397,14 +397,16 @@ sweep)  # one GPU, session m: GPU tests at the default (two processes) and under
   profiles
   unset CUDA_VISIBLE_DEVICES
   ;;
-record)  # one GPU: the K = 256 GPU tests ($TESTS), then the record benchmark, ours and fla in one process (carry
-  # .triton_autotune: fla's KDA autotunes for minutes on a cold machine)
+record)  # one GPU: tests/test_gpu.py at the defaults (two processes), then the record benchmark — every op, ours and
+  # fla's, in one process, the target lengths first (carry .triton_autotune: fla's KDA autotunes for minutes cold)
   export CUDA_VISIBLE_DEVICES=0
-  timeout ${TESTLIMIT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "${TESTS:-k256}" -s \
-      > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$? at ${SECONDS}s"; tail -1 "$OUT/gpu_tests.log"
-  timeout $(( ${BUDGET:-570} - SECONDS )) python3 benchmarks/bench_kernels.py --T ${TS:-32768 131072} --warmup 5 \
-      --rep 20 --ops pgdn fla-gdn pkda fla-kda --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+  default_gpu_tests ${TESTLIMIT:-200}
+  wait; echo "gpu tests done at ${SECONDS}s"; tail -qn1 "$OUT"/gpu_tests*.log
+  timeout $(( ${BUDGET:-570} - SECONDS )) python3 benchmarks/bench_kernels.py --T ${TS:-32768 131072 8192} \
+      --batch-case --warmup 5 --rep 20 --ops ${OPS:-pdn pgdn pkda fla-gdn fla-pgdn fla-kda fla-pkda} \
+      --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
   echo "bench rc=$? at ${SECONDS}s"
+  profiles
   unset CUDA_VISIBLE_DEVICES
   ;;
 validate)  # 2 GPUs, session h: the CP GPU tests (the output/state-pass gradient handoff under CP), then side by side

@@ -27,6 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pdelta_cp.kernels import channel, output, state_pass, wy  # noqa: E402
+from pdelta_cp.kernels import stages as stages_mod  # noqa: E402
 from pdelta_cp.kernels._triton_utils import chunk_tile_config  # noqa: E402
 
 CHUNK_INTS = {"H", "HV", "G"}  # integer (not pointer) arguments: head counts and the value heads per key head
@@ -45,7 +46,7 @@ def kernels(K: int, V: int) -> list[tuple[str, object, dict, int, int]]:
     return [
         ("wy_fwd (row)", wy._wy_fwd_kernel, chunk, warps, stages),
         ("wy_fwd (blocked)", wy._wy_fwd_blocked_kernel, dict(chunk, DOUBLING=False), blocked_warps, stages),
-        ("wy_bwd", wy._wy_bwd_kernel, chunk, warps, stages),
+        ("wy_bwd", wy._wy_bwd_kernel, chunk, stages_mod.wy_backward_warps(K, warps), stages),
         ("output_fwd", output._out_fwd_kernel, chunk, warps, stages),
         ("output_bwd_state", output._out_bwd_state_kernel, chunk, warps, stages),
         ("output_bwd_qp", output._out_bwd_qp_kernel, chunk, warps, stages),
@@ -56,7 +57,7 @@ def kernels(K: int, V: int) -> list[tuple[str, object, dict, int, int]]:
          blocked_warps, stages),
         ("wy_channel_fwd (remake from T)", channel._wy_ch_fwd_kernel, dict(chunk, FROM_T=True),
          channel._pick_wy_channel_forward(K)[1] or warps, stages),
-        ("wy_channel_bwd", channel._wy_ch_bwd_kernel, chunk, warps, stages),
+        ("wy_channel_bwd", channel._wy_ch_bwd_kernel, chunk, stages_mod.wy_backward_warps(K, warps), stages),
         ("output_channel_fwd", channel._out_ch_fwd_kernel, chunk, warps, stages),
         ("output_channel_bwd_state", channel._out_ch_bwd_state_kernel, chunk, warps, stages),
         ("output_channel_bwd_qp", channel._out_ch_bwd_qp_kernel, chunk, warps, stages),
@@ -65,6 +66,22 @@ def kernels(K: int, V: int) -> list[tuple[str, object, dict, int, int]]:
          state_pass.forward_warps(K, swarps), sstages),
         ("state_bwd", state_pass._state_bwd_kernel, dict(state, STORE_GRADS=False, STORE_LAM=True), swarps, sstages),
         ("state_grads", state_pass._state_grads_kernel, state, swarps, sstages),
+        # PDELTA_KEEP_DELTA=1: Δ read instead of formed from W, U and S
+        ("output_fwd (kept Δ)", output._out_fwd_kernel, dict(chunk, HAS_DELTA=True), warps, stages),
+        ("output_bwd_qp (kept Δ)", output._out_bwd_qp_kernel, dict(chunk, HAS_DELTA=True), warps, stages),
+        ("output_channel_fwd (kept Δ)", channel._out_ch_fwd_kernel, dict(chunk, HAS_DELTA=True), warps, stages),
+        ("output_channel_bwd_qp (kept Δ)", channel._out_ch_bwd_qp_kernel, dict(chunk, HAS_DELTA=True), warps,
+         stages),
+        ("state_fwd (kept Δ)", state_pass._state_fwd_kernel, dict(state, SUMMARY=False, STORE_STARTS=True,
+                                                                   STORE_DELTA=True),
+         state_pass.forward_warps(K, swarps), sstages),
+        ("state_grads (kept Δ)", state_pass._state_grads_kernel, dict(state, HAS_DELTA=True), swarps, sstages),
+        # PDELTA_FUSE_DW=1: the output stage's dW formed by the state pass
+        ("output_bwd_state (dW fused)", output._out_bwd_state_kernel, dict(chunk, STORE_DW=False), warps, stages),
+        ("output_channel_bwd_state (dW fused)", channel._out_ch_bwd_state_kernel, dict(chunk, STORE_DW=False), warps,
+         stages),
+        ("state_grads (kept Δ, dW fused)", state_pass._state_grads_kernel,
+         dict(state, HAS_DELTA=True, ACCUMULATE=True, DW_FROM_SUM=True), swarps, sstages),
     ]
 
 

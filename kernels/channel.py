@@ -16,8 +16,8 @@ import triton.language as tl
 
 from ..chunk.delta import wy_form
 from ..chunk.gram import gram
-from .output import (_store_value_tile, _value_tile, _value_tile_t, mm, state_tile, state_tile_t, transpose_via,
-                     value_rows)
+from .output import (_store_value_tile, _value_tile, _value_tile_t, delta_rows, delta_rows_t, mm, state_tile,
+                     state_tile_t, transpose_via, value_rows)
 from .stages import make_output_stage, make_wy_stage
 from .gram_channel import _rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_upper
 from .wy import (_blocked_inverse, _invert_unit_lower, _load_block, _load_blocked_inverse, _store_blocked_inverse,
@@ -174,10 +174,11 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
 
 
 @triton.jit
-def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
+def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, DELTA, O, H, HV, G, STARTS, LENS,
                        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       PRECISION: tl.constexpr, STREAM: tl.constexpr = 0):
-    """One program per chunk and value head: the per-channel-decay Gram A once, then every V block."""
+                       PRECISION: tl.constexpr, STREAM: tl.constexpr = 0, HAS_DELTA: tl.constexpr = False):
+    """One program per chunk and value head: the per-channel-decay Gram A once, then every V block (HAS_DELTA: as
+    output.py's `_out_fwd_kernel`)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -193,7 +194,7 @@ def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
         mv = cols < V
         s = state_tile(S, srow, V, rk, cols, mk, mv)
         u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
-        delta = u - tl.dot(_rows(W, vrow, rc, rk, mk, K), s, input_precision=PRECISION)
+        delta = delta_rows(DELTA, u, _rows(W, vrow, rc, rk, mk, K), s, vrow, rc, cols, mv, V, HAS_DELTA, PRECISION)
         qd = _rows(Q, krow, rc, rk, mk, K) * tl.exp(_rows(GAM, vrow, rc, rk, mk, K))
         o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
         _store_value_tile(O, orow, ostride, on, rc, cols, mv, o)
@@ -202,7 +203,9 @@ def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
 @triton.jit
 def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, STARTS, LENS,
                              K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                             BV: tl.constexpr, PRECISION: tl.constexpr, STREAM: tl.constexpr = 0):
+                             BV: tl.constexpr, PRECISION: tl.constexpr, STREAM: tl.constexpr = 0,
+                             STORE_DW: tl.constexpr = True):
+    """As output.py's `_out_bwd_state_kernel` (not STORE_DW: dW left to the state pass)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -224,17 +227,20 @@ def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, STARTS, 
         d_s = tl.dot(qd_t, do, input_precision=PRECISION) - tl.dot(_rows_t(W, vrow, rc, rk, mk, K), d_delta,
                                                                    input_precision=PRECISION)
         tl.store(DS + (srow + rk[:, None]) * V + cols[None, :], d_s, mask=mk[:, None] & mv[None, :])
-        s_t = state_tile_t(S, srow, V, rk, cols, mk, mv)
-        d_w -= tl.dot(d_delta, s_t, input_precision=PRECISION)
-    tl.store(DW + (vrow + rc[:, None]) * K + rk[None, :], d_w, mask=mk[None, :])
+        if STORE_DW:
+            s_t = state_tile_t(S, srow, V, rk, cols, mk, mv)
+            d_w -= tl.dot(d_delta, s_t, input_precision=PRECISION)
+    if STORE_DW:
+        tl.store(DW + (vrow + rc[:, None]) * K + rk[None, :], d_w, mask=mk[None, :])
 
 
 @triton.jit
-def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G, STARTS, LENS,
+def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DELTA, DO, DQ, DP, DGAM, SCR, H, HV, G, STARTS, LENS,
                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           PRECISION: tl.constexpr, SCRATCH: tl.constexpr = False,
-                          STREAM: tl.constexpr = 0, DOS_BF16: tl.constexpr = False):
-    """As output.py's `_out_bwd_qp_kernel` (SCRATCH: dA as dAᵀ's transpose through scratch memory)."""
+                          STREAM: tl.constexpr = 0, DOS_BF16: tl.constexpr = False, HAS_DELTA: tl.constexpr = False):
+    """As output.py's `_out_bwd_qp_kernel` (SCRATCH: dA as dAᵀ's transpose through scratch memory; HAS_DELTA: Δ
+    read from DELTA)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -255,12 +261,13 @@ def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G, S
         u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
         do = _value_tile(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
         do_t = _value_tile_t(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
-        delta = u - tl.dot(_rows(W, vrow, rc, rk, mk, K), s, input_precision=PRECISION)
+        delta = delta_rows(DELTA, u, _rows(W, vrow, rc, rk, mk, K), s, vrow, rc, cols, mv, V, HAS_DELTA, PRECISION)
         d_q += mm(do, s_t, DOS_BF16, PRECISION)
         dA_t += tl.dot(delta, do_t, input_precision=PRECISION)
         if not SCRATCH:
             u_t = tl.load(U + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0).to(tl.float32)
-            delta_t = u_t - tl.dot(s_t, _rows_t(W, vrow, rc, rk, mk, K), input_precision=PRECISION)
+            delta_t = delta_rows_t(DELTA, u_t, _rows_t(W, vrow, rc, rk, mk, K), s_t, vrow, rc, cols, mv, V, HAS_DELTA,
+                                   PRECISION)
             dA += tl.dot(do, delta_t, input_precision=PRECISION)
     if SCRATCH:
         dA = transpose_via(SCR, vrow, dA_t, rc, C)

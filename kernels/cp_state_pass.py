@@ -39,16 +39,17 @@ def _segment_maps(M_sub: Tensor, b_sub: Tensor, subs, seg: int) -> tuple[Tensor,
 
 class CPStatePass(torch.autograd.Function):
     """(W, U, P̃, d, initial states of all sequences [N, HV, K, V]) -> (state entering every local chunk,
-    final state of every local segment), for the rank's part of a stream split by ``layout``."""
+    final state of every local segment, Δ or None: see state_pass.keeps_delta), for the rank's part of a stream
+    split by ``layout``."""
 
     @staticmethod
     def forward(ctx, W, U, P, D, init_all, after, layout: StreamLayout, group, seg_first, seg_len, sub_len, narrow,
-                recompute, handoff, dtype):
+                recompute, handoff, dtype, keep_delta=False):
         ctx.set_materialize_grads(False)  # S's gradient may come through the handoff (see state_pass)
         K = W.shape[-1]
         subs = split_segments(seg_first, seg_len, sub_len)
         first, length = [s[0] for s in subs], [s[1] for s in subs]
-        _, maps = state_forward(W, U, P, D, None, first, length, summary=True, store_starts=False, narrow=narrow)
+        _, maps, _ = state_forward(W, U, P, D, None, first, length, summary=True, store_starts=False, narrow=narrow)
         M_sub, b_sub = maps[..., :K], maps[..., K:]
         segs = layout.segments
         exports = []
@@ -63,18 +64,21 @@ class CPStatePass(torch.autograd.Function):
         S_enter = torch.stack([entering[s.piece] if _continues(layout, i) else init_all[s.seq]
                                for i, s in enumerate(segs)])
         S_sub = _fold_forward(M_sub, b_sub, S_enter, subs).contiguous()
-        starts, finals = state_forward(W, U, P, D, S_sub, first, length, narrow=narrow, starts_dtype=dtype)
+        starts, finals, delta = state_forward(W, U, P, D, S_sub, first, length, narrow=narrow, starts_dtype=dtype,
+                                              delta_dtype=dtype if keep_delta else None)
         last_sub = last_subs(subs)
         kept = save_states(ctx, recompute, starts, functools.partial(remake_starts, first, length, narrow, dtype),
                            S_sub)
-        save_wy(ctx, recompute, (W, U, P), D, kept, M_sub, gathered[..., :K])
+        save_wy(ctx, recompute, (W, U, P), D, kept, M_sub, gathered[..., :K], delta)
         ctx.meta = (layout, group, subs, last_sub, narrow, init_all.shape, handoff)
         arm_state_pass(handoff)
-        return starts, take_rows(finals, last_sub)
+        if delta is not None:
+            ctx.mark_non_differentiable(delta)
+        return starts, take_rows(finals, last_sub), delta
 
     @staticmethod
-    def backward(ctx, g_starts, g_final):
-        (W, U, P), (D, starts, M_sub, M_gathered) = load_wy(ctx, states_at=1)
+    def backward(ctx, g_starts, g_final, g_delta=None):
+        (W, U, P), (D, starts, M_sub, M_gathered, delta) = load_wy(ctx, states_at=1)
         layout, group, subs, last_sub, narrow, init_shape, handoff = ctx.meta
         first, length = [s[0] for s in subs], [s[1] for s in subs]
         segs = layout.segments
@@ -98,12 +102,13 @@ class CPStatePass(torch.autograd.Function):
         out = _fold_backward(M_sub, local, terminal, subs, last_sub)
         dW, dU, dP, dD, dS0 = state_backward(W, U, P, D, starts, g_starts, out.contiguous(), first, length,
                                              narrow=narrow, reuse_g=handoff is not None,
-                                             add_to=None if handoff is None else handoff.take("state_pass"))
+                                             add_to=None if handoff is None else handoff.take("state_pass"),
+                                             delta=delta)
         d_init = grad_buffer(W, init_shape, zeros=True)
         for i, s in enumerate(segs):  # states that entered from an initial state (own pieces' only: no double count)
             if not _continues(layout, i):
                 d_init[s.seq] += dS0[first_sub[i]]
-        return dW, dU, dP, dD, d_init, None, None, None, None, None, None, None, None, None, None
+        return dW, dU, dP, dD, d_init, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _continues(layout: StreamLayout, seg: int) -> bool:
@@ -129,13 +134,14 @@ def _arriving_adjoints(layout: StreamLayout, nu_gathered: Tensor, M_gathered: Te
 def cp_state_pass(W: Tensor, U: Tensor, P: Tensor, D: Tensor, init_all: Tensor, layout: StreamLayout, group,
                   seg_first, seg_len, sub_len: int, after: Tensor | None = None,
                   recompute: Recompute | None = None, handoff: GradHandoff | None = None,
-                  input_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor] | None:
+                  input_dtype: torch.dtype = torch.float32,
+                  keep_delta: bool = False) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """W, P [Nc,HV,C,K]; U [Nc,HV,C,V]; D [Nc,HV,K]; init_all [N,HV,K,V] (float32) -> (starts, finals), or None
     when the kernels do not fit this GPU (the caller then uses the PyTorch exchange). ``after``: the A exchange's
-    gathered tensor, so that backward meets this pass's collective before that one's (see cp.comm). ``handoff``
-    and ``input_dtype`` as in :func:`.state_pass.state_pass`."""
+    gathered tensor, so that backward meets this pass's collective before that one's (see cp.comm). ``handoff``,
+    ``input_dtype`` and ``keep_delta`` as in :func:`.state_pass.state_pass`."""
     args = [t.contiguous() for t in (W, U, P, D, init_all)]
     dtype = states_dtype(handoff, input_dtype)
     return _with_narrow_retry(lambda narrow: CPStatePass.apply(*args, after, layout, group, tuple(seg_first),
                                                                tuple(seg_len), sub_len, narrow, recompute,
-                                                               handoff, dtype))
+                                                               handoff, dtype, keep_delta))

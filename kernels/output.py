@@ -80,6 +80,27 @@ def state_tile_t(S, srow, V: tl.constexpr, rk, cols, mk, mv):
 
 
 @triton.jit
+def delta_rows(DELTA, u, w, s, row0, rc, cols, mv, V: tl.constexpr, HAS_DELTA: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """Δ = U − W S for rows row0 + rc, columns ``cols`` ([C, BV] float32, from the caller's tiles ``u`` of U, ``w``
+    [C, BK] of W and ``s`` [BK, BV] of S) — or read from DELTA where the forward pass kept it (HAS_DELTA, see
+    state_pass.keeps_delta): the caller's loads of ``u`` and ``w`` are then dead code, which the compiler drops."""
+    if HAS_DELTA:
+        return tl.load(DELTA + (row0 + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
+    return u - tl.dot(w, s, input_precision=PRECISION)
+
+
+@triton.jit
+def delta_rows_t(DELTA, u_t, w_t, s_t, row0, rc, cols, mv, V: tl.constexpr, HAS_DELTA: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """The same tile transposed ([BV, C], from ``u_t``, ``w_t`` [BK, C] and ``s_t`` [BV, BK]), read straight from
+    memory where kept."""
+    if HAS_DELTA:
+        return tl.load(DELTA + (row0 + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0).to(tl.float32)
+    return u_t - tl.dot(s_t, w_t, input_precision=PRECISION)
+
+
+@triton.jit
 def mm(a, b, BF16: tl.constexpr, PRECISION: tl.constexpr):
     """a·b with float32 accumulation; BF16 (host: _triton_utils.exact_in_bf16): both operands hold bfloat16 values
     (dO and S for 16-bit inputs), so bfloat16 operands give the exact product, as TF32 does, for less. (Rounding
@@ -91,10 +112,11 @@ def mm(a, b, BF16: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
+def _out_fwd_kernel(Q, P, GAM, W, U, S, DELTA, O, H, HV, G, STARTS, LENS,
                     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    PRECISION: tl.constexpr, STREAM: tl.constexpr = 0):
-    """One program per chunk and value head: A once, then every V block (A is the costly part)."""
+                    PRECISION: tl.constexpr, STREAM: tl.constexpr = 0, HAS_DELTA: tl.constexpr = False):
+    """One program per chunk and value head: A once, then every V block (A is the costly part). HAS_DELTA: Δ is
+    read from DELTA (kept by the state pass) instead of formed from U and W."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -116,7 +138,7 @@ def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
         s = state_tile(S, srow, V, rk, cols, mk, mv)
         w = tl.load(W + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0).to(tl.float32)
         u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
-        delta = u - tl.dot(w, s, input_precision=PRECISION)
+        delta = delta_rows(DELTA, u, w, s, vrow, rc, cols, mv, V, HAS_DELTA, PRECISION)
         qd = tl.load(Q + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0) * tl.exp(gam)[:, None]
         o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
         _store_value_tile(O, orow, ostride, on, rc, cols, mv, o)
@@ -125,8 +147,9 @@ def _out_fwd_kernel(Q, P, GAM, W, U, S, O, H, HV, G, STARTS, LENS,
 @triton.jit
 def _out_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, STARTS, LENS,
                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          PRECISION: tl.constexpr, STREAM: tl.constexpr = 0):
-    """dΔ = Aᵀ dO (= dU), dS = (Q̂ ⊙ e^Γ)ᵀ dO − Wᵀ dΔ, dW = −Σ_V-blocks dΔ Sᵀ (accumulated here, no partials)."""
+                          PRECISION: tl.constexpr, STREAM: tl.constexpr = 0, STORE_DW: tl.constexpr = True):
+    """dΔ = Aᵀ dO (= dU), dS = (Q̂ ⊙ e^Γ)ᵀ dO − Wᵀ dΔ, dW = −Σ_V-blocks dΔ Sᵀ (accumulated here, no partials) —
+    unless not STORE_DW: the state pass forms dW from dU (stages.fused_dw)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -153,9 +176,11 @@ def _out_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, STARTS, LEN
         w_t = tl.load(W + (vrow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0).to(tl.float32)
         d_s = tl.dot(qd_t, do, input_precision=PRECISION) - tl.dot(w_t, d_delta, input_precision=PRECISION)
         tl.store(DS + (srow + rk[:, None]) * V + cols[None, :], d_s, mask=mk[:, None] & mv[None, :])
-        s_t = state_tile_t(S, srow, V, rk, cols, mk, mv)
-        d_w -= tl.dot(d_delta, s_t, input_precision=PRECISION)
-    tl.store(DW + (vrow + rc[:, None]) * K + rk[None, :], d_w, mask=mk[None, :])
+        if STORE_DW:
+            s_t = state_tile_t(S, srow, V, rk, cols, mk, mv)
+            d_w -= tl.dot(d_delta, s_t, input_precision=PRECISION)
+    if STORE_DW:
+        tl.store(DW + (vrow + rc[:, None]) * K + rk[None, :], d_w, mask=mk[None, :])
 
 
 @triton.jit
@@ -169,12 +194,13 @@ def transpose_via(SCR, row0, x, rc, C: tl.constexpr):
 
 
 @triton.jit
-def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G, STARTS, LENS,
+def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DELTA, DO, DQ, DP, DGAM, SCR, H, HV, G, STARTS, LENS,
                        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        PRECISION: tl.constexpr, SCRATCH: tl.constexpr = False,
-                       STREAM: tl.constexpr = 0, DOS_BF16: tl.constexpr = False):
+                       STREAM: tl.constexpr = 0, DOS_BF16: tl.constexpr = False, HAS_DELTA: tl.constexpr = False):
     """dQ̂, dP and dΓ: accumulates dO Sᵀ and dAᵀ = Δ dOᵀ over V blocks, and dA = dO Δᵀ too — or, with SCRATCH,
-    dA and Aᵀ as transposes through scratch memory (two fewer products per V block, one fewer per chunk)."""
+    dA and Aᵀ as transposes through scratch memory (two fewer products per V block, one fewer per chunk).
+    HAS_DELTA: Δ and Δᵀ are read from DELTA (kept by the forward) instead of formed from U and W."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -198,13 +224,13 @@ def _out_bwd_qp_kernel(Q, P, GAM, W, U, S, DO, DQ, DP, DGAM, SCR, H, HV, G, STAR
         u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
         do = _value_tile(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
         do_t = _value_tile_t(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
-        delta = u - tl.dot(w, s, input_precision=PRECISION)  # [C, BV]
+        delta = delta_rows(DELTA, u, w, s, vrow, rc, cols, mv, V, HAS_DELTA, PRECISION)  # [C, BV]
         d_q += mm(do, s_t, DOS_BF16, PRECISION)
         dA_t += tl.dot(delta, do_t, input_precision=PRECISION)
         if not SCRATCH:
             u_t = tl.load(U + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0).to(tl.float32)
             w_t = tl.load(W + (vrow + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0).to(tl.float32)
-            delta_t = u_t - tl.dot(s_t, w_t, input_precision=PRECISION)  # [BV, C]
+            delta_t = delta_rows_t(DELTA, u_t, w_t, s_t, vrow, rc, cols, mv, V, HAS_DELTA, PRECISION)  # [BV, C]
             dA += tl.dot(do, delta_t, input_precision=PRECISION)
     if SCRATCH:
         dA = transpose_via(SCR, vrow, dA_t, rc, C)

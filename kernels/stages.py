@@ -98,11 +98,12 @@ def save_states(ctx, recompute: Recompute | None, S: torch.Tensor, remake_starts
 
 def adjoint_dtype(S: torch.Tensor) -> torch.dtype:
     """Storage of the chunk-state-sized gradients — dS from the output stage and the adjoints Λ the reverse pass
-    keeps for the chunk-gradient kernel (written over dS): float32, or bfloat16 with PDELTA_ADJOINTS_BF16=1 where
-    the states S themselves are bfloat16 (as fla keeps dh in the inputs' dtype). The reverse pass carries Λ in
-    float32; only the stored copies are rounded. Opt-in (session m, CPU-tested): halves the largest float32
-    tensor of the backward (1 KB per token and head at K = V = 128) and its traffic; not yet timed on a GPU."""
-    on = os.environ.get("PDELTA_ADJOINTS_BF16", "0") == "1"
+    keeps for the chunk-gradient kernel (written over dS): bfloat16 where the states S themselves are bfloat16 (as
+    fla keeps dh in the inputs' dtype), else float32; PDELTA_ADJOINTS_BF16=0 keeps float32. The reverse pass
+    carries Λ in float32; only the stored copies are rounded. Halves the largest float32 tensor of the backward
+    (1 KB per token and head at K = V = 128) and its traffic: H100 session o, PGDN 32K fwd+bwd −2.1%, peak
+    −0.25 GiB, tests/test_gpu.py within its limits. Default since session o."""
+    on = os.environ.get("PDELTA_ADJOINTS_BF16", "1") == "1"
     return torch.bfloat16 if on and S.dtype == torch.bfloat16 else torch.float32
 
 
@@ -113,14 +114,15 @@ def grad_buffer(like: torch.Tensor, shape, zeros: bool = False) -> torch.Tensor:
 
 
 def remade_wy_dtype(input_dtype: torch.dtype, states_remade: bool) -> torch.dtype:
-    """Storage of W, U, P̃ as backward remakes them (:class:`Recompute` from the inverse): float32, or bfloat16 with
-    PDELTA_REMAKE_WY_BF16=1 for 16-bit inputs — as fla remakes w, u in the inputs' dtype. Only backward reads them
-    (the output and state-pass gradients; the forward keeps its float32 tensors), so the outputs are unchanged
-    and the gradients are those of the forward up to the rounding of W, U, P̃. Never when the chunk states are
-    remade from them too (PDELTA_RECOMPUTE_STATES=1: the states would drift from the forward's). Opt-in (session
-    n, CPU-tested): halves the three largest remade tensors (1.5 KB per token and head at K = 128) and their
-    reads in the backward kernels."""
-    on = os.environ.get("PDELTA_REMAKE_WY_BF16", "0") == "1"
+    """Storage of W, U, P̃ as backward remakes them (:class:`Recompute` from the inverse): bfloat16 for 16-bit
+    inputs — as fla remakes w, u in the inputs' dtype — else float32; PDELTA_REMAKE_WY_BF16=0 keeps float32. Only
+    backward reads them (the output and state-pass gradients; the forward keeps its float32 tensors), so the
+    outputs are unchanged and the gradients are those of the forward up to the rounding of W, U, P̃. Never when
+    the chunk states are remade from them too (PDELTA_RECOMPUTE_STATES=1: the states would drift from the
+    forward's). Halves the three largest remade tensors (1.5 KB per token and head at K = 128) and their reads in
+    the backward kernels: H100 session o, PGDN 32K fwd+bwd −6.5%, peak −0.375 GiB, tests/test_gpu.py within its
+    limits (worst: PKDA K = 256 log_atk_scale 9.8e-3 of 2e-2). Default since session o."""
+    on = os.environ.get("PDELTA_REMAKE_WY_BF16", "1") == "1"
     half = input_dtype in (torch.bfloat16, torch.float16)
     return torch.bfloat16 if on and half and not states_remade else torch.float32
 
@@ -191,6 +193,22 @@ def plus_left(grad: torch.Tensor | None, left: torch.Tensor) -> torch.Tensor:
     """A stage's own gradient (None: none) plus what the output stage left for it: the PyTorch fallbacks of the
     stages that take from a :class:`GradHandoff`."""
     return left if grad is None else grad + left
+
+
+def fused_dw() -> bool:
+    """PDELTA_FUSE_DW=1 (opt-in, session o, CPU-tested only): where the state pass takes the output stage's gradients
+    (GradHandoff "state_pass"), the output stage leaves dU = dΔ alone, without dW = −dΔ Sᵀ: the state pass's
+    chunk-gradient kernel forms dW = −(dΔ + P̃Λ) Sᵀ in one product, since both terms multiply the same S_c. The
+    output dS backward then reads no S tiles and keeps no [C, K] dW accumulator."""
+    return os.environ.get("PDELTA_FUSE_DW", "0") == "1"
+
+
+def left_dW(left: tuple, starts: torch.Tensor) -> torch.Tensor:
+    """The output stage's dW from what it left for the state pass: as left, or −dU Sᵀ (float32) where it left dU
+    alone (:func:`fused_dw`) and the state pass is off the fused kernel (its other paths and fallbacks)."""
+    if left[0] is not None:
+        return left[0]
+    return -(left[1] @ starts.float().mT)
 
 
 def add_left(grads: tuple, left: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
@@ -301,6 +319,13 @@ def _chunk_values(v: torch.Tensor, rows: StreamRows | None) -> torch.Tensor:
     return v.float() if rows is None else _stream_to_chunks(v, rows)
 
 
+def wy_backward_warps(K: int, config_warps: int) -> int:
+    """num_warps of the WY backward kernels: 4 above K = 128 — at 8 they need 1 KB more shared memory than Hopper
+    has (233472 of 232448 bytes, so PyTorch ran them), at 4 they fit and pass tests/test_gpu.py's K = 256 cases
+    (H100 session o) — else the tile config's."""
+    return 4 if K > 128 else config_warps
+
+
 def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay_shape: Callable,
                   kernel_backward: Callable[[], bool] = lambda: True, pick_fwd: Callable | None = None):
     """(K̂, P [Nc,H,C,K]; V [Nc,HV,C,V], or with ``rows`` (:class:`StreamRows`) [L, HV, V] in the stream layout;
@@ -371,7 +396,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
                         k_hat, p, v, beta, gamma, T, *z, dk, dp, dv, dbeta, dgam, H, HV, HV // H, starts, lens, K=K,
                         V=V, C=C, BK=BK, BV=BV, ACCUMULATE_DP=left is not None, PRECISION=dot_precision(),
                         STREAM=stream_mode(rows),
-                        **launch_config(f"{name}_bwd", warps, stages))):
+                        **launch_config(f"{name}_bwd", wy_backward_warps(K, warps), stages))):
                     dk = pass_on(ctx.handoff, "write_keys", _fold_groups(dk, H))
                     return dk, _fold_groups(dp, H), dv, dbeta, dgam, None, None
             dk, dp, dv, *rest = torch_form_grads(torch_form, (k_hat, p, _chunk_values(v, rows), beta, gamma), grads)
@@ -414,11 +439,12 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
 def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, torch_form: Callable):
     """(Q̂, P [Nc,H,C,K]; Γ; W [Nc,HV,C,K]; U [Nc,HV,C,V]; S [Nc,HV,K,V]) -> O [Nc,HV,C,V] (float32), or with
     ``rows`` (:class:`StreamRows`) O [L, HV, V] in ``stream_dtype``: the stream layout, written (and dO read) by
-    the kernels themselves."""
+    the kernels themselves. ``delta``: Δ = U − W S [Nc,HV,C,V] as the state pass kept it (state_pass.keeps_delta),
+    read by the forward and dQ̂/dP kernels in its place; gradients still go to W, U and S (Δ is not an input)."""
 
     class Stage(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, q_hat, p, gamma, W, U, S, recompute, handoff, rows, stream_dtype):
+        def forward(ctx, q_hat, p, gamma, W, U, S, delta, recompute, handoff, rows, stream_dtype):
             Nc, H, _, K = q_hat.shape
             HV, V = U.shape[1], U.shape[-1]
             BK, BV, warps, stages = chunk_tile_config(K, V)
@@ -426,24 +452,28 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             O = U.new_empty(rows.num_tokens, HV, V, dtype=stream_dtype) if stream else U.new_empty(Nc, HV, C, V)
             starts, lens = kernel_rows(rows, gamma)
             ctx.fallback = Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: fwd_kernel[(Nc, HV)](
-                q_hat, p, gamma, W, U, S, O, H, HV, HV // H, starts, lens, K=K, V=V, C=C, BK=BK, BV=BV,
-                PRECISION=dot_precision(), STREAM=stream_mode(rows),
+                q_hat, p, gamma, W, U, S, U if delta is None else delta, O, H, HV, HV // H, starts, lens, K=K, V=V,
+                C=C, BK=BK, BV=BV, PRECISION=dot_precision(), STREAM=stream_mode(rows), HAS_DELTA=delta is not None,
                 **launch_config(f"{name}_fwd", warps, stages)))
             if ctx.fallback:
                 O = torch_form(q_hat, p, gamma, W, U, S.float())
                 O = _chunks_to_stream(O, rows, stream_dtype) if stream else O
-            save_wy(ctx, recompute, (W, U), q_hat, p, gamma, save_states(ctx, recompute, S), *rows_saved(rows))
+            save_wy(ctx, recompute, (W, U), q_hat, p, gamma, save_states(ctx, recompute, S),
+                    None if ctx.fallback else delta, *rows_saved(rows))
             ctx.handoff, ctx.rows_meta = handoff, rows_meta(rows)
             return O
 
         @staticmethod
         def backward(ctx, dO):
-            (W, U), (q_hat, p, gamma, S, *row_tables) = load_wy(ctx, states_at=3)
+            (W, U), (q_hat, p, gamma, S, delta, *row_tables) = load_wy(ctx, states_at=3)
             Nc, H, _, K = q_hat.shape
             HV, V = U.shape[1], U.shape[-1]
             BK, BV, warps, stages = chunk_tile_config(K, V)
             dO = dO.contiguous()
-            dq, dp, dW = (grad_buffer(W, W.shape) for _ in range(3))
+            # the state pass forms the output's dW with its own (one product): only where it takes our dU
+            dw_here = not (fused_dw() and ctx.handoff is not None and ctx.handoff.armed("state_pass"))
+            dq, dp = grad_buffer(W, W.shape), grad_buffer(W, W.shape)
+            dW = grad_buffer(W, W.shape) if dw_here else dq  # (not written without STORE_DW)
             # dS in float32 whatever S's storage (or bfloat16, see adjoint_dtype); it reaches the state pass
             # through the handoff's "states" slot (autograd would cast it to S's dtype)
             dU, dS = grad_buffer(U, U.shape), torch.empty_like(S, dtype=adjoint_dtype(S))
@@ -455,37 +485,39 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             scratch = grad_buffer(W, (Nc, HV, C, C)) if os.environ.get("PDELTA_SCRATCH_TRANSPOSE") == "1" else None
             if Nc and not ctx.fallback and launch_or_fallback(
                     f"{name}_bwd_state", lambda: bwd_state_kernel[(Nc, HV)](
-                        q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H, starts, lens,
+                        q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H, starts, lens, STORE_DW=dw_here,
                         **launch_config(f"{name}_bwd_state", warps, stages), **common)) \
                     and launch_or_fallback(f"{name}_bwd_qp", lambda: bwd_qp_kernel[(Nc, HV)](
-                        q_hat, p, gamma, W, U, S, dO, dq, dp, dgam, scratch if scratch is not None else dq, H, HV,
-                        HV // H, starts, lens, SCRATCH=scratch is not None,
-                        DOS_BF16=exact_in_bf16(dO, S),
+                        q_hat, p, gamma, W, U, S, U if delta is None else delta, dO, dq, dp, dgam,
+                        scratch if scratch is not None else dq, H, HV, HV // H, starts, lens,
+                        SCRATCH=scratch is not None, DOS_BF16=exact_in_bf16(dO, S), HAS_DELTA=delta is not None,
                         **launch_config(f"{name}_bwd_qp", warps, stages),
                         **common)):
                 handoff = ctx.handoff
                 if handoff is not None and handoff.armed("state_pass"):  # it adds its dW, dU and returns the sums
-                    handoff.leave("state_pass", dW, dU)
+                    handoff.leave("state_pass", dW if dw_here else None, dU)
                     dW = dU = None
                 dp = pass_on(handoff, "wy", dp)  # the WY stage adds its dP and folds the sum
                 return (_fold_groups(dq, H), None if dp is None else _fold_groups(dp, H), dgam, dW, dU,
-                        pass_on(handoff, "states", dS), None, None, None, None)
+                        pass_on(handoff, "states", dS), None, None, None, None, None)
             if not Nc:
                 return (torch.zeros_like(q_hat), torch.zeros_like(p), dgam, grad_buffer(W, W.shape, zeros=True), dU, dS,
-                        None, None, None, None)
+                        None, None, None, None, None)
             dO = dO if rows is None else _stream_to_chunks(dO, rows)
             *grads, dS = torch_form_grads(torch_form, (q_hat, p, gamma, W.float(), U.float(), S.float()), (dO,))
-            return (*grads, pass_on(ctx.handoff, "states", dS), None, None, None, None)
+            return (*grads, pass_on(ctx.handoff, "states", dS), None, None, None, None, None)
 
     Stage.__name__ = f"{name}_stage"
 
     def apply(q_hat, p, gamma, W, U, S, recompute: Recompute | None = None, handoff: GradHandoff | None = None,
-              rows: StreamRows | None = None, stream_dtype: torch.dtype = torch.float32):
+              rows: StreamRows | None = None, stream_dtype: torch.dtype = torch.float32,
+              delta: torch.Tensor | None = None):
         """``handoff``: shared with the state pass that made S and the WY stage that made W, U (see
         :class:`GradHandoff`). ``rows``: O in the stream layout [L, HV, V] (:class:`StreamRows`) and
-        ``stream_dtype``."""
+        ``stream_dtype``. ``delta``: Δ kept by the state pass, or None (formed from W, U, S)."""
         S = S.contiguous() if S.dtype == torch.bfloat16 else S.contiguous().float()  # see state_pass.states_dtype
-        return Stage.apply(*[t.contiguous().float() for t in (q_hat, p, gamma, W, U)], S, recompute, handoff, rows,
-                           stream_dtype)
+        delta = None if delta is None else delta.contiguous()
+        return Stage.apply(*[t.contiguous().float() for t in (q_hat, p, gamma, W, U)], S, delta, recompute, handoff,
+                           rows, stream_dtype)
 
     return apply

@@ -26,22 +26,19 @@ import triton.language as tl
 from torch import Tensor
 
 from ..indices import index_tensor, put_rows, take_rows
+from .output import delta_rows
 from ._triton_utils import INTERPRET, launch_config, launch_or_fallback, next_pow2, num_sms, warn_fallback
-from .stages import (GradHandoff, Recompute, add_left, arm, grad_buffer, load_wy, save_states, save_wy, take_one,
-                     torch_form_grads)
+from .stages import (GradHandoff, Recompute, add_left, arm, grad_buffer, left_dW, load_wy, save_states, save_wy,
+                     take_one, torch_form_grads)
 
 
 @triton.jit
-def _chunk_step(S, w, u, p_t, d, PRECISION: tl.constexpr):
-    """S_{c+1} = d ⊙ S_c + P̃ᵀ (U − W S_c) for one [BK, BV] column block of the state."""
-    delta = u - tl.dot(w, S, input_precision=PRECISION)
-    return d[:, None] * S + tl.dot(p_t, delta, input_precision=PRECISION)
-
-
-@triton.jit
-def _state_fwd_kernel(W, U, P, D, S0, FIRST, LENGTH, STARTS, FINAL, HV,
+def _state_fwd_kernel(W, U, P, D, S0, FIRST, LENGTH, STARTS, FINAL, DELTA, HV,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      SUMMARY: tl.constexpr, STORE_STARTS: tl.constexpr, PRECISION: tl.constexpr):
+                      SUMMARY: tl.constexpr, STORE_STARTS: tl.constexpr, PRECISION: tl.constexpr,
+                      STORE_DELTA: tl.constexpr = False):
+    """STORE_DELTA (not in summary mode): DELTA [Nc, HV, C, V] receives every chunk's Δ = U − W S, which the
+    output stage and the chunk-gradient kernel then read instead of forming W S again (see :func:`keeps_delta`)."""
     i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first = tl.load(FIRST + i_s).to(tl.int64)
     n = tl.load(LENGTH + i_s)
@@ -71,7 +68,10 @@ def _state_fwd_kernel(W, U, P, D, S0, FIRST, LENGTH, STARTS, FINAL, HV,
         u = tl.load(U + (base * C + rc[:, None]) * V + ucol[None, :], mask=umask[None, :], other=0.0).to(tl.float32)
         p_t = tl.load(P + (base * C + rc[None, :]) * K + rk[:, None], mask=mk[:, None], other=0.0).to(tl.float32)
         d = tl.load(D + base * K + rk, mask=mk, other=0.0)
-        S = _chunk_step(S, w, u, p_t, d, PRECISION)
+        delta = u - tl.dot(w, S, input_precision=PRECISION)  # [C, BV]
+        if STORE_DELTA:
+            tl.store(DELTA + (base * C + rc[:, None]) * V + cols[None, :], delta, mask=mcol[None, :])
+        S = d[:, None] * S + tl.dot(p_t, delta, input_precision=PRECISION)
     tl.store(FINAL + ((i_s * HV + i_h) * K + rk[:, None]) * NCOL + cols[None, :], S, mask=smask)
 
 
@@ -120,12 +120,16 @@ def _state_bwd_kernel(W, U, P, D, STARTS, G, TERMINAL, FIRST, LENGTH,
 
 
 @triton.jit
-def _state_grads_kernel(W, U, P, STARTS, LAM, DW, DU, DP, DD, HV,
+def _state_grads_kernel(W, U, P, STARTS, LAM, DW, DU, DP, DD, DELTA, HV,
                         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr):
+                        ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, HAS_DELTA: tl.constexpr = False,
+                        DW_FROM_SUM: tl.constexpr = False):
     """Per (chunk, value head), all of V in a loop of BV-wide tiles, from S_c (STARTS) and Λ_{c+1} (LAM):
     dU = P̃ Λ, dW = −dU Sᵀ, dP̃ = (U − W S) Λᵀ, dd = Σ_v S ⊙ Λ — complete sums, no per-V-block copies.
-    ACCUMULATE: dW and dU are added to what DW and DU hold (the output stage's, see stages.GradHandoff)."""
+    ACCUMULATE: dW and dU are added to what DW and DU hold (the output stage's, see stages.GradHandoff).
+    HAS_DELTA: U − W S is read from DELTA (kept by the forward pass), and W, U are not read at all.
+    DW_FROM_SUM (with ACCUMULATE): the output stage left dU alone (no dW, see stages.fused_dw): dW = −(its dU + this
+    pass's) Sᵀ in one product — both terms multiply the same S_c."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     base = i_c.to(tl.int64) * HV + i_h
     rk = tl.arange(0, BK)
@@ -149,15 +153,18 @@ def _state_grads_kernel(W, U, P, STARTS, LAM, DW, DU, DP, DD, HV,
         d_u = tl.dot(p, lam, input_precision=PRECISION)  # [C, BV]
         du_at = DU + (base * C + rc[:, None]) * V + cols[None, :]
         if ACCUMULATE:
-            tl.store(du_at, d_u + tl.load(du_at, mask=mv[None, :], other=0.0), mask=mv[None, :])
+            d_u_sum = d_u + tl.load(du_at, mask=mv[None, :], other=0.0)
+            tl.store(du_at, d_u_sum, mask=mv[None, :])
+            if DW_FROM_SUM:
+                d_u = d_u_sum
         else:
             tl.store(du_at, d_u, mask=mv[None, :])
-        delta = u - tl.dot(w, s, input_precision=PRECISION)  # [C, BV]
+        delta = delta_rows(DELTA, u, w, s, base * C, rc, cols, mv, V, HAS_DELTA, PRECISION)  # [C, BV]
         d_p += tl.dot(delta, tl.load(LAM + vk, mask=m_vk, other=0.0).to(tl.float32), input_precision=PRECISION)
         d_w -= tl.dot(d_u, tl.load(STARTS + vk, mask=m_vk, other=0.0).to(tl.float32), input_precision=PRECISION)
         d_d += tl.sum(s * lam, axis=1)
     dw_at = DW + (base * C + rc[:, None]) * K + rk[None, :]
-    if ACCUMULATE:
+    if ACCUMULATE and not DW_FROM_SUM:
         d_w += tl.load(dw_at, mask=mk[None, :], other=0.0)
     tl.store(dw_at, d_w, mask=mk[None, :])
     tl.store(DP + (base * C + rc[:, None]) * K + rk[None, :], d_p, mask=mk[None, :])
@@ -240,10 +247,24 @@ def states_dtype(handoff: GradHandoff | None, input_dtype: torch.dtype = torch.f
     return torch.bfloat16 if half else torch.float32
 
 
+def keeps_delta(recompute: Recompute | None) -> bool:
+    """Whether the forward pass keeps every chunk's Δ = U − W S [Nc, HV, C, V] (in the states' storage dtype) for
+    the output stage (forward and dQ̂/dP backward) and the chunk-gradient kernel, which then read it instead of
+    forming W S again from W, U and S (fla keeps its v_new so): three [C, K]×[K, V] products and the W, U reads
+    of those kernels go, for one [C, V] tensor kept from forward to backward (half of S's size). H100 session o:
+    PGDN fwd+bwd −9.2% at 32K (PKDA −5.3%), peak +0.125 GiB; float32 inputs bitwise unchanged, bf16 ones within
+    tests/test_gpu.py's limits (o 2.44e-3 → 2.75e-3 at 16K). Not where the states are remade in backward
+    (PDELTA_RECOMPUTE_STATES=1). Default since session o; PDELTA_KEEP_DELTA=0 forms W S again."""
+    states_remade = recompute is not None and recompute.states is not None
+    return os.environ.get("PDELTA_KEEP_DELTA", "1") == "1" and not states_remade
+
+
 def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=True, narrow=False,
-                  starts_dtype: torch.dtype = torch.float32):
+                  starts_dtype: torch.dtype = torch.float32, delta_dtype: torch.dtype | None = None):
     """Launch the forward pass over segments (chunk ranges ``first``/``length``); see module docstring.
-    ``starts_dtype``: storage of the states entering every chunk (see :func:`states_dtype`)."""
+    ``starts_dtype``: storage of the states entering every chunk (see :func:`states_dtype`); ``delta_dtype``
+    (not in summary mode): also keep every chunk's Δ = U − W S in that dtype (see :func:`keeps_delta`).
+    Returns (starts, final, Δ or None)."""
     Nc, HV, C, K = W.shape
     V = U.shape[-1]
     ncol = K + V if summary else V
@@ -251,22 +272,27 @@ def state_forward(W, U, P, D, S0, first, length, summary=False, store_starts=Tru
     nseg = len(first)
     starts = W.new_empty((Nc, HV, K, ncol) if store_starts else (1,), dtype=starts_dtype)
     final = W.new_empty((nseg, HV, K, ncol), dtype=torch.float32)
+    store_delta = delta_dtype is not None and not summary
+    delta = W.new_empty((Nc, HV, C, V), dtype=delta_dtype) if store_delta else None
     grid = (triton.cdiv(ncol, BV), HV, nseg)
     _state_fwd_kernel[grid](W, U, P, D, W if S0 is None else S0, _segments_tensor(first, W.device),
-                            _segments_tensor(length, W.device), starts, final, HV, K=K, V=V, C=C, BK=BK, BV=BV,
-                            SUMMARY=summary, STORE_STARTS=store_starts, PRECISION=_precision(summary),
+                            _segments_tensor(length, W.device), starts, final, final if delta is None else delta, HV,
+                            K=K, V=V, C=C, BK=BK, BV=BV, SUMMARY=summary, STORE_STARTS=store_starts,
+                            PRECISION=_precision(summary), STORE_DELTA=store_delta,
                             **launch_config("state_fwd", forward_warps(K, warps), stages))
-    return starts, final
+    return starts, final, delta
 
 
 def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=True, narrow=False,
-                   reuse_g=False, add_to: tuple[Tensor, Tensor] | None = None):
+                   reuse_g=False, add_to: tuple[Tensor, Tensor] | None = None, delta: Tensor | None = None):
     """Launch the reverse pass; returns (dW, dU, dP, dD, dS_enter) (grads None when not ``store_grads``).
 
     ``reuse_g``: the caller no longer needs G (the gradient of the chunk states, [Nc, HV, K, V]) after this call:
     the split backward writes the adjoints Λ over it (each program reads a chunk's G tile before it writes that
     tile's Λ, and no other program touches it). ``add_to``: (dW, dU) tensors that receive dW and dU added to what
-    they hold (the output stage's gradients, see stages.GradHandoff), returned in their place."""
+    they hold (the output stage's gradients, see stages.GradHandoff), returned in their place; dW None when the
+    output stage left dU alone (stages.fused_dw: its dW follows from that dU and S here). ``delta``: the Δ the
+    forward kept (:func:`keeps_delta`), read by the chunk-gradient kernel in place of U − W S."""
     Nc, HV, C, K = W.shape
     V = U.shape[-1]
     BK, BV, warps, stages = _config(K, V, narrow, pass_stages=True)
@@ -288,15 +314,18 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
                                        K=K, V=V, C=C, BK=BK, BV=BV, STORE_GRADS=store_grads and not split,
                                        STORE_LAM=split, PRECISION=_precision(False),
                                        **launch_config("state_bwd", warps, stages))
+    from_sum = add_to is not None and add_to[0] is None
     if split:
         dW, dU = add_to if add_to is not None else (grad_buffer(W, (Nc, HV, C, K)), grad_buffer(W, (Nc, HV, C, V)))
+        dW = grad_buffer(W, (Nc, HV, C, K)) if from_sum else dW
         dP, dD = grad_buffer(W, (Nc, HV, C, K)), grad_buffer(W, (Nc, HV, K))
         if not launch_or_fallback("state_grads", lambda: _state_grads_kernel[(Nc, HV)](
-                W, U, P, starts, lam, dW, dU, dP, dD, HV, K=K, V=V, C=C, BK=BK, BV=BV,
-                ACCUMULATE=add_to is not None, PRECISION=_precision(False),
-                **launch_config("state_grads", warps, grads_stages))):
+                W, U, P, starts, lam, dW, dU, dP, dD, U if delta is None else delta, HV, K=K, V=V, C=C, BK=BK,
+                BV=BV, ACCUMULATE=add_to is not None, PRECISION=_precision(False), HAS_DELTA=delta is not None,
+                DW_FROM_SUM=from_sum, **launch_config("state_grads", warps, grads_stages))):
             # Λ may already be in G's storage: no retry from G, but the grads follow from Λ and S directly
-            _state_grads_torch(W, U, P, starts, lam, dW, dU, dP, dD, accumulate=add_to is not None)
+            _state_grads_torch(W, U, P, starts, lam, dW, dU, dP, dD, accumulate=add_to is not None,
+                               dw_from_sum=from_sum)
         return dW, dU, dP, dD, dS0
     if not store_grads:
         return None, None, None, None, dS0
@@ -305,20 +334,22 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
     else:
         dW, dP, dD = dW.sum(0), dP.sum(0), dD.sum(0)
     if add_to is not None:
-        dW, dU = add_to[0].add_(dW), add_to[1].add_(dU)
+        dW, dU = left_dW(add_to, starts).add_(dW), add_to[1].add_(dU)
     return dW, dU, dP, dD, dS0
 
 
-def _state_grads_torch(W, U, P, starts, lam, dW, dU, dP, dD, accumulate: bool) -> None:
+def _state_grads_torch(W, U, P, starts, lam, dW, dU, dP, dD, accumulate: bool, dw_from_sum: bool = False) -> None:
     """:func:`_state_grads_kernel` in PyTorch (its fallback), writing (or adding) into the same tensors."""
     W, U, P, starts, lam = (t.float() for t in (W, U, P, starts, lam))
     d_u = P @ lam  # [Nc, HV, C, V]
-    d_w = -(d_u @ starts.mT)
-    if accumulate:
-        dW.add_(d_w)
+    if dw_from_sum:
+        dU.add_(d_u)
+        dW.copy_(-(dU @ starts.mT))
+    elif accumulate:
+        dW.add_(-(d_u @ starts.mT))
         dU.add_(d_u)
     else:
-        dW.copy_(d_w)
+        dW.copy_(-(d_u @ starts.mT))
         dU.copy_(d_u)
     dP.copy_((U - W @ starts) @ lam.mT)
     dD.copy_((starts * lam).sum(-1))
@@ -376,48 +407,54 @@ def default_sub_len(seg_len, HV: int, V: int, device, summaries_needed: bool = F
 
 
 class StatePass(torch.autograd.Function):
-    """(W, U, P̃, d, S_enter) -> (state entering every chunk [Nc,HV,K,V], final state of every segment).
+    """(W, U, P̃, d, S_enter) -> (state entering every chunk [Nc,HV,K,V], final state of every segment, Δ [Nc, HV,
+    C, V] or None: see :func:`keeps_delta`; no gradient flows through it, its readers differentiate U − W S).
 
     Segments longer than ``sub_len`` chunks run as parallel sub-segments joined by their affine summaries.
     Call through :func:`state_pass`, which falls back to PyTorch when the kernels do not fit the GPU.
     """
 
     @staticmethod
-    def forward(ctx, W, U, P, D, S_enter, seg_first, seg_len, sub_len, narrow, recompute, handoff, dtype):
+    def forward(ctx, W, U, P, D, S_enter, seg_first, seg_len, sub_len, narrow, recompute, handoff, dtype,
+                keep_delta=False):
         ctx.set_materialize_grads(False)  # S's gradient may come through the handoff: no zero-filled stand-in
         subs = split_segments(seg_first, seg_len, sub_len)
         first, length = [s[0] for s in subs], [s[1] for s in subs]
         split = len(subs) > len(seg_first)
         M = None
         if split:
-            _, maps = state_forward(W, U, P, D, None, first, length, summary=True, store_starts=False,
-                                    narrow=narrow)
+            _, maps, _ = state_forward(W, U, P, D, None, first, length, summary=True, store_starts=False,
+                                       narrow=narrow)
             K = W.shape[-1]
             M, b = maps[..., :K], maps[..., K:]
             S_sub = _fold_forward(M, b, S_enter, subs)
         else:
             S_sub = S_enter.contiguous()
-        starts, finals = state_forward(W, U, P, D, S_sub, first, length, narrow=narrow, starts_dtype=dtype)
+        starts, finals, delta = state_forward(W, U, P, D, S_sub, first, length, narrow=narrow, starts_dtype=dtype,
+                                              delta_dtype=dtype if keep_delta else None)
         last = last_subs(subs)
         kept = save_states(ctx, recompute, starts, functools.partial(remake_starts, first, length, narrow, dtype),
                            S_sub)
-        save_wy(ctx, recompute, (W, U, P), D, S_enter, kept, M)
+        save_wy(ctx, recompute, (W, U, P), D, S_enter, kept, M, delta)
         ctx.subs, ctx.last, ctx.segments, ctx.handoff = subs, last, (seg_first, seg_len), handoff
         arm_state_pass(handoff)
-        return starts, take_rows(finals, last)
+        if delta is not None:
+            ctx.mark_non_differentiable(delta)
+        return starts, take_rows(finals, last), delta
 
     @staticmethod
-    def backward(ctx, g_starts, g_final):
-        (W, U, P), (D, S_enter, starts, M) = load_wy(ctx, states_at=2)
+    def backward(ctx, g_starts, g_final, g_delta=None):
+        (W, U, P), (D, S_enter, starts, M, delta) = load_wy(ctx, states_at=2)
         g_starts = arriving_state_grad(ctx.handoff, g_starts)
         left = None if ctx.handoff is None else ctx.handoff.take("state_pass")
         grads = _with_narrow_retry(lambda narrow: _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final,
-                                                                   narrow, left))
+                                                                   narrow, left, delta))
         if grads is None:  # recompute the pass in PyTorch and differentiate that
             g_starts = None if g_starts is None else g_starts.float()  # (bfloat16 when stages.adjoint_dtype says so)
             grads = add_left(torch_form_grads(lambda *t: state_pass_torch(*t, *ctx.segments),
-                                              (W.float(), U.float(), P.float(), D, S_enter), (g_starts, g_final)), left)
-        return (*grads, None, None, None, None, None, None, None)
+                                              (W.float(), U.float(), P.float(), D, S_enter), (g_starts, g_final)),
+                             None if left is None else (left_dW(left, starts), left[1]))
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def arm_state_pass(handoff: GradHandoff | None) -> None:
@@ -442,7 +479,7 @@ def zero_or_float(g: Tensor | None, like: Tensor) -> Tensor:
     return (g if g.dtype == torch.bfloat16 else g.float()).contiguous()
 
 
-def _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final, narrow, left):
+def _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final, narrow, left, delta=None):
     subs, last = ctx.subs, ctx.last
     first, length = [s[0] for s in subs], [s[1] for s in subs]
     HV, K, V = W.shape[1], W.shape[-1], U.shape[-1]
@@ -455,7 +492,7 @@ def _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final, narrow, left
                                    store_grads=False, narrow=narrow)
         terminal = _fold_backward(M, local, terminal, subs, last)
     dW, dU, dP, dD, dS0 = state_backward(W, U, P, D, starts, g_starts, terminal.contiguous(), first, length,
-                                         narrow=narrow, reuse_g=ctx.handoff is not None, add_to=left)
+                                         narrow=narrow, reuse_g=ctx.handoff is not None, add_to=left, delta=delta)
     first_sub = [i for i, s in enumerate(subs) if s[3] == 0]
     return dW, dU, dP, dD, take_rows(dS0, first_sub)
 
@@ -497,17 +534,19 @@ def _fold_backward(M, local, terminal, subs, last):
 
 def state_pass(W: Tensor, U: Tensor, P: Tensor, D: Tensor, S_enter: Tensor, seg_first, seg_len,
                sub_len: int | None = None, recompute: Recompute | None = None,
-               handoff: GradHandoff | None = None, input_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+               handoff: GradHandoff | None = None, input_dtype: torch.dtype = torch.float32,
+               keep_delta: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """W, P [Nc,HV,C,K]; U [Nc,HV,C,V]; D [Nc,HV,K]; S_enter [Nseg,HV,K,V] (float32) -> (starts, finals).
     ``recompute``: remakes (W, U, P̃) in backward instead of keeping them (see stages.Recompute).
     ``handoff``: shared with the one stage that reads ``starts`` (the output stage): the gradient arriving for
     ``starts`` is private to this pass (backward overwrites it, see :func:`state_backward`), and that stage's dW,
     dU wait there for this pass's own to be added (see stages.GradHandoff). ``input_dtype``: the op's inputs'
-    dtype, which sets the storage of ``starts`` (see :func:`states_dtype`)."""
+    dtype, which sets the storage of ``starts`` (see :func:`states_dtype`). ``keep_delta``: also return every
+    chunk's Δ = U − W S (:func:`keeps_delta`; None when the PyTorch fallback ran), else None third."""
     if sub_len is None:
         sub_len = default_sub_len(seg_len, W.shape[1], U.shape[-1], W.device)
     args = [t.contiguous() for t in (W, U, P, D, S_enter)]
     dtype = states_dtype(handoff, input_dtype)
     out = _with_narrow_retry(lambda narrow: StatePass.apply(*args, tuple(seg_first), tuple(seg_len), sub_len,
-                                                            narrow, recompute, handoff, dtype))
-    return out if out is not None else state_pass_torch(*args, seg_first, seg_len)
+                                                            narrow, recompute, handoff, dtype, keep_delta))
+    return out if out is not None else (*state_pass_torch(*args, seg_first, seg_len), None)

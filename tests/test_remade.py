@@ -141,6 +141,7 @@ def test_wy_remade_in_bf16_leaves_outputs_and_keeps_gradients_within_the_gpu_lim
     loss = (o_ref[0] * torch.linspace(-1, 1, o_ref[0].shape[-1], dtype=torch.float64)).sum() + o_ref[1].sum() \
         + o_ref[2].sum()
     g_ref = torch.autograd.grad(loss, list(ref.values()))
+    monkeypatch.setenv("PDELTA_REMAKE_WY_BF16", "0")
     outs, grads = _outputs_and_grads(inp)
     monkeypatch.setenv("PDELTA_REMAKE_WY_BF16", "1")
     outs_bf16, grads_bf16 = _outputs_and_grads(inp)
@@ -157,8 +158,10 @@ def test_wy_remade_in_bf16_leaves_outputs_and_keeps_gradients_within_the_gpu_lim
 def test_wy_remade_in_bf16_only_for_16bit_inputs_and_kept_states():
     from pdelta_cp.kernels.stages import remade_wy_dtype
 
-    assert remade_wy_dtype(torch.bfloat16, states_remade=False) == torch.float32  # off by default
+    assert remade_wy_dtype(torch.bfloat16, states_remade=False) == torch.bfloat16  # the default (session o)
     with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PDELTA_REMAKE_WY_BF16", "0")
+        assert remade_wy_dtype(torch.bfloat16, states_remade=False) == torch.float32
         mp.setenv("PDELTA_REMAKE_WY_BF16", "1")
         assert remade_wy_dtype(torch.bfloat16, states_remade=False) == torch.bfloat16
         assert remade_wy_dtype(torch.float16, states_remade=False) == torch.bfloat16

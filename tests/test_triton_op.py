@@ -120,6 +120,9 @@ def test_output_gradients_left_for_other_stages_survive_their_pytorch_fallbacks(
     utils._warned.clear()
     # (the state pass forward's own fallback makes float32 states: that case compares like with like)
     monkeypatch.setenv("PDELTA_STATES_BF16", "1" if T == 150 and where != "state_pass_forward" else "0")
+    # like with like: Δ and the adjoints kept in float32 beside bf16 states (the fallbacks form them exactly)
+    monkeypatch.setenv("PDELTA_KEEP_DELTA", "0" if T == 150 else "1")
+    monkeypatch.setenv("PDELTA_ADJOINTS_BF16", "0")
     HV = 2 if where == "wy_and_output_backward" else 4
     inp = make_inputs(T=T, H=2, HV=HV, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE)
     out_k, grads_k = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
@@ -181,6 +184,7 @@ def test_recomputing_the_states_in_backward_changes_nothing_but_memory(monkeypat
     stored in bfloat16: the remake rounds them the same way), and (PGDN) the states [Nc, HV, K, V] no longer among
     the saved tensors, only the sub-segments' entering states."""
     monkeypatch.setenv("PDELTA_STATES_BF16", states)
+    monkeypatch.setenv("PDELTA_KEEP_DELTA", "0")  # remade states form Δ again: compare with the path that does
     inp = make_inputs(T=330, H=2, HV=4, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE)
     out_k, grads_k = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
     from pdelta_cp.kernels import stages
@@ -273,10 +277,14 @@ def test_blocked_wy_forward_equals_the_row_kernel(decay, doubling, keys):
 
 @pytest.mark.parametrize("T", [130, 192], ids=["padded", "whole_chunks"])
 @pytest.mark.parametrize("variant", ["pgdn", "pkda"])
-def test_bf16_values_reach_the_kernels_unconverted(variant, T):
+def test_bf16_values_reach_the_kernels_unconverted(variant, T, monkeypatch):
     """bf16 inputs: the WY kernels read V in bf16 (no float32 copy) and give what the PyTorch path computes from
     the same bf16 values — outputs and every gradient, v's included. Whole chunks (no padding): the q/k
-    normalisation reads the stream layout and the output kernels write O (and read dO) there in bf16."""
+    normalisation reads the stream layout and the output kernels write O (and read dO) there in bf16. (The
+    intermediates the kernels store in bf16 by default — Δ, the remade W, U, P̃, the adjoints — are kept in float32
+    here, so that only the inputs' path is compared; their rounding has its own tests.)"""
+    for switch in ("PDELTA_KEEP_DELTA", "PDELTA_REMAKE_WY_BF16", "PDELTA_ADJOINTS_BF16"):
+        monkeypatch.setenv(switch, "0")
     inp = make_inputs(T=T, H=2, HV=4, K=16, V=40, variant=variant, dtype=torch.bfloat16, device=DEVICE)
     twin = {n: t.detach().clone().requires_grad_(True) for n, t in inp.items()}
     out, grads = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
@@ -298,6 +306,9 @@ def test_chunk_states_stored_in_bf16_keep_every_gradient(variant, strength, monk
     exactly half the states (T = 330: six chunks). Weak gates (states live thousands of tokens): the state term
     dominates O, so S's rounding shows nearly in full there."""
     import pdelta_cp.kernels.state_pass as sp
+
+    monkeypatch.setenv("PDELTA_KEEP_DELTA", "0")  # the states' rounding alone: Δ and the adjoints stay float32
+    monkeypatch.setenv("PDELTA_ADJOINTS_BF16", "0")
 
     stored, arrived = [], []
     real_forward, real_arriving = sp.state_forward, sp.arriving_state_grad
@@ -351,10 +362,12 @@ def test_adjoints_in_bf16_keep_every_gradient(variant, monkeypatch):
     monkeypatch.setattr(sp, "arriving_state_grad", lambda handoff, g: arrived.append(real_arriving(handoff, g))
                         or arrived[-1])
     monkeypatch.setenv("PDELTA_STATES_BF16", "1")
+    monkeypatch.setenv("PDELTA_KEEP_DELTA", "0")  # the adjoints' rounding alone (Δ would be bf16 beside them)
     inp = make_inputs(T=330, H=2, HV=4, K=12, V=20, variant=variant, dtype=torch.float32, device=DEVICE,
                       decay_strength=0.02)
     ref_inp = {n: t.detach().double().requires_grad_(True) for n, t in inp.items()}
     ref_out, ref_grads = outputs_and_grads(naive_precond_delta_rule, ref_inp, output_final_state=True)
+    monkeypatch.setenv("PDELTA_ADJOINTS_BF16", "0")
     out32, grads32 = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
     assert arrived.pop().dtype == torch.float32
     monkeypatch.setenv("PDELTA_ADJOINTS_BF16", "1")
@@ -476,3 +489,44 @@ def test_every_kernel_family_reads_its_switches(variant, kernel, kind, monkeypat
     with pytest.raises(ValueError, match=f"PDELTA_{kind}_{kernel.upper()}"):
         outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
 
+
+
+@pytest.mark.parametrize("path", ["kernel", "unsplit_backward", "state_grads_fallback", "state_pass_fallback"])
+@pytest.mark.parametrize("variant", ["pgdn", "pkda"])
+def test_fused_dw_matches_the_output_stages_own(variant, path, monkeypatch):
+    """PDELTA_FUSE_DW=1: the output stage leaves dU without dW and the state pass forms dW = −(dU_out + P̃Λ) Sᵀ —
+    the same gradients as the output stage's own dW added in (float32 roundoff), on the chunk-gradient kernel, the
+    per-V-block reverse pass (PDELTA_STATE_BWD_SPLIT=0), that kernel's PyTorch fallback and the whole state pass's
+    PyTorch backward; and the output stage really left no dW."""
+    import pdelta_cp.kernels._triton_utils as utils
+    import pdelta_cp.kernels.stages as stages
+    import pdelta_cp.kernels.state_pass as sp
+    from triton.runtime.errors import OutOfResources
+
+    inp = make_inputs(T=200, H=2, HV=4, K=16, V=24, variant=variant, dtype=torch.float32, device=DEVICE)
+    monkeypatch.setenv("PDELTA_FUSE_DW", "0")
+    out_own, grads_own = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    monkeypatch.setenv("PDELTA_FUSE_DW", "1")
+    left = []
+    real_leave = stages.GradHandoff.leave
+    monkeypatch.setattr(stages.GradHandoff, "leave", lambda self, slot, *g: (slot == "state_pass" and left.append(g))
+                        or real_leave(self, slot, *g))
+
+    def too_big(*args, **kwargs):
+        raise OutOfResources(1, 0, "shared")
+
+    utils._warned.clear()
+    if path == "unsplit_backward":
+        monkeypatch.setenv("PDELTA_STATE_BWD_SPLIT", "0")
+    elif path == "state_grads_fallback":
+        real = sp.launch_or_fallback
+        monkeypatch.setattr(sp, "launch_or_fallback", lambda name, launch: real(
+            name, too_big if name == "state_grads" else launch))
+    elif path == "state_pass_fallback":
+        monkeypatch.setattr(sp, "_kernel_backward", too_big)
+    out, grads = outputs_and_grads(precond_delta_rule, inp, output_final_state=True, backend="triton")
+    assert left and all(g[0] is None and g[1] is not None for g in left)
+    assert all(torch.equal(a, b) for a, b in zip(out, out_own))
+    tol = 1e-6 if DEVICE == "cpu" else 1e-3
+    assert all(rel_rms(grads[n], grads_own[n]) < tol for n in grads), {n: rel_rms(grads[n], grads_own[n])
+                                                                      for n in grads}

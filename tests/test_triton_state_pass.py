@@ -84,7 +84,7 @@ def _check_state_pass(K, V, sub_len):
     ref_starts, ref_final = scan_chunks(plan, S0, _step(W, U, P, D))
     gs, gf = torch.randn_like(ref_starts), torch.randn_like(ref_final)
     ref_grads = torch.autograd.grad((ref_starts * gs).sum() + (ref_final * gf).sum(), leaves)
-    starts, final = state_pass(W, U, P, D, S0, plan.seg_first_chunk, plan.seg_num_chunks, sub_len=sub_len)
+    starts, final, _ = state_pass(W, U, P, D, S0, plan.seg_first_chunk, plan.seg_num_chunks, sub_len=sub_len)
     grads = torch.autograd.grad((starts * gs).sum() + (final * gf).sum(), leaves)
     tol = 1e-5 if DEVICE == "cpu" else 5e-3
     assert rel_rms(starts, ref_starts) < tol and rel_rms(final, ref_final) < tol
@@ -106,7 +106,7 @@ def test_split_backward_writes_the_adjoints_over_g_and_adds_into_the_left_gradie
     U = torch.randn(Nc, HV, C, V, generator=gen).to(DEVICE)
     D = torch.rand(Nc, HV, K, generator=gen).to(DEVICE)
     S0 = torch.randn(1, HV, K, V, generator=gen).to(DEVICE)
-    starts, _ = sp.state_forward(W, U, P, D, S0, [0], [Nc])
+    starts, *_ = sp.state_forward(W, U, P, D, S0, [0], [Nc])
     G = torch.randn(Nc, HV, K, V, generator=gen).to(DEVICE)
     terminal = torch.randn(1, HV, K, V, generator=gen).to(DEVICE)
     left_W, left_U = torch.randn(Nc, HV, C, K, generator=gen).to(DEVICE), torch.randn(Nc, HV, C, V, generator=gen).to(
@@ -141,7 +141,7 @@ def test_state_pass_leaves_a_callers_gradient_alone():
     U = torch.randn(Nc, HV, C, V, generator=gen).to(DEVICE).requires_grad_(True)
     D = torch.rand(Nc, HV, K, generator=gen).to(DEVICE).requires_grad_(True)
     S0 = torch.randn(1, HV, K, V, generator=gen).to(DEVICE)
-    starts, _ = state_pass(W, U, P, D, S0, plan.seg_first_chunk, plan.seg_num_chunks)
+    starts, *_ = state_pass(W, U, P, D, S0, plan.seg_first_chunk, plan.seg_num_chunks)
     gs = torch.randn_like(starts)
     kept = gs.clone()
     torch.autograd.grad(starts, (W, U, P, D), gs)

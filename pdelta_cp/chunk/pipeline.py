@@ -294,17 +294,18 @@ class _DeltaStage:
         if self.backend == "torch":
             S_start, S_final = scan_chunks(plan, S_enter, ch.step)
             return _tokens_first(plan, ch.output(S_start), self.out_dtype), S_final
-        from ..kernels.state_pass import state_pass
+        from ..kernels.state_pass import keeps_delta, state_pass
 
-        S_start, S_final = state_pass(*self._kernel_chunks(), S_enter, plan.seg_first_chunk, plan.seg_num_chunks,
-                                      recompute=self.recompute, handoff=self.handoff, input_dtype=self.out_dtype)
-        return self._kernel_outputs(S_start), S_final
+        S_start, S_final, delta = state_pass(*self._kernel_chunks(), S_enter, plan.seg_first_chunk,
+                                             plan.seg_num_chunks, recompute=self.recompute, handoff=self.handoff,
+                                             input_dtype=self.out_dtype, keep_delta=keeps_delta(self.recompute))
+        return self._kernel_outputs(S_start, delta), S_final
 
     def run_across_ranks(self, layout: StreamLayout, group, init_all: Tensor, after: Tensor | None):
         """Triton only: the state hand-off between ranks and the pass in one (kernels.cp_state_pass); returns
         (outputs, final states) like :meth:`run`, or None when its kernels do not fit this GPU."""
         from ..kernels.cp_state_pass import cp_state_pass
-        from ..kernels.state_pass import default_sub_len
+        from ..kernels.state_pass import default_sub_len, keeps_delta
 
         plan = self.plan
         W = self.chunks.W
@@ -312,22 +313,22 @@ class _DeltaStage:
                                   summaries_needed=True)
         out = cp_state_pass(*self._kernel_chunks(), init_all, layout, group, plan.seg_first_chunk,
                             plan.seg_num_chunks, sub_len, after, self.recompute, handoff=self.handoff,
-                            input_dtype=self.out_dtype)
-        return None if out is None else (self._kernel_outputs(out[0]), out[1])
+                            input_dtype=self.out_dtype, keep_delta=keeps_delta(self.recompute))
+        return None if out is None else (self._kernel_outputs(out[0], out[2]), out[1])
 
     def _kernel_chunks(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         ch = self.chunks
         K = ch.W.shape[-1]
         return ch.W, ch.U, ch.p_tilde, ch.decay.expand(*ch.decay.shape[:-1], K)
 
-    def _kernel_outputs(self, S_start: Tensor) -> Tensor:
+    def _kernel_outputs(self, S_start: Tensor, delta: Tensor | None = None) -> Tensor:
         if self.per_channel:
             from ..kernels.channel import output_channel_decay as output
         else:
             from ..kernels.output import output_scalar_decay as output
         # the kernels write O in the stream layout and dtype themselves (and read dO so)
         o = output(self.queries(), self.p, self.gamma, self.chunks.W, self.chunks.U, S_start, self.recompute,
-                   self.handoff, self.rows, self.out_dtype)
+                   self.handoff, self.rows, self.out_dtype, delta)
         return o if self.rows is not None else _tokens_first(self.plan, o, self.out_dtype)
 
 
