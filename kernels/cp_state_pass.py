@@ -136,10 +136,10 @@ def cp_state_pass(W: Tensor, U: Tensor, P: Tensor, D: Tensor, init_all: Tensor, 
                   recompute: Recompute | None = None, handoff: GradHandoff | None = None,
                   input_dtype: torch.dtype = torch.float32,
                   keep_delta: bool = False) -> tuple[Tensor, Tensor, Tensor | None] | None:
-    """W, P [Nc,HV,C,K]; U [Nc,HV,C,V]; D [Nc,HV,K]; init_all [N,HV,K,V] (float32) -> (starts, finals), or None
-    when the kernels do not fit this GPU (the caller then uses the PyTorch exchange). ``after``: the A exchange's
-    gathered tensor, so that backward meets this pass's collective before that one's (see cp.comm). ``handoff``,
-    ``input_dtype`` and ``keep_delta`` as in :func:`.state_pass.state_pass`."""
+    """W, P [Nc,HV,C,K]; U [Nc,HV,C,V]; D [Nc,HV,K]; init_all [N,HV,K,V] (float32) -> (starts, finals, Δ or None),
+    or None when the kernels do not fit this GPU (the caller then uses the PyTorch exchange). ``after``: the A
+    exchange's gathered tensor, so that backward meets this pass's collective before that one's (see cp.comm).
+    ``handoff``, ``input_dtype`` and ``keep_delta`` as in :func:`.state_pass.state_pass`."""
     args = [t.contiguous() for t in (W, U, P, D, init_all)]
     dtype = states_dtype(handoff, input_dtype)
     return _with_narrow_retry(lambda narrow: CPStatePass.apply(*args, after, layout, group, tuple(seg_first),

@@ -195,12 +195,14 @@ def plus_left(grad: torch.Tensor | None, left: torch.Tensor) -> torch.Tensor:
     return left if grad is None else grad + left
 
 
-def fused_dw() -> bool:
+def fused_dw(K: int) -> bool:
     """PDELTA_FUSE_DW=1 (opt-in, session o, CPU-tested only): where the state pass takes the output stage's gradients
     (GradHandoff "state_pass"), the output stage leaves dU = dΔ alone, without dW = −dΔ Sᵀ: the state pass's
     chunk-gradient kernel forms dW = −(dΔ + P̃Λ) Sᵀ in one product, since both terms multiply the same S_c. The
-    output dS backward then reads no S tiles and keeps no [C, K] dW accumulator."""
-    return os.environ.get("PDELTA_FUSE_DW", "0") == "1"
+    output dS backward then reads no S tiles and keeps no [C, K] dW accumulator. Only up to K = 128, where the state
+    pass has that kernel (state_pass.split_backward_enabled); its other paths form the output's dW in PyTorch
+    (:func:`left_dW`), correct but slower."""
+    return os.environ.get("PDELTA_FUSE_DW", "0") == "1" and K <= 128
 
 
 def left_dW(left: tuple, starts: torch.Tensor) -> torch.Tensor:
@@ -471,7 +473,7 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             BK, BV, warps, stages = chunk_tile_config(K, V)
             dO = dO.contiguous()
             # the state pass forms the output's dW with its own (one product): only where it takes our dU
-            dw_here = not (fused_dw() and ctx.handoff is not None and ctx.handoff.armed("state_pass"))
+            dw_here = not (fused_dw(K) and ctx.handoff is not None and ctx.handoff.armed("state_pass"))
             dq, dp = grad_buffer(W, W.shape), grad_buffer(W, W.shape)
             dW = grad_buffer(W, W.shape) if dw_here else dq  # (not written without STORE_DW)
             # dS in float32 whatever S's storage (or bfloat16, see adjoint_dtype); it reaches the state pass

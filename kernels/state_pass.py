@@ -536,7 +536,7 @@ def state_pass(W: Tensor, U: Tensor, P: Tensor, D: Tensor, S_enter: Tensor, seg_
                sub_len: int | None = None, recompute: Recompute | None = None,
                handoff: GradHandoff | None = None, input_dtype: torch.dtype = torch.float32,
                keep_delta: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
-    """W, P [Nc,HV,C,K]; U [Nc,HV,C,V]; D [Nc,HV,K]; S_enter [Nseg,HV,K,V] (float32) -> (starts, finals).
+    """W, P [Nc,HV,C,K]; U [Nc,HV,C,V]; D [Nc,HV,K]; S_enter [Nseg,HV,K,V] (float32) -> (starts, finals, Δ or None).
     ``recompute``: remakes (W, U, P̃) in backward instead of keeping them (see stages.Recompute).
     ``handoff``: shared with the one stage that reads ``starts`` (the output stage): the gradient arriving for
     ``starts`` is private to this pass (backward overwrites it, see :func:`state_backward`), and that stage's dW,
