@@ -213,12 +213,13 @@ def left_dW(left: tuple, starts: torch.Tensor) -> torch.Tensor:
     return -(left[1] @ starts.float().mT)
 
 
-def add_left(grads: tuple, left: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
-    """(dW, dU, *rest) with the output stage's left dW, dU added (a state pass's backward off its kernel path)."""
+def add_left(grads: tuple, left: tuple | None, starts: torch.Tensor) -> tuple:
+    """(dW, dU, *rest) with the output stage's left dW (see :func:`left_dW`; ``starts``: the chunk states S) and dU
+    added (a state pass's backward off its kernel path)."""
     if left is None:
         return tuple(grads)
     dW, dU, *rest = grads
-    return (plus_left(dW, left[0]), plus_left(dU, left[1]), *rest)
+    return (plus_left(dW, left_dW(left, starts)), plus_left(dU, left[1]), *rest)
 
 
 def save_wy(ctx, recompute: Recompute | None, wy: tuple, *others) -> None:

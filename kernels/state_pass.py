@@ -453,7 +453,7 @@ class StatePass(torch.autograd.Function):
             g_starts = None if g_starts is None else g_starts.float()  # (bfloat16 when stages.adjoint_dtype says so)
             grads = add_left(torch_form_grads(lambda *t: state_pass_torch(*t, *ctx.segments),
                                               (W.float(), U.float(), P.float(), D, S_enter), (g_starts, g_final)),
-                             None if left is None else (left_dW(left, starts), left[1]))
+                             left, starts)
         return (*grads, None, None, None, None, None, None, None, None)
 
 
