@@ -373,7 +373,7 @@ ab)  # one GPU, session l: A/B of env settings ($SETTINGS, e.g. "default PDELTA_
   ;;
 sweep)  # one GPU, session m: GPU tests at the default (two processes) and under each of $SETTINGS_TESTS beside them;
   # then one process per T sweeping $SWEEP (warps_sweep.py --settings: miscompile check, then fwd+bwd against the
-  # default in the same process), fla ($FLA_OPS) and profiles ($PROFILE) while the budget lasts
+  # default in the same process), profiles ($PROFILE) and fla ($FLA_OPS) while the budget lasts
   export CUDA_VISIBLE_DEVICES=0
   [ -z "${SKIP_DEFAULT_TESTS:-}" ] && default_gpu_tests ${TESTLIMIT:-240}
   n=0
@@ -390,18 +390,20 @@ sweep)  # one GPU, session m: GPU tests at the default (two processes) and under
         --rep-ms ${REP_MS:-400} --settings $SWEEP --out "$OUT/sweep_${T}_h$H.json" > "$OUT/sweep_${T}_h$H.log" 2>&1
     echo "sweep $T H=$H rc=$? at ${SECONDS}s"
   done
+  profiles  # before fla: a cold fla op (KDA, PKDA) can autotune for the rest of the call
   left=$(( ${BUDGET:-570} - SECONDS ))
   [ "$left" -gt 30 ] && [ -n "${FLA_OPS:-}" ] && timeout $left python3 benchmarks/bench_kernels.py --T ${FLA_TS:-32768} \
       --warmup 5 --rep 20 --ops $FLA_OPS --out "$OUT/kernels_fla.json" > "$OUT/kernels_fla.log" 2>&1
   echo "fla rc=$? at ${SECONDS}s"
-  profiles
   unset CUDA_VISIBLE_DEVICES
   ;;
 record)  # one GPU: tests/test_gpu.py at the defaults (two processes), then the record benchmark — every op, ours and
   # fla's, in one process, the target lengths first (carry .triton_autotune: fla's KDA autotunes for minutes cold)
   export CUDA_VISIBLE_DEVICES=0
-  default_gpu_tests ${TESTLIMIT:-200}
-  wait; echo "gpu tests done at ${SECONDS}s"; tail -qn1 "$OUT"/gpu_tests*.log
+  if [ -z "${SKIP_DEFAULT_TESTS:-}" ]; then  # (set it when the same tree's tests passed in an earlier call)
+    default_gpu_tests ${TESTLIMIT:-200}
+    wait; echo "gpu tests done at ${SECONDS}s"; tail -qn1 "$OUT"/gpu_tests*.log
+  fi
   timeout $(( ${BUDGET:-570} - SECONDS )) python3 benchmarks/bench_kernels.py --T ${TS:-32768 131072 8192} \
       --batch-case --warmup 5 --rep 20 --ops ${OPS:-pdn pgdn pkda fla-gdn fla-pgdn fla-kda fla-pkda} \
       --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1

@@ -43,6 +43,7 @@ def kernels(K: int, V: int) -> list[tuple[str, object, dict, int, int]]:
     sBK, sBV, swarps, sstages = state_pass._config(K, V)
     state = dict(K=K, V=V, C=64, BK=sBK, BV=sBV, PRECISION="tf32")
     blocked_warps = wy._pick_wy_forward(K)[1] or warps
+    bwd_warps = stages_mod.wy_backward_warps(K, warps)
     return [
         ("wy_fwd (row)", wy._wy_fwd_kernel, chunk, warps, stages),
         ("wy_fwd (blocked)", wy._wy_fwd_blocked_kernel, dict(chunk, DOUBLING=False), blocked_warps, stages),
@@ -82,6 +83,11 @@ def kernels(K: int, V: int) -> list[tuple[str, object, dict, int, int]]:
          stages),
         ("state_grads (kept Δ, dW fused)", state_pass._state_grads_kernel,
          dict(state, HAS_DELTA=True, ACCUMULATE=True, DW_FROM_SUM=True), swarps, sstages),
+        # the split WY backward (default for PKDA, PDELTA_WY_BWD_SPLIT=1 for PGDN): a dL kernel, then the key side
+        ("split WY backward: dL", wy._wy_bwd_dl_kernel, chunk, bwd_warps, stages),
+        ("split WY backward: keys", wy._wy_bwd_kernel, dict(chunk, FROM_DL=True), bwd_warps, stages),
+        ("split channel WY backward: dL", wy._wy_bwd_dl_kernel, dict(chunk, CHANNEL=True), bwd_warps, stages),
+        ("split channel WY backward: keys", channel._wy_ch_bwd_kernel, dict(chunk, FROM_DL=True), bwd_warps, stages),
     ]
 
 

@@ -21,7 +21,7 @@ from .output import (_store_value_tile, _value_tile, _value_tile_t, delta_rows, 
 from .stages import make_output_stage, make_wy_stage
 from .gram_channel import _rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_upper
 from .wy import (_blocked_inverse, _invert_unit_lower, _load_block, _load_blocked_inverse, _store_blocked_inverse,
-                 _store_blocked_product, _store_blocked_u, _value_side_backward)
+                 _store_blocked_product, _store_blocked_u, _value_side_backward, _wy_bwd_dl_kernel)
 
 C = 64
 
@@ -114,10 +114,13 @@ def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, 
 
 
 @triton.jit
-def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
+def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL,
                       DK, DP, DV, DBETA, DGAM, H, HV, G, STARTS, LENS,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = 0):
+                      PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = 0,
+                      FROM_DL: tl.constexpr = False):
+    """As wy.py's `_wy_bwd_kernel`, for Γ [C, K]; FROM_DL: the key side of the split backward (dL, dβ's value share
+    and dV from `wy._wy_bwd_dl_kernel`)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -127,24 +130,33 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     mk = rk < K
     beta = tl.load(BETA + vrow + rc)
     T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
-    vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
-    dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, vbase, vstride, vn, beta, T_t, rc, V, C, BV, PRECISION)
-    # Bk = β K̂ ⊙ e^Γ and its transpose, from transposed loads
     ga = _rows(GAM, vrow, rc, rk, mk, K)
-    bk_t = _rows_t(KH, krow, rc, rk, mk, K) * tl.exp(_rows_t(GAM, vrow, rc, rk, mk, K)) * beta[None, :]
-    dT += tl.dot(_rows(DW, vrow, rc, rk, mk, K), bk_t, input_precision=PRECISION)
-    kk = _rows(KH, krow, rc, rk, mk, K)
-    dT_t += tl.dot(kk * tl.exp(ga) * beta[:, None], _rows_t(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
+    if FROM_DL:
+        d_beta = tl.load(DBETA + vrow + rc)
+        kk = _rows(KH, krow, rc, rk, mk, K)
+    else:
+        vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
+        dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, vbase, vstride, vn, beta, T_t, rc, V, C, BV,
+                                                PRECISION)
+        # Bk = β K̂ ⊙ e^Γ and its transpose, from transposed loads
+        bk_t = _rows_t(KH, krow, rc, rk, mk, K) * tl.exp(_rows_t(GAM, vrow, rc, rk, mk, K)) * beta[None, :]
+        dT += tl.dot(_rows(DW, vrow, rc, rk, mk, K), bk_t, input_precision=PRECISION)
+        kk = _rows(KH, krow, rc, rk, mk, K)
+        dT_t += tl.dot(kk * tl.exp(ga) * beta[:, None], _rows_t(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
     d_bk = tl.dot(T_t, _rows(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
     d_beta += tl.sum(d_bk * kk * tl.exp(ga), axis=1)
     d_gam = d_bk * kk * tl.exp(ga) * beta[:, None]
     d_k = d_bk * tl.exp(ga) * beta[:, None]
     strict = rc[:, None] > rc[None, :]
     strict_t = rc[:, None] < rc[None, :]
-    dL = tl.where(strict, -tl.dot(tl.dot(T_t, dT, input_precision=PRECISION), T_t, input_precision=PRECISION), 0.0)
-    T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
-    dL_t = tl.where(strict_t, -tl.dot(tl.dot(T, dT_t, input_precision=PRECISION), T, input_precision=PRECISION),
-                    0.0)
+    if FROM_DL:
+        dL = tl.load(DL + (vrow + rc[:, None]) * C + rc[None, :])
+    else:
+        dL = tl.where(strict, -tl.dot(tl.dot(T_t, dT, input_precision=PRECISION), T_t, input_precision=PRECISION),
+                      0.0)
+        T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
+        dL_t = tl.where(strict_t, -tl.dot(tl.dot(T, dT_t, input_precision=PRECISION), T, input_precision=PRECISION),
+                        0.0)
     # L = diag(β) X with X = gram(K̂, P): dX = β ⊙ dL, and β's share Σ_j dL_ij X_ij = Σ_d k̂_id (Σ_j dL_ij P_jd
     # e^{Γ_id − Γ_jd}) comes from the same apply, row-scaled afterwards: X itself is never formed
     d_x = gram_apply_lower(dL, P, krow, GAM, vrow, rc, rk, mk, K, C, BK, True, PRECISION)
@@ -153,6 +165,8 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     d_k += d_k_gram
     d_gam += kk * d_k_gram
     tl.store(DK + (vrow + rc[:, None]) * K + rk[None, :], d_k, mask=mk[None, :])
+    if FROM_DL:  # dLᵀ straight from memory, loaded where it is used
+        dL_t = tl.load(DL + (vrow + rc[None, :]) * C + rc[:, None])
     d_p = gram_apply_upper(dL_t * beta[None, :], KH, krow, GAM, vrow, rc, rk, mk, K, C, BK, True, PRECISION)
     pp = _rows(P, krow, rc, rk, mk, K)
     d_gam -= pp * d_p
@@ -313,6 +327,7 @@ def _pick_wy_channel_forward(K: int):
 
 
 wy_channel_decay = make_wy_stage("wy_channel", _wy_ch_fwd_kernel, _wy_ch_bwd_kernel, _wy_torch,
-                                 decay_shape=lambda Nc, HV, K: (Nc, HV, K), pick_fwd=_pick_wy_channel_forward)
+                                 decay_shape=lambda Nc, HV, K: (Nc, HV, K), pick_fwd=_pick_wy_channel_forward,
+                                 dl_kernel=_wy_bwd_dl_kernel, channel_decay=True)
 output_channel_decay = make_output_stage("output_channel", _out_ch_fwd_kernel, _out_ch_bwd_state_kernel,
                                          _out_ch_bwd_qp_kernel, _output_torch)

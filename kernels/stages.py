@@ -196,13 +196,14 @@ def plus_left(grad: torch.Tensor | None, left: torch.Tensor) -> torch.Tensor:
 
 
 def fused_dw(K: int) -> bool:
-    """PDELTA_FUSE_DW=1 (opt-in, session o, CPU-tested only): where the state pass takes the output stage's gradients
-    (GradHandoff "state_pass"), the output stage leaves dU = dΔ alone, without dW = −dΔ Sᵀ: the state pass's
-    chunk-gradient kernel forms dW = −(dΔ + P̃Λ) Sᵀ in one product, since both terms multiply the same S_c. The
-    output dS backward then reads no S tiles and keeps no [C, K] dW accumulator. Only up to K = 128, where the state
-    pass has that kernel (state_pass.split_backward_enabled); its other paths form the output's dW in PyTorch
-    (:func:`left_dW`), correct but slower."""
-    return os.environ.get("PDELTA_FUSE_DW", "0") == "1" and K <= 128
+    """The output's dW formed by the state pass (default since session p; PDELTA_FUSE_DW=0 opts out): where the state
+    pass takes the output stage's gradients (GradHandoff "state_pass"), the output stage leaves dU = dΔ alone,
+    without dW = −dΔ Sᵀ: the state pass's chunk-gradient kernel forms dW = −(dΔ + P̃Λ) Sᵀ in one product, since both
+    terms multiply the same S_c. The output dS backward then reads no S tiles and keeps no [C, K] dW accumulator
+    (H100, 32K tokens, H = 16: PGDN fwd+bwd 0.961×, PKDA 0.984×, peak −0.25 GiB, GPU tests passed). Only up to
+    K = 128, where the state pass has that kernel (state_pass.split_backward_enabled); its other paths form the
+    output's dW in PyTorch (:func:`left_dW`), correct but slower."""
+    return os.environ.get("PDELTA_FUSE_DW", "1") != "0" and K <= 128
 
 
 def left_dW(left: tuple, starts: torch.Tensor) -> torch.Tensor:
@@ -329,16 +330,34 @@ def wy_backward_warps(K: int, config_warps: int) -> int:
     return 4 if K > 128 else config_warps
 
 
+def split_wy_backward(channel_decay: bool) -> bool:
+    """Whether the WY backward runs as two kernels — the value side and dL into a [Nc, HV, C, C] scratch
+    (`wy._wy_bwd_dl_kernel`), then the key side reading dL and dLᵀ from it (FROM_DL) — instead of one kernel that
+    also accumulates dTᵀ and forms dLᵀ by products (it never transposes a dot result in registers). Default for a
+    per-channel decay (PKDA; H100, 32K tokens, H = 16: fwd+bwd 39.92 → 35.98 ms, 0.90×, peak +0.12 GiB for the
+    scratch; its one-kernel backward spilled 6–10 KB per thread), not for a scalar one (PGDN 1.003×: not worth the
+    scratch). PDELTA_WY_BWD_SPLIT=1 splits both, =0 neither."""
+    forced = os.environ.get("PDELTA_WY_BWD_SPLIT")
+    if forced is None:
+        return channel_decay
+    if forced not in ("0", "1"):
+        raise ValueError(f"PDELTA_WY_BWD_SPLIT must be 0 or 1, got {forced!r}; unset it for the default")
+    return forced == "1"
+
+
 def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay_shape: Callable,
-                  kernel_backward: Callable[[], bool] = lambda: True, pick_fwd: Callable | None = None):
+                  kernel_backward: Callable[[], bool] = lambda: True, pick_fwd: Callable | None = None,
+                  dl_kernel=None, channel_decay: bool = False):
     """(K̂, P [Nc,H,C,K]; V [Nc,HV,C,V], or with ``rows`` (:class:`StreamRows`) [L, HV, V] in the stream layout;
     β [Nc,HV,C]; Γ) -> (W, U, P̃, d) as float32 tensors (chunk layout). V in the stream layout is read there by the
     kernels, and dV written there.
 
     decay_shape(Nc, HV, K) gives d's shape; kernel_backward() says whether to use ``bwd_kernel``;
     pick_fwd(K), when given, returns (forward kernel, its num_warps or None for the tile config's), chosen per
-    call (by the key size, or an env switch). The returned function has a ``remake`` attribute: (W, U, P̃, d)
-    again from the inverse T the forward stored, by the same kernel without its Gram and solve.
+    call (by the key size, or an env switch). ``dl_kernel``: the first half of the split backward
+    (:func:`split_wy_backward`), ``bwd_kernel`` with FROM_DL its second; ``channel_decay``: Γ is [.., C, K].
+    The returned function has a ``remake`` attribute: (W, U, P̃, d) again from the inverse T the forward stored, by
+    the same kernel without its Gram and solve.
     """
 
     def launch_forward(k_hat, p, v, beta, gamma, T=None, rows: StreamRows | None = None,
@@ -395,11 +414,17 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
                 dk, dp = torch.empty_like(z[0]), torch.empty_like(z[0]) if left is None else left
                 # dV in V's own dtype (the kernel's store rounds once): no float32 buffer for autograd to cast
                 dv, dbeta, dgam = torch.empty_like(v), torch.empty_like(beta), torch.empty_like(gamma)
-                if launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
-                        k_hat, p, v, beta, gamma, T, *z, dk, dp, dv, dbeta, dgam, H, HV, HV // H, starts, lens, K=K,
-                        V=V, C=C, BK=BK, BV=BV, ACCUMULATE_DP=left is not None, PRECISION=dot_precision(),
-                        STREAM=stream_mode(rows),
-                        **launch_config(f"{name}_bwd", wy_backward_warps(K, warps), stages))):
+                split = dl_kernel is not None and split_wy_backward(channel_decay)
+                dl = torch.empty_like(T) if split else T  # (unread without FROM_DL)
+                if (not split or launch_or_fallback(f"{name}_bwd_dl", lambda: dl_kernel[(Nc, HV)](
+                        k_hat, v, beta, gamma, T, z[0], z[1], dl, dv, dbeta, H, HV, HV // H, starts, lens, K=K, V=V,
+                        C=C, BK=BK, BV=BV, PRECISION=dot_precision(), CHANNEL=channel_decay, STREAM=stream_mode(rows),
+                        **launch_config(f"{name}_bwd_dl", wy_backward_warps(K, warps), stages)))) and \
+                        launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
+                            k_hat, p, v, beta, gamma, T, *z, dl, dk, dp, dv, dbeta, dgam, H, HV, HV // H, starts,
+                            lens, K=K, V=V, C=C, BK=BK, BV=BV, ACCUMULATE_DP=left is not None,
+                            PRECISION=dot_precision(), STREAM=stream_mode(rows), FROM_DL=split,
+                            **launch_config(f"{name}_bwd", wy_backward_warps(K, warps), stages))):
                     dk = pass_on(ctx.handoff, "write_keys", _fold_groups(dk, H))
                     return dk, _fold_groups(dp, H), dv, dbeta, dgam, None, None
             dk, dp, dv, *rest = torch_form_grads(torch_form, (k_hat, p, _chunk_values(v, rows), beta, gamma), grads)

@@ -306,10 +306,10 @@ def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, 
 
 @triton.jit
 def _value_side_backward(DU, VV, DV, vrow, vbase, vstride, vn, beta, T_t, rc, V: tl.constexpr, C: tl.constexpr,
-                         BV: tl.constexpr, PRECISION: tl.constexpr):
+                         BV: tl.constexpr, PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr = True):
     """The U = T Bv part of a WY backward (Bv = diag(β) V), V in tiles: writes dV = β ⊙ Tᵀ dU (in dV's dtype; V and
-    dV at (vbase, vstride), see `value_rows`) and returns the starts of dT (dU Bvᵀ), dTᵀ (Bv dUᵀ) and dβ (rowsum of
-    Tᵀ dU ⊙ V)."""
+    dV at (vbase, vstride), see `value_rows`) and returns the starts of dT (dU Bvᵀ), dTᵀ (Bv dUᵀ; zeros unless
+    TRANSPOSED) and dβ (rowsum of Tᵀ dU ⊙ V)."""
     dT = tl.zeros([C, C], dtype=tl.float32)
     dT_t = tl.zeros([C, C], dtype=tl.float32)
     d_beta = tl.zeros([C], dtype=tl.float32)
@@ -323,17 +323,51 @@ def _value_side_backward(DU, VV, DV, vrow, vbase, vstride, vn, beta, T_t, rc, V:
         vv = _value_tile(VV, vbase, vstride, vn, rc, cols, mv)
         _store_value_tile(DV, vbase, vstride, vn, rc, cols, mv, d_bv * beta[:, None])
         d_beta += tl.sum(d_bv * vv, axis=1)
-        du_t = tl.load(DU + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
-        dT_t += tl.dot(vv * beta[:, None], du_t, input_precision=PRECISION)
+        if TRANSPOSED:
+            du_t = tl.load(DU + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0)
+            dT_t += tl.dot(vv * beta[:, None], du_t, input_precision=PRECISION)
     return dT, dT_t, d_beta
 
 
 @triton.jit
-def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
+def _wy_bwd_dl_kernel(KH, VV, BETA, GAM, TINV, DW, DU, DL, DV, DBETA, H, HV, G, STARTS, LENS,
+                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      PRECISION: tl.constexpr, CHANNEL: tl.constexpr = False, STREAM: tl.constexpr = 0):
+    """First half of the split WY backward (stages.split_wy_backward), scalar or per-channel (CHANNEL) decay: the
+    value side (dV, dβ's share from V), dT = dU Bvᵀ + dW Bkᵀ and dL = −Tᵀ dT Tᵀ (strictly lower) into DL
+    [Nc, HV, C, C]. The key-side kernel reads dL, and dLᵀ by a transposed load: no dTᵀ is accumulated (the
+    one-kernel backward forms it by a second set of products, as a dot result is never transposed in registers)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    beta = tl.load(BETA + vrow + rc)
+    T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
+    vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
+    dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, vbase, vstride, vn, beta, T_t, rc, V, C, BV, PRECISION,
+                                            False)
+    if CHANNEL:  # Bk = β K̂ ⊙ e^Γ, Γ [C, K]
+        bk_t = _rows_t(KH, krow, rc, rk, mk, K) * tl.exp(_rows_t(GAM, vrow, rc, rk, mk, K)) * beta[None, :]
+    else:  # Bk = diag(β e^Γ) K̂, Γ [C]
+        bk_t = _rows_t(KH, krow, rc, rk, mk, K) * (beta * tl.exp(tl.load(GAM + vrow + rc)))[None, :]
+    dT += tl.dot(_rows(DW, vrow, rc, rk, mk, K), bk_t, input_precision=PRECISION)
+    strict = rc[:, None] > rc[None, :]
+    dL = tl.where(strict, -tl.dot(tl.dot(T_t, dT, input_precision=PRECISION), T_t, input_precision=PRECISION), 0.0)
+    tl.store(DL + (vrow + rc[:, None]) * C + rc[None, :], dL)
+    tl.store(DBETA + vrow + rc, d_beta)
+
+
+@triton.jit
+def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL,
                    DK, DP, DV, DBETA, DGAM, H, HV, G, STARTS, LENS,
                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = 0):
-    """Writes per-value-head dK̂ (read side), dP, and dV, dβ, dΓ.
+                   PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = 0,
+                   FROM_DL: tl.constexpr = False):
+    """Writes per-value-head dK̂ (read side), dP, and dV, dβ, dΓ. FROM_DL: the key side of the split backward —
+    dL and dβ's value share as `_wy_bwd_dl_kernel` left them in DL and DBETA (dV written there too).
 
     Every [C, K] tile is (re)loaded right before the product that uses it: short lifetimes keep the shared
     memory that dot operands need within Hopper's limit.
@@ -351,13 +385,17 @@ def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     be = beta * eg
     g_end = tl.sum(tl.where(rc == C - 1, gam, 0.0), axis=0)
     T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
-    # value side: dBv = Tᵀ dU -> dV, dβ; dT = dU Bvᵀ (+ dW Bkᵀ below) and dTᵀ = Bv dUᵀ (+ Bk dWᵀ)
-    vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
-    dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, vbase, vstride, vn, beta, T_t, rc, V, C, BV, PRECISION)
-    dT += tl.dot(_rows(DW, vrow, rc, rk, mk, K), _rows_t(KH, krow, rc, rk, mk, K) * be[None, :],
-                 input_precision=PRECISION)
-    dT_t += tl.dot(_rows(KH, krow, rc, rk, mk, K) * be[:, None], _rows_t(DW, vrow, rc, rk, mk, K),
-                   input_precision=PRECISION)
+    if FROM_DL:
+        d_beta = tl.load(DBETA + vrow + rc)
+    else:
+        # value side: dBv = Tᵀ dU -> dV, dβ; dT = dU Bvᵀ (+ dW Bkᵀ below) and dTᵀ = Bv dUᵀ (+ Bk dWᵀ)
+        vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
+        dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, vbase, vstride, vn, beta, T_t, rc, V, C, BV,
+                                                PRECISION)
+        dT += tl.dot(_rows(DW, vrow, rc, rk, mk, K), _rows_t(KH, krow, rc, rk, mk, K) * be[None, :],
+                     input_precision=PRECISION)
+        dT_t += tl.dot(_rows(KH, krow, rc, rk, mk, K) * be[:, None], _rows_t(DW, vrow, rc, rk, mk, K),
+                       input_precision=PRECISION)
     # key side of W = T Bk: dBk = Tᵀ dW
     d_bk = tl.dot(T_t, _rows(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
     kk = _rows(KH, krow, rc, rk, mk, K)
@@ -367,10 +405,14 @@ def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     # dL = −Tᵀ dT Tᵀ (strictly lower) and dLᵀ = −T dTᵀ T (strictly upper)
     strict = rc[:, None] > rc[None, :]
     strict_t = rc[:, None] < rc[None, :]
-    dL = tl.where(strict, -tl.dot(tl.dot(T_t, dT, input_precision=PRECISION), T_t, input_precision=PRECISION), 0.0)
-    T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
-    dL_t = tl.where(strict_t, -tl.dot(tl.dot(T, dT_t, input_precision=PRECISION), T, input_precision=PRECISION),
-                    0.0)
+    if FROM_DL:
+        dL = tl.load(DL + (vrow + rc[:, None]) * C + rc[None, :])
+    else:
+        dL = tl.where(strict, -tl.dot(tl.dot(T_t, dT, input_precision=PRECISION), T_t, input_precision=PRECISION),
+                      0.0)
+        T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
+        dL_t = tl.where(strict_t, -tl.dot(tl.dot(T, dT_t, input_precision=PRECISION), T, input_precision=PRECISION),
+                        0.0)
     # L = diag(β) (K̂Pᵀ ⊙ D): with Y = (dL ⊙ D) P, dK̂ gets β ⊙ Y and rowsum(dL ⊙ L) = β ⊙ rowsum(K̂ ⊙ Y); with
     # Z = (dLᵀ ⊙ Dᵀ) diag(β) K̂, dP = Z and colsum(dL ⊙ L) = rowsum(P ⊙ Z) — K̂Pᵀ itself is never formed
     decay = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0))
@@ -381,6 +423,8 @@ def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC,
     d_k += y * beta[:, None]
     tl.store(DK + (vrow + rc[:, None]) * K + rk[None, :], d_k, mask=mk[None, :])
     decay_t = tl.exp(tl.where(strict_t, gam[None, :] - gam[:, None], 0.0))
+    if FROM_DL:  # dLᵀ straight from memory, loaded where it is used
+        dL_t = tl.load(DL + (vrow + rc[None, :]) * C + rc[:, None])
     d_p = tl.dot(tl.where(strict_t, dL_t * beta[None, :] * decay_t, 0.0), _rows(KH, krow, rc, rk, mk, K),
                  input_precision=PRECISION)
     d_gam -= tl.sum(_rows(P, krow, rc, rk, mk, K) * d_p, axis=1)  # colsum of dL ⊙ L
@@ -418,6 +462,6 @@ def _pick_wy_forward(K: int):
     return _wy_fwd_blocked_kernel, 4
 
 
-wy_scalar_decay = make_wy_stage("wy", _wy_fwd_kernel, _wy_bwd_kernel, _wy_torch,
+wy_scalar_decay = make_wy_stage("wy", _wy_fwd_kernel, _wy_bwd_kernel, _wy_torch, dl_kernel=_wy_bwd_dl_kernel,
                                 decay_shape=lambda Nc, HV, K: (Nc, HV),
                                 kernel_backward=lambda: TRITON_WY_BACKWARD, pick_fwd=_pick_wy_forward)

@@ -220,14 +220,18 @@ def test_recomputing_the_states_in_backward_changes_nothing_but_memory(monkeypat
                                                 ("PDELTA_SCRATCH_TRANSPOSE", "1", "pgdn"),
                                                 ("PDELTA_SCRATCH_TRANSPOSE", "1", "pkda"),
                                                 ("PDELTA_STREAM_PADDED", "0", "pgdn"),
-                                                ("PDELTA_STREAM_PADDED", "0", "pkda")])
+                                                ("PDELTA_STREAM_PADDED", "0", "pkda"),
+                                                ("PDELTA_WY_BWD_SPLIT", "1", "pgdn"),
+                                                ("PDELTA_WY_BWD_SPLIT", "0", "pkda")])
 def test_switchable_kernel_paths_match_reference(flag, value, variant, monkeypatch):
     """Non-default paths give the same op: PDELTA_WY_BLOCKED=0 (opt-out), the WY forward by 63 row steps;
     PDELTA_STATE_BWD_SPLIT=0 (opt-out), the reverse state pass forms the chunk gradients itself as per-V-block
     partials; PDELTA_GRAD_HANDOFF=0 (opt-out), autograd sums the gradients of W, U, P and K̂;
     PDELTA_WY_CHANNEL_BLOCKED=0 (opt-out), PKDA's WY forward by row steps instead of 16-row blocks;
     PDELTA_SCRATCH_TRANSPOSE=1 (opt-in), the output backward's dA and Aᵀ as transposes through scratch memory;
-    PDELTA_STREAM_PADDED=0 (opt-out; T = 150 is padded), relayout copies instead of the kernels' row tables.
+    PDELTA_STREAM_PADDED=0 (opt-out; T = 150 is padded), relayout copies instead of the kernels' row tables;
+    PDELTA_WY_BWD_SPLIT=1 (opt-in for PGDN), the WY backward as a dL kernel and a key-side kernel; =0 (opt-out for
+    PKDA) the one-kernel backward.
     Every output and gradient against float64."""
     monkeypatch.setenv(flag, value)
     inp = make_inputs(T=150, H=2, HV=4, K=12, V=72, variant=variant, dtype=torch.float32, device=DEVICE)
@@ -530,3 +534,58 @@ def test_fused_dw_matches_the_output_stages_own(variant, path, monkeypatch):
     tol = 1e-6 if DEVICE == "cpu" else 1e-3
     assert all(rel_rms(grads[n], grads_own[n]) < tol for n in grads), {n: rel_rms(grads[n], grads_own[n])
                                                                       for n in grads}
+
+
+@pytest.mark.parametrize("variant,cu", [("pgdn", None), ("pkda", None), ("pdn", (0, 70, 200)), ("pkda", (0, 90, 200))])
+def test_split_wy_backward_matches_the_one_kernel_backward(variant, cu, monkeypatch):
+    """PDELTA_WY_BWD_SPLIT=1 (PKDA's default): the WY backward as the dL kernel plus the key-side kernel reading dL
+    and dLᵀ from scratch gives the one-kernel backward's gradients (float32 roundoff; padded chunks, varlen, grouped
+    values); both kernels really ran; and when the key-side kernel does not fit, the PyTorch form takes over."""
+    import pdelta_cp.kernels._triton_utils as utils
+    import pdelta_cp.kernels.stages as stages
+    from triton.runtime.errors import OutOfResources
+
+    inp = make_inputs(T=200, H=2, HV=4, K=16, V=24, variant=variant, dtype=torch.float32, device=DEVICE,
+                      num_sequences=1 if cu is None else len(cu) - 1)
+    kw = dict(output_final_state=True, backend="triton",
+              cu_seqlens=None if cu is None else torch.tensor(cu, device=DEVICE))
+    monkeypatch.setenv("PDELTA_WY_BWD_SPLIT", "0")
+    out_one, grads_one = outputs_and_grads(precond_delta_rule, inp, **kw)
+    monkeypatch.setenv("PDELTA_WY_BWD_SPLIT", "1")
+    launched = []
+    real = stages.launch_or_fallback
+    monkeypatch.setattr(stages, "launch_or_fallback", lambda name, launch: launched.append(name) or real(name, launch))
+    out, grads = outputs_and_grads(precond_delta_rule, inp, **kw)
+    stage = "wy_channel" if variant == "pkda" else "wy"
+    assert f"{stage}_bwd_dl" in launched and launched.index(f"{stage}_bwd_dl") < launched.index(f"{stage}_bwd")
+    assert all(torch.equal(a, b) for a, b in zip(out, out_one))
+    tol = 1e-5 if DEVICE == "cpu" else 2e-3
+    for name in grads_one:
+        assert rel_rms(grads[name], grads_one[name]) < tol, name
+
+    def key_side_too_big(name, launch):
+        if name == f"{stage}_bwd":
+            launch = lambda: (_ for _ in ()).throw(OutOfResources(1, 0, "shared"))  # noqa: E731
+        return real(name, launch)
+
+    utils._warned.clear()
+    monkeypatch.setattr(stages, "launch_or_fallback", key_side_too_big)
+    with pytest.warns(RuntimeWarning, match="does not fit"):
+        _, grads_fb = outputs_and_grads(precond_delta_rule, inp, **kw)
+    for name in grads_one:
+        assert rel_rms(grads_fb[name], grads_one[name]) < (1e-5 if DEVICE == "cpu" else 5e-3), name
+
+
+def test_split_wy_backward_default_and_switch(monkeypatch):
+    """Split by default for a per-channel decay only; PDELTA_WY_BWD_SPLIT=0/1 forces it; other values are refused."""
+    from pdelta_cp.kernels.stages import split_wy_backward
+
+    monkeypatch.delenv("PDELTA_WY_BWD_SPLIT", raising=False)
+    assert split_wy_backward(True) and not split_wy_backward(False)
+    monkeypatch.setenv("PDELTA_WY_BWD_SPLIT", "1")
+    assert split_wy_backward(True) and split_wy_backward(False)
+    monkeypatch.setenv("PDELTA_WY_BWD_SPLIT", "0")
+    assert not split_wy_backward(True) and not split_wy_backward(False)
+    monkeypatch.setenv("PDELTA_WY_BWD_SPLIT", "yes")
+    with pytest.raises(ValueError, match="PDELTA_WY_BWD_SPLIT must be 0 or 1"):
+        split_wy_backward(True)
