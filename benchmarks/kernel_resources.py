@@ -86,8 +86,13 @@ def kernels(K: int, V: int) -> list[tuple[str, object, dict, int, int]]:
         # the split WY backward (default for PKDA, PDELTA_WY_BWD_SPLIT=1 for PGDN): a dL kernel, then the key side
         ("split WY backward: dL", wy._wy_bwd_dl_kernel, chunk, bwd_warps, stages),
         ("split WY backward: keys", wy._wy_bwd_kernel, dict(chunk, FROM_DL=True), bwd_warps, stages),
-        ("split channel WY backward: dL", wy._wy_bwd_dl_kernel, dict(chunk, CHANNEL=True), bwd_warps, stages),
+        ("split channel WY backward: dL", channel._wy_ch_bwd_dl_kernel, chunk, bwd_warps, stages),
         ("split channel WY backward: keys", channel._wy_ch_bwd_kernel, dict(chunk, FROM_DL=True), bwd_warps, stages),
+        # PDELTA_WY_BWD_DP_IN_DL=1: the P side in the dL kernel
+        ("split channel WY backward: dL + P side", channel._wy_ch_bwd_dl_kernel, dict(chunk, WITH_DP=True), bwd_warps,
+         stages),
+        ("split channel WY backward: keys, P done", channel._wy_ch_bwd_kernel, dict(chunk, FROM_DL=True, DP_DONE=True),
+         bwd_warps, stages),
     ]
 
 

@@ -21,7 +21,7 @@ from .output import (_store_value_tile, _value_tile, _value_tile_t, delta_rows, 
 from .stages import make_output_stage, make_wy_stage
 from .gram_channel import _rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_upper
 from .wy import (_blocked_inverse, _invert_unit_lower, _load_block, _load_blocked_inverse, _store_blocked_inverse,
-                 _store_blocked_product, _store_blocked_u, _value_side_backward, _wy_bwd_dl_kernel)
+                 _store_blocked_product, _store_blocked_u, _value_side_backward, _value_side_dl)
 
 C = 64
 
@@ -114,13 +114,62 @@ def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, 
 
 
 @triton.jit
+def _dp_side(KH, P, GAM, DPT, DDEC, DP, dL_t, beta, ga, krow, vrow, i_c64, i_h, HV, rc, rk, mk, K: tl.constexpr,
+             C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr):
+    """The P side of the channel WY backward, from dLᵀ (masked strictly upper): writes dP (added to the output
+    stage's where ACCUMULATE_DP) and returns its share of dΓ [C, BK] — from the Gram's columns, P̃ = P ⊙ e^{Γ_C − Γ}
+    and d = e^{Γ_C}."""
+    d_p = gram_apply_upper(dL_t * beta[None, :], KH, krow, GAM, vrow, rc, rk, mk, K, C, BK, True, PRECISION)
+    pp = _rows(P, krow, rc, rk, mk, K)
+    g_end = tl.load(GAM + (vrow + C - 1) * K + rk, mask=mk, other=0.0)
+    scale_end = tl.exp(g_end[None, :] - ga)
+    dpt = _rows(DPT, vrow, rc, rk, mk, K)
+    t = dpt * pp * scale_end
+    d_end = tl.sum(t, axis=0) + tl.load(DDEC + (i_c64 * HV + i_h) * K + rk, mask=mk, other=0.0) * tl.exp(g_end)
+    d_gam = tl.where(rc[:, None] == C - 1, d_end[None, :], 0.0) - pp * d_p - t
+    d_p += dpt * scale_end
+    dp_at = DP + (vrow + rc[:, None]) * K + rk[None, :]
+    if ACCUMULATE_DP:  # the output stage's dP (stages.GradHandoff): return the sum in its buffer
+        d_p += tl.load(dp_at, mask=mk[None, :], other=0.0)
+    tl.store(dp_at, d_p, mask=mk[None, :])
+    return d_gam
+
+
+@triton.jit
+def _wy_ch_bwd_dl_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL, DP, DV, DBETA, DGAM, H, HV, G, STARTS,
+                         LENS, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = 0,
+                         WITH_DP: tl.constexpr = False):
+    """First half of the split channel WY backward (stages.split_wy_backward): the value side and dL into DL (as
+    wy.py's `_wy_bwd_dl_kernel`). WITH_DP (stages.wy_dp_in_dl, opt-in): then — dLᵀ read back from DL — the P side
+    too (`_dp_side`): dP, and dΓ's share in DGAM for the key side (`_wy_ch_bwd_kernel` with DP_DONE) to add to, so
+    that each kernel holds one Gram apply."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    beta = tl.load(BETA + vrow + rc)
+    _value_side_dl(KH, VV, GAM, TINV, DW, DU, DL, DV, DBETA, beta, krow, vrow, i_c64, i_h, HV, STARTS, LENS, rc, rk,
+                   mk, K, V, C, BV, PRECISION, True, STREAM)
+    if WITH_DP:
+        tl.debug_barrier()  # dL's rows were stored by other threads than read them transposed
+        dL_t = tl.load(DL + (vrow + rc[None, :]) * C + rc[:, None])  # (strictly upper: DL is strictly lower)
+        d_gam = _dp_side(KH, P, GAM, DPT, DDEC, DP, dL_t, beta, _rows(GAM, vrow, rc, rk, mk, K), krow, vrow, i_c64,
+                         i_h, HV, rc, rk, mk, K, C, BK, PRECISION, ACCUMULATE_DP)
+        tl.store(DGAM + (vrow + rc[:, None]) * K + rk[None, :], d_gam, mask=mk[None, :])
+
+
+@triton.jit
 def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL,
                       DK, DP, DV, DBETA, DGAM, H, HV, G, STARTS, LENS,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = 0,
-                      FROM_DL: tl.constexpr = False):
+                      FROM_DL: tl.constexpr = False, DP_DONE: tl.constexpr = False):
     """As wy.py's `_wy_bwd_kernel`, for Γ [C, K]; FROM_DL: the key side of the split backward (dL, dβ's value share
-    and dV from `wy._wy_bwd_dl_kernel`)."""
+    and dV from `_wy_ch_bwd_dl_kernel`); DP_DONE: that kernel did the P side too (dP, and dΓ's share in DGAM)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -165,24 +214,13 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL,
     d_k += d_k_gram
     d_gam += kk * d_k_gram
     tl.store(DK + (vrow + rc[:, None]) * K + rk[None, :], d_k, mask=mk[None, :])
-    if FROM_DL:  # dLᵀ straight from memory, loaded where it is used
-        dL_t = tl.load(DL + (vrow + rc[None, :]) * C + rc[:, None])
-    d_p = gram_apply_upper(dL_t * beta[None, :], KH, krow, GAM, vrow, rc, rk, mk, K, C, BK, True, PRECISION)
-    pp = _rows(P, krow, rc, rk, mk, K)
-    d_gam -= pp * d_p
-    # P̃ = P ⊙ e^{Γ_C − Γ}, d = e^{Γ_C}
-    g_end = tl.load(GAM + (vrow + C - 1) * K + rk, mask=mk, other=0.0)
-    scale_end = tl.exp(g_end[None, :] - ga)
-    dpt = _rows(DPT, vrow, rc, rk, mk, K)
-    d_p += dpt * scale_end
-    t = dpt * pp * scale_end
-    d_gam -= t
-    d_end = tl.sum(t, axis=0) + tl.load(DDEC + (i_c64 * HV + i_h) * K + rk, mask=mk, other=0.0) * tl.exp(g_end)
-    d_gam += tl.where(rc[:, None] == C - 1, d_end[None, :], 0.0)
-    dp_at = DP + (vrow + rc[:, None]) * K + rk[None, :]
-    if ACCUMULATE_DP:  # the output stage's dP (stages.GradHandoff): return the sum in its buffer
-        d_p += tl.load(dp_at, mask=mk[None, :], other=0.0)
-    tl.store(dp_at, d_p, mask=mk[None, :])
+    if DP_DONE:  # the dL kernel did the P side (dP) and left its share of dΓ
+        d_gam += tl.load(DGAM + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+    else:
+        if FROM_DL:  # dLᵀ straight from memory, loaded where it is used
+            dL_t = tl.load(DL + (vrow + rc[None, :]) * C + rc[:, None])
+        d_gam += _dp_side(KH, P, GAM, DPT, DDEC, DP, dL_t, beta, ga, krow, vrow, i_c64, i_h, HV, rc, rk, mk, K, C,
+                          BK, PRECISION, ACCUMULATE_DP)
     tl.store(DBETA + vrow + rc, d_beta)
     tl.store(DGAM + (vrow + rc[:, None]) * K + rk[None, :], d_gam, mask=mk[None, :])
 
@@ -328,6 +366,6 @@ def _pick_wy_channel_forward(K: int):
 
 wy_channel_decay = make_wy_stage("wy_channel", _wy_ch_fwd_kernel, _wy_ch_bwd_kernel, _wy_torch,
                                  decay_shape=lambda Nc, HV, K: (Nc, HV, K), pick_fwd=_pick_wy_channel_forward,
-                                 dl_kernel=_wy_bwd_dl_kernel, channel_decay=True)
+                                 dl_kernel=_wy_ch_bwd_dl_kernel, channel_decay=True)
 output_channel_decay = make_output_stage("output_channel", _out_ch_fwd_kernel, _out_ch_bwd_state_kernel,
                                          _out_ch_bwd_qp_kernel, _output_torch)

@@ -345,6 +345,14 @@ def split_wy_backward(channel_decay: bool) -> bool:
     return forced == "1"
 
 
+def wy_dp_in_dl() -> bool:
+    """PDELTA_WY_BWD_DP_IN_DL=1 (opt-in, session p, CPU-tested only): in the split per-channel WY backward the first
+    kernel also does the P side (dP and its share of dΓ, from dLᵀ read back from its own scratch after a barrier),
+    so that each kernel holds one of the two Gram applies (sm_90 ptxas, Triton 3.9: spill loads 5.4 → 1.7 + 2.0 KB
+    per thread). For a GPU A/B against the split default."""
+    return os.environ.get("PDELTA_WY_BWD_DP_IN_DL", "0") == "1"
+
+
 def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay_shape: Callable,
                   kernel_backward: Callable[[], bool] = lambda: True, pick_fwd: Callable | None = None,
                   dl_kernel=None, channel_decay: bool = False):
@@ -407,6 +415,7 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
             starts, lens = kernel_rows(rows, beta)
             grads = (dW, dU, dP_t, dd)
             left = take_one(ctx.handoff, "wy")  # the output stage's dP, per value head (the kernel adds into it)
+            dp_in_left = False
             if Nc and not ctx.fallback and kernel_backward():
                 BK, BV, warps, stages = chunk_tile_config(K, V)
                 shapes = ((Nc, HV, C, K), (Nc, HV, C, V), (Nc, HV, C, K), decay_shape(Nc, HV, K))
@@ -415,20 +424,26 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
                 # dV in V's own dtype (the kernel's store rounds once): no float32 buffer for autograd to cast
                 dv, dbeta, dgam = torch.empty_like(v), torch.empty_like(beta), torch.empty_like(gamma)
                 split = dl_kernel is not None and split_wy_backward(channel_decay)
+                dp_in_dl = split and channel_decay and wy_dp_in_dl()
                 dl = torch.empty_like(T) if split else T  # (unread without FROM_DL)
-                if (not split or launch_or_fallback(f"{name}_bwd_dl", lambda: dl_kernel[(Nc, HV)](
-                        k_hat, v, beta, gamma, T, z[0], z[1], dl, dv, dbeta, H, HV, HV // H, starts, lens, K=K, V=V,
-                        C=C, BK=BK, BV=BV, PRECISION=dot_precision(), CHANNEL=channel_decay, STREAM=stream_mode(rows),
-                        **launch_config(f"{name}_bwd_dl", wy_backward_warps(K, warps), stages)))) and \
-                        launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
-                            k_hat, p, v, beta, gamma, T, *z, dl, dk, dp, dv, dbeta, dgam, H, HV, HV // H, starts,
-                            lens, K=K, V=V, C=C, BK=BK, BV=BV, ACCUMULATE_DP=left is not None,
-                            PRECISION=dot_precision(), STREAM=stream_mode(rows), FROM_DL=split,
-                            **launch_config(f"{name}_bwd", wy_backward_warps(K, warps), stages))):
+                common = dict(K=K, V=V, C=C, BK=BK, BV=BV, ACCUMULATE_DP=left is not None, PRECISION=dot_precision(),
+                              STREAM=stream_mode(rows))
+                ins, tables = (k_hat, p, v, beta, gamma, T, *z, dl), (H, HV, HV // H, starts, lens)
+                bwd_warps = wy_backward_warps(K, warps)
+                first_half = split and launch_or_fallback(f"{name}_bwd_dl", lambda: dl_kernel[(Nc, HV)](
+                    *ins, dp, dv, dbeta, dgam, *tables, **common, WITH_DP=dp_in_dl,
+                    **launch_config(f"{name}_bwd_dl", bwd_warps, stages)))
+                if (first_half or not split) and launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
+                        *ins, dk, dp, dv, dbeta, dgam, *tables, **common, FROM_DL=split, DP_DONE=dp_in_dl,
+                        **launch_config(f"{name}_bwd", bwd_warps, stages))):
                     dk = pass_on(ctx.handoff, "write_keys", _fold_groups(dk, H))
                     return dk, _fold_groups(dp, H), dv, dbeta, dgam, None, None
+                # a dL kernel that wrote dP (WITH_DP) and ran left the output stage's dP plus its own in ``left``
+                dp_in_left = first_half and dp_in_dl and left is not None
             dk, dp, dv, *rest = torch_form_grads(torch_form, (k_hat, p, _chunk_values(v, rows), beta, gamma), grads)
-            if left is not None:
+            if dp_in_left:
+                dp = _fold_groups(left, H)
+            elif left is not None:
                 dp = plus_left(dp, _fold_groups(left, H))
             dv = dv if rows is None else _chunks_to_stream(dv, rows, v.dtype)
             return pass_on(ctx.handoff, "write_keys", dk), dp, dv, *rest, None, None

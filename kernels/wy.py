@@ -330,21 +330,13 @@ def _value_side_backward(DU, VV, DV, vrow, vbase, vstride, vn, beta, T_t, rc, V:
 
 
 @triton.jit
-def _wy_bwd_dl_kernel(KH, VV, BETA, GAM, TINV, DW, DU, DL, DV, DBETA, H, HV, G, STARTS, LENS,
-                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      PRECISION: tl.constexpr, CHANNEL: tl.constexpr = False, STREAM: tl.constexpr = 0):
-    """First half of the split WY backward (stages.split_wy_backward), scalar or per-channel (CHANNEL) decay: the
-    value side (dV, dβ's share from V), dT = dU Bvᵀ + dW Bkᵀ and dL = −Tᵀ dT Tᵀ (strictly lower) into DL
-    [Nc, HV, C, C]. The key-side kernel reads dL, and dLᵀ by a transposed load: no dTᵀ is accumulated (the
-    one-kernel backward forms it by a second set of products, as a dot result is never transposed in registers)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_c64 = i_c.to(tl.int64)
-    krow = (i_c64 * H + i_h // G) * C
-    vrow = (i_c64 * HV + i_h) * C
-    rc = tl.arange(0, C)
-    rk = tl.arange(0, BK)
-    mk = rk < K
-    beta = tl.load(BETA + vrow + rc)
+def _value_side_dl(KH, VV, GAM, TINV, DW, DU, DL, DV, DBETA, beta, krow, vrow, i_c64, i_h, HV, STARTS, LENS, rc, rk,
+                   mk, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+                   CHANNEL: tl.constexpr, STREAM: tl.constexpr):
+    """The first half of a split WY backward (stages.split_wy_backward), scalar or per-channel (CHANNEL) decay: the
+    value side (dV, and dβ's share from V into DBETA), dT = dU Bvᵀ + dW Bkᵀ and dL = −Tᵀ dT Tᵀ (strictly lower) into
+    DL [Nc, HV, C, C]. What follows reads dL, and dLᵀ by a transposed load: no dTᵀ is accumulated (the one-kernel
+    backward forms it by a second set of products, since a dot result is never transposed in registers)."""
     T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
     vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
     dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, vbase, vstride, vn, beta, T_t, rc, V, C, BV, PRECISION,
@@ -361,17 +353,36 @@ def _wy_bwd_dl_kernel(KH, VV, BETA, GAM, TINV, DW, DU, DL, DV, DBETA, H, HV, G, 
 
 
 @triton.jit
+def _wy_bwd_dl_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL, DP, DV, DBETA, DGAM, H, HV, G, STARTS, LENS,
+                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = 0,
+                      WITH_DP: tl.constexpr = False):
+    """First half of the split scalar-decay WY backward (`_value_side_dl`); `_wy_bwd_kernel` with FROM_DL does the
+    rest. (The same arguments as the channel one, `channel._wy_ch_bwd_dl_kernel`; P, DPT, DDEC, DP, DGAM unused.)"""
+    tl.static_assert(not WITH_DP, "the P side stays in the key-side kernel for a scalar decay")
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, BK)
+    vrow = (i_c64 * HV + i_h) * C
+    _value_side_dl(KH, VV, GAM, TINV, DW, DU, DL, DV, DBETA, tl.load(BETA + vrow + rc), (i_c64 * H + i_h // G) * C,
+                   vrow, i_c64, i_h, HV, STARTS, LENS, rc, rk, rk < K, K, V, C, BV, PRECISION, False, STREAM)
+
+
+@triton.jit
 def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL,
                    DK, DP, DV, DBETA, DGAM, H, HV, G, STARTS, LENS,
                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = 0,
-                   FROM_DL: tl.constexpr = False):
+                   FROM_DL: tl.constexpr = False, DP_DONE: tl.constexpr = False):
     """Writes per-value-head dK̂ (read side), dP, and dV, dβ, dΓ. FROM_DL: the key side of the split backward —
-    dL and dβ's value share as `_wy_bwd_dl_kernel` left them in DL and DBETA (dV written there too).
+    dL and dβ's value share as `_wy_bwd_dl_kernel` left them in DL and DBETA (dV written there too). (DP_DONE: for
+    the channel kernel's signature only.)
 
     Every [C, K] tile is (re)loaded right before the product that uses it: short lifetimes keep the shared
     memory that dot operands need within Hopper's limit.
     """
+    tl.static_assert(not DP_DONE, "the P side stays in this kernel for a scalar decay")
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C

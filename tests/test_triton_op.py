@@ -536,11 +536,15 @@ def test_fused_dw_matches_the_output_stages_own(variant, path, monkeypatch):
                                                                       for n in grads}
 
 
-@pytest.mark.parametrize("variant,cu", [("pgdn", None), ("pkda", None), ("pdn", (0, 70, 200)), ("pkda", (0, 90, 200))])
-def test_split_wy_backward_matches_the_one_kernel_backward(variant, cu, monkeypatch):
+@pytest.mark.parametrize("variant,cu,dp_in_dl", [("pgdn", None, "0"), ("pkda", None, "0"), ("pkda", None, "1"),
+                                                 ("pdn", (0, 70, 200), "0"), ("pkda", (0, 90, 200), "0"),
+                                                 ("pkda", (0, 90, 200), "1")])
+def test_split_wy_backward_matches_the_one_kernel_backward(variant, cu, dp_in_dl, monkeypatch):
     """PDELTA_WY_BWD_SPLIT=1 (PKDA's default): the WY backward as the dL kernel plus the key-side kernel reading dL
     and dLᵀ from scratch gives the one-kernel backward's gradients (float32 roundoff; padded chunks, varlen, grouped
-    values); both kernels really ran; and when the key-side kernel does not fit, the PyTorch form takes over."""
+    values); both kernels really ran; and when the key-side kernel does not fit, the PyTorch form takes over (also
+    after a dL kernel that added its dP into the output stage's: PDELTA_WY_BWD_DP_IN_DL=1)."""
+    monkeypatch.setenv("PDELTA_WY_BWD_DP_IN_DL", dp_in_dl)
     import pdelta_cp.kernels._triton_utils as utils
     import pdelta_cp.kernels.stages as stages
     from triton.runtime.errors import OutOfResources
