@@ -77,13 +77,15 @@ def kernels(K: int, V: int) -> list[tuple[str, object, dict, int, int]]:
                                                                    STORE_DELTA=True),
          state_pass.forward_warps(K, swarps), sstages),
         ("state_grads (kept Δ)", state_pass._state_grads_kernel, dict(state, HAS_DELTA=True), swarps, sstages),
-        # PDELTA_FUSE_DW=1: the output stage's dW formed by the state pass
+        # the output stage's dW formed by the state pass (the default since session p; the rows above without
+        # "dW fused" are the PDELTA_FUSE_DW=0 path)
         ("output_bwd_state (dW fused)", output._out_bwd_state_kernel, dict(chunk, STORE_DW=False), warps, stages),
         ("output_channel_bwd_state (dW fused)", channel._out_ch_bwd_state_kernel, dict(chunk, STORE_DW=False), warps,
          stages),
         ("state_grads (kept Δ, dW fused)", state_pass._state_grads_kernel,
          dict(state, HAS_DELTA=True, ACCUMULATE=True, DW_FROM_SUM=True), swarps, sstages),
-        # the split WY backward (default for PKDA, PDELTA_WY_BWD_SPLIT=1 for PGDN): a dL kernel, then the key side
+        # the split WY backward (default for PKDA — "wy_channel_bwd" above is its PDELTA_WY_BWD_SPLIT=0 path —
+        # and PDELTA_WY_BWD_SPLIT=1 for PGDN): a dL kernel, then the key side
         ("split WY backward: dL", wy._wy_bwd_dl_kernel, chunk, bwd_warps, stages),
         ("split WY backward: keys", wy._wy_bwd_kernel, dict(chunk, FROM_DL=True), bwd_warps, stages),
         ("split channel WY backward: dL", channel._wy_ch_bwd_dl_kernel, chunk, bwd_warps, stages),

@@ -86,7 +86,7 @@ SWITCH_CHOICES = {"WARPS": ("1", "2", "4", "8", "16"), "STAGES": ("1", "2", "3",
 WARPS_SWITCHES = {
     "pgdn": ("wy_fwd", "wy_bwd", "output_fwd", "output_bwd_state", "output_bwd_qp",
              "state_fwd", "state_bwd", "state_grads"),
-    "pkda": ("wy_channel_fwd", "wy_channel_bwd", "output_channel_fwd", "output_channel_bwd_state",
+    "pkda": ("wy_channel_fwd", "wy_channel_bwd_dl", "wy_channel_bwd", "output_channel_fwd", "output_channel_bwd_state",
              "output_channel_bwd_qp", "state_fwd", "state_bwd", "state_grads"),
 }
 

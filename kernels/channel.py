@@ -170,6 +170,7 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL,
                       FROM_DL: tl.constexpr = False, DP_DONE: tl.constexpr = False):
     """As wy.py's `_wy_bwd_kernel`, for Γ [C, K]; FROM_DL: the key side of the split backward (dL, dβ's value share
     and dV from `_wy_ch_bwd_dl_kernel`); DP_DONE: that kernel did the P side too (dP, and dΓ's share in DGAM)."""
+    tl.static_assert(FROM_DL or not DP_DONE, "DP_DONE reads what the dL kernel left: only with FROM_DL")
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C

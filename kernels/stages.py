@@ -433,13 +433,15 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
                 first_half = split and launch_or_fallback(f"{name}_bwd_dl", lambda: dl_kernel[(Nc, HV)](
                     *ins, dp, dv, dbeta, dgam, *tables, **common, WITH_DP=dp_in_dl,
                     **launch_config(f"{name}_bwd_dl", bwd_warps, stages)))
-                if (first_half or not split) and launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
+                # a dL kernel that does not fit wrote nothing: the one-kernel backward then
+                split, dp_in_dl = first_half, dp_in_dl and first_half
+                if launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
                         *ins, dk, dp, dv, dbeta, dgam, *tables, **common, FROM_DL=split, DP_DONE=dp_in_dl,
                         **launch_config(f"{name}_bwd", bwd_warps, stages))):
                     dk = pass_on(ctx.handoff, "write_keys", _fold_groups(dk, H))
                     return dk, _fold_groups(dp, H), dv, dbeta, dgam, None, None
                 # a dL kernel that wrote dP (WITH_DP) and ran left the output stage's dP plus its own in ``left``
-                dp_in_left = first_half and dp_in_dl and left is not None
+                dp_in_left = dp_in_dl and left is not None
             dk, dp, dv, *rest = torch_form_grads(torch_form, (k_hat, p, _chunk_values(v, rows), beta, gamma), grads)
             if dp_in_left:
                 dp = _fold_groups(left, H)

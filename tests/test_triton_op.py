@@ -542,8 +542,9 @@ def test_fused_dw_matches_the_output_stages_own(variant, path, monkeypatch):
 def test_split_wy_backward_matches_the_one_kernel_backward(variant, cu, dp_in_dl, monkeypatch):
     """PDELTA_WY_BWD_SPLIT=1 (PKDA's default): the WY backward as the dL kernel plus the key-side kernel reading dL
     and dLᵀ from scratch gives the one-kernel backward's gradients (float32 roundoff; padded chunks, varlen, grouped
-    values); both kernels really ran; and when the key-side kernel does not fit, the PyTorch form takes over (also
-    after a dL kernel that added its dP into the output stage's: PDELTA_WY_BWD_DP_IN_DL=1)."""
+    values); both kernels really ran; when the key-side kernel does not fit, the PyTorch form takes over (also after
+    a dL kernel that added its dP into the output stage's: PDELTA_WY_BWD_DP_IN_DL=1); when the dL kernel does not
+    fit, the one-kernel backward."""
     monkeypatch.setenv("PDELTA_WY_BWD_DP_IN_DL", dp_in_dl)
     import pdelta_cp.kernels._triton_utils as utils
     import pdelta_cp.kernels.stages as stages
@@ -578,6 +579,23 @@ def test_split_wy_backward_matches_the_one_kernel_backward(variant, cu, dp_in_dl
         _, grads_fb = outputs_and_grads(precond_delta_rule, inp, **kw)
     for name in grads_one:
         assert rel_rms(grads_fb[name], grads_one[name]) < (1e-5 if DEVICE == "cpu" else 5e-3), name
+
+    # a dL kernel that does not fit: the one-kernel Triton backward runs instead (not PyTorch)
+    launched.clear()
+
+    def dl_too_big(name, launch):
+        launched.append(name)
+        if name == f"{stage}_bwd_dl":
+            launch = lambda: (_ for _ in ()).throw(OutOfResources(1, 0, "shared"))  # noqa: E731
+        return real(name, launch)
+
+    utils._warned.clear()
+    monkeypatch.setattr(stages, "launch_or_fallback", dl_too_big)
+    with pytest.warns(RuntimeWarning, match="does not fit"):
+        _, grads_one_again = outputs_and_grads(precond_delta_rule, inp, **kw)
+    assert launched.index(f"{stage}_bwd") > launched.index(f"{stage}_bwd_dl")
+    for name in grads_one:
+        assert rel_rms(grads_one_again[name], grads_one[name]) < (1e-5 if DEVICE == "cpu" else 5e-3), name
 
 
 def test_split_wy_backward_default_and_switch(monkeypatch):
