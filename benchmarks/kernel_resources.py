@@ -147,6 +147,8 @@ def main() -> None:
     for name, kernel, consts, warps, stages in kernels(args.K, args.V):
         if args.only and not any(o in name for o in args.only):
             continue
+        # constexpr defaults the launch leaves out (ASTSource would pass None for them)
+        consts = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **consts}
         src = ASTSource(fn=kernel, signature=signature(name, kernel, consts), constexprs=consts)
         compiled = triton.compile(src, target=GPUTarget("cuda", args.arch, 32),
                                   options={"num_warps": warps, "num_stages": stages})

@@ -139,11 +139,11 @@ def _dp_side(KH, P, GAM, DPT, DDEC, DP, dL_t, beta, ga, krow, vrow, i_c64, i_h, 
 def _wy_ch_bwd_dl_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL, DP, DV, DBETA, DGAM, H, HV, G, STARTS,
                          LENS, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = 0,
-                         WITH_DP: tl.constexpr = False):
+                         WITH_DP: tl.constexpr = False, KB: tl.constexpr = 32):
     """First half of the split channel WY backward (stages.split_wy_backward): the value side and dL into DL (as
     wy.py's `_wy_bwd_dl_kernel`). WITH_DP (stages.wy_dp_in_dl, opt-in): then — dLᵀ read back from DL — the P side
-    too (`_dp_side`): dP, and dΓ's share in DGAM for the key side (`_wy_ch_bwd_kernel` with DP_DONE) to add to, so
-    that each kernel holds one Gram apply."""
+    too (`_dp_side`, in key-column blocks of KB: every term is separable over key columns): dP, and dΓ's share in
+    DGAM for the key side (`_wy_ch_bwd_kernel` with DP_DONE) to add to, so that each kernel holds one Gram apply."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -157,9 +157,43 @@ def _wy_ch_bwd_dl_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL, DP, 
     if WITH_DP:
         tl.debug_barrier()  # dL's rows were stored by other threads than read them transposed
         dL_t = tl.load(DL + (vrow + rc[None, :]) * C + rc[:, None])  # (strictly upper: DL is strictly lower)
-        d_gam = _dp_side(KH, P, GAM, DPT, DDEC, DP, dL_t, beta, _rows(GAM, vrow, rc, rk, mk, K), krow, vrow, i_c64,
-                         i_h, HV, rc, rk, mk, K, C, BK, PRECISION, ACCUMULATE_DP)
-        tl.store(DGAM + (vrow + rc[:, None]) * K + rk[None, :], d_gam, mask=mk[None, :])
+        for k0 in range(0, BK, KB):  # a loop, not unrolled: one block live at a time
+            rkb = k0 + tl.arange(0, KB)
+            mkb = rkb < K
+            d_gam = _dp_side(KH, P, GAM, DPT, DDEC, DP, dL_t, beta, _rows(GAM, vrow, rc, rkb, mkb, K), krow, vrow,
+                             i_c64, i_h, HV, rc, rkb, mkb, K, C, KB, PRECISION, ACCUMULATE_DP)
+            tl.store(DGAM + (vrow + rc[:, None]) * K + rkb[None, :], d_gam, mask=mkb[None, :])
+
+
+@triton.jit
+def _keys_after_dp(KH, P, BETA, GAM, TINV, DW, DL, DK, DBETA, DGAM, H, HV, G, K: tl.constexpr, C: tl.constexpr,
+                   BK: tl.constexpr, KB: tl.constexpr, PRECISION: tl.constexpr):
+    """The key side of the split channel WY backward after a dL kernel that did the P side (WITH_DP), in key-column
+    blocks of KB ([C, KB] tiles instead of [C, BK]: every term is separable over key columns). With Bk = β K̂ ⊙ e^Γ
+    and dX = β ⊙ dL: dK̂ = β ⊙ (e^Γ ⊙ Tᵀ dW + gram_apply_lower(dL, P)), dΓ += K̂ ⊙ dK̂ (the P share is in DGAM),
+    dβ += rowsums of K̂ ⊙ (e^Γ ⊙ Tᵀ dW + gram_apply_lower(dL, P)) (the value share is in DBETA)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    rc = tl.arange(0, C)
+    beta = tl.load(BETA + vrow + rc)
+    T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
+    dL = tl.load(DL + (vrow + rc[:, None]) * C + rc[None, :])
+    d_beta = tl.load(DBETA + vrow + rc)
+    for k0 in range(0, BK, KB):  # a loop, not unrolled: one block live at a time
+        rk = k0 + tl.arange(0, KB)
+        mk = rk < K
+        kk = _rows(KH, krow, rc, rk, mk, K)
+        g = tl.dot(T_t, _rows(DW, vrow, rc, rk, mk, K), input_precision=PRECISION) * tl.exp(
+            _rows(GAM, vrow, rc, rk, mk, K))
+        g += gram_apply_lower(dL, P, krow, GAM, vrow, rc, rk, mk, K, C, KB, True, PRECISION)
+        d_beta += tl.sum(kk * g, axis=1)
+        d_k = g * beta[:, None]
+        at = (vrow + rc[:, None]) * K + rk[None, :]
+        tl.store(DK + at, d_k, mask=mk[None, :])
+        tl.store(DGAM + at, kk * d_k + tl.load(DGAM + at, mask=mk[None, :], other=0.0), mask=mk[None, :])
+    tl.store(DBETA + vrow + rc, d_beta)
 
 
 @triton.jit
@@ -167,63 +201,67 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL,
                       DK, DP, DV, DBETA, DGAM, H, HV, G, STARTS, LENS,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = 0,
-                      FROM_DL: tl.constexpr = False, DP_DONE: tl.constexpr = False):
+                      FROM_DL: tl.constexpr = False, DP_DONE: tl.constexpr = False, KB: tl.constexpr = 32):
     """As wy.py's `_wy_bwd_kernel`, for Γ [C, K]; FROM_DL: the key side of the split backward (dL, dβ's value share
-    and dV from `_wy_ch_bwd_dl_kernel`); DP_DONE: that kernel did the P side too (dP, and dΓ's share in DGAM)."""
+    and dV from `_wy_ch_bwd_dl_kernel`); DP_DONE: that kernel did the P side too (dP, and dΓ's share in DGAM), and
+    the key side runs in key-column blocks of KB (`_keys_after_dp`)."""
     tl.static_assert(FROM_DL or not DP_DONE, "DP_DONE reads what the dL kernel left: only with FROM_DL")
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_c64 = i_c.to(tl.int64)
-    krow = (i_c64 * H + i_h // G) * C
-    vrow = (i_c64 * HV + i_h) * C
-    rc = tl.arange(0, C)
-    rk = tl.arange(0, BK)
-    mk = rk < K
-    beta = tl.load(BETA + vrow + rc)
-    T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
-    ga = _rows(GAM, vrow, rc, rk, mk, K)
-    if FROM_DL:
-        d_beta = tl.load(DBETA + vrow + rc)
-        kk = _rows(KH, krow, rc, rk, mk, K)
+    if DP_DONE:
+        _keys_after_dp(KH, P, BETA, GAM, TINV, DW, DL, DK, DBETA, DGAM, H, HV, G, K, C, BK, KB, PRECISION)
     else:
-        vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
-        dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, vbase, vstride, vn, beta, T_t, rc, V, C, BV,
-                                                PRECISION)
-        # Bk = β K̂ ⊙ e^Γ and its transpose, from transposed loads
-        bk_t = _rows_t(KH, krow, rc, rk, mk, K) * tl.exp(_rows_t(GAM, vrow, rc, rk, mk, K)) * beta[None, :]
-        dT += tl.dot(_rows(DW, vrow, rc, rk, mk, K), bk_t, input_precision=PRECISION)
-        kk = _rows(KH, krow, rc, rk, mk, K)
-        dT_t += tl.dot(kk * tl.exp(ga) * beta[:, None], _rows_t(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
-    d_bk = tl.dot(T_t, _rows(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
-    d_beta += tl.sum(d_bk * kk * tl.exp(ga), axis=1)
-    d_gam = d_bk * kk * tl.exp(ga) * beta[:, None]
-    d_k = d_bk * tl.exp(ga) * beta[:, None]
-    strict = rc[:, None] > rc[None, :]
-    strict_t = rc[:, None] < rc[None, :]
-    if FROM_DL:
-        dL = tl.load(DL + (vrow + rc[:, None]) * C + rc[None, :])
-    else:
-        dL = tl.where(strict, -tl.dot(tl.dot(T_t, dT, input_precision=PRECISION), T_t, input_precision=PRECISION),
-                      0.0)
-        T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
-        dL_t = tl.where(strict_t, -tl.dot(tl.dot(T, dT_t, input_precision=PRECISION), T, input_precision=PRECISION),
-                        0.0)
-    # L = diag(β) X with X = gram(K̂, P): dX = β ⊙ dL, and β's share Σ_j dL_ij X_ij = Σ_d k̂_id (Σ_j dL_ij P_jd
-    # e^{Γ_id − Γ_jd}) comes from the same apply, row-scaled afterwards: X itself is never formed
-    d_x = gram_apply_lower(dL, P, krow, GAM, vrow, rc, rk, mk, K, C, BK, True, PRECISION)
-    d_beta += tl.sum(kk * d_x, axis=1)
-    d_k_gram = d_x * beta[:, None]
-    d_k += d_k_gram
-    d_gam += kk * d_k_gram
-    tl.store(DK + (vrow + rc[:, None]) * K + rk[None, :], d_k, mask=mk[None, :])
-    if DP_DONE:  # the dL kernel did the P side (dP) and left its share of dΓ
-        d_gam += tl.load(DGAM + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
-    else:
-        if FROM_DL:  # dLᵀ straight from memory, loaded where it is used
-            dL_t = tl.load(DL + (vrow + rc[None, :]) * C + rc[:, None])
-        d_gam += _dp_side(KH, P, GAM, DPT, DDEC, DP, dL_t, beta, ga, krow, vrow, i_c64, i_h, HV, rc, rk, mk, K, C,
-                          BK, PRECISION, ACCUMULATE_DP)
-    tl.store(DBETA + vrow + rc, d_beta)
-    tl.store(DGAM + (vrow + rc[:, None]) * K + rk[None, :], d_gam, mask=mk[None, :])
+        i_c, i_h = tl.program_id(0), tl.program_id(1)
+        i_c64 = i_c.to(tl.int64)
+        krow = (i_c64 * H + i_h // G) * C
+        vrow = (i_c64 * HV + i_h) * C
+        rc = tl.arange(0, C)
+        rk = tl.arange(0, BK)
+        mk = rk < K
+        beta = tl.load(BETA + vrow + rc)
+        T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
+        ga = _rows(GAM, vrow, rc, rk, mk, K)
+        if FROM_DL:
+            d_beta = tl.load(DBETA + vrow + rc)
+            kk = _rows(KH, krow, rc, rk, mk, K)
+        else:
+            vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
+            dT, dT_t, d_beta = _value_side_backward(DU, VV, DV, vrow, vbase, vstride, vn, beta, T_t, rc, V, C, BV,
+                                                    PRECISION)
+            # Bk = β K̂ ⊙ e^Γ and its transpose, from transposed loads
+            bk_t = _rows_t(KH, krow, rc, rk, mk, K) * tl.exp(_rows_t(GAM, vrow, rc, rk, mk, K)) * beta[None, :]
+            dT += tl.dot(_rows(DW, vrow, rc, rk, mk, K), bk_t, input_precision=PRECISION)
+            kk = _rows(KH, krow, rc, rk, mk, K)
+            dT_t += tl.dot(kk * tl.exp(ga) * beta[:, None], _rows_t(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
+        d_bk = tl.dot(T_t, _rows(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
+        d_beta += tl.sum(d_bk * kk * tl.exp(ga), axis=1)
+        d_gam = d_bk * kk * tl.exp(ga) * beta[:, None]
+        d_k = d_bk * tl.exp(ga) * beta[:, None]
+        strict = rc[:, None] > rc[None, :]
+        strict_t = rc[:, None] < rc[None, :]
+        if FROM_DL:
+            dL = tl.load(DL + (vrow + rc[:, None]) * C + rc[None, :])
+        else:
+            dL = tl.where(strict, -tl.dot(tl.dot(T_t, dT, input_precision=PRECISION), T_t, input_precision=PRECISION),
+                          0.0)
+            T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
+            dL_t = tl.where(strict_t, -tl.dot(tl.dot(T, dT_t, input_precision=PRECISION), T, input_precision=PRECISION),
+                            0.0)
+        # L = diag(β) X with X = gram(K̂, P): dX = β ⊙ dL, and β's share Σ_j dL_ij X_ij = Σ_d k̂_id (Σ_j dL_ij P_jd
+        # e^{Γ_id − Γ_jd}) comes from the same apply, row-scaled afterwards: X itself is never formed
+        d_x = gram_apply_lower(dL, P, krow, GAM, vrow, rc, rk, mk, K, C, BK, True, PRECISION)
+        d_beta += tl.sum(kk * d_x, axis=1)
+        d_k_gram = d_x * beta[:, None]
+        d_k += d_k_gram
+        d_gam += kk * d_k_gram
+        tl.store(DK + (vrow + rc[:, None]) * K + rk[None, :], d_k, mask=mk[None, :])
+        if DP_DONE:  # the dL kernel did the P side (dP) and left its share of dΓ
+            d_gam += tl.load(DGAM + (vrow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
+        else:
+            if FROM_DL:  # dLᵀ straight from memory, loaded where it is used
+                dL_t = tl.load(DL + (vrow + rc[None, :]) * C + rc[:, None])
+            d_gam += _dp_side(KH, P, GAM, DPT, DDEC, DP, dL_t, beta, ga, krow, vrow, i_c64, i_h, HV, rc, rk, mk, K, C,
+                              BK, PRECISION, ACCUMULATE_DP)
+        tl.store(DBETA + vrow + rc, d_beta)
+        tl.store(DGAM + (vrow + rc[:, None]) * K + rk[None, :], d_gam, mask=mk[None, :])
 
 
 @triton.jit

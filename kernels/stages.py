@@ -348,8 +348,10 @@ def split_wy_backward(channel_decay: bool) -> bool:
 def wy_dp_in_dl() -> bool:
     """PDELTA_WY_BWD_DP_IN_DL=1 (opt-in, session p, CPU-tested only): in the split per-channel WY backward the first
     kernel also does the P side (dP and its share of dΓ, from dLᵀ read back from its own scratch after a barrier),
-    so that each kernel holds one of the two Gram applies (sm_90 ptxas, Triton 3.9: spill loads 5.4 → 1.7 + 2.0 KB
-    per thread). For a GPU A/B against the split default."""
+    so that each kernel holds one of the two Gram applies, and both run the P and key sides in a loop over
+    key-column blocks of 32 (every term there is separable over key columns). sm_90 ptxas (Triton 3.9, K = V = 128):
+    spill loads per thread 0 + 5.4 KB (the split default) → 0.23 + 0.25 KB. For a GPU A/B against the split
+    default."""
     return os.environ.get("PDELTA_WY_BWD_DP_IN_DL", "0") == "1"
 
 
@@ -425,18 +427,19 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
                 dv, dbeta, dgam = torch.empty_like(v), torch.empty_like(beta), torch.empty_like(gamma)
                 split = dl_kernel is not None and split_wy_backward(channel_decay)
                 dp_in_dl = split and channel_decay and wy_dp_in_dl()
+                blocks = {"KB": min(BK, 32)} if dp_in_dl else {}  # key-column blocks of the channel kernels
                 dl = torch.empty_like(T) if split else T  # (unread without FROM_DL)
                 common = dict(K=K, V=V, C=C, BK=BK, BV=BV, ACCUMULATE_DP=left is not None, PRECISION=dot_precision(),
                               STREAM=stream_mode(rows))
                 ins, tables = (k_hat, p, v, beta, gamma, T, *z, dl), (H, HV, HV // H, starts, lens)
                 bwd_warps = wy_backward_warps(K, warps)
                 first_half = split and launch_or_fallback(f"{name}_bwd_dl", lambda: dl_kernel[(Nc, HV)](
-                    *ins, dp, dv, dbeta, dgam, *tables, **common, WITH_DP=dp_in_dl,
+                    *ins, dp, dv, dbeta, dgam, *tables, **common, WITH_DP=dp_in_dl, **blocks,
                     **launch_config(f"{name}_bwd_dl", bwd_warps, stages)))
                 # a dL kernel that does not fit wrote nothing: the one-kernel backward then
                 split, dp_in_dl = first_half, dp_in_dl and first_half
                 if launch_or_fallback(f"{name}_bwd", lambda: bwd_kernel[(Nc, HV)](
-                        *ins, dk, dp, dv, dbeta, dgam, *tables, **common, FROM_DL=split, DP_DONE=dp_in_dl,
+                        *ins, dk, dp, dv, dbeta, dgam, *tables, **common, FROM_DL=split, DP_DONE=dp_in_dl, **blocks,
                         **launch_config(f"{name}_bwd", bwd_warps, stages))):
                     dk = pass_on(ctx.handoff, "write_keys", _fold_groups(dk, H))
                     return dk, _fold_groups(dp, H), dv, dbeta, dgam, None, None

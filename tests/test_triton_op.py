@@ -536,10 +536,10 @@ def test_fused_dw_matches_the_output_stages_own(variant, path, monkeypatch):
                                                                       for n in grads}
 
 
-@pytest.mark.parametrize("variant,cu,dp_in_dl", [("pgdn", None, "0"), ("pkda", None, "0"), ("pkda", None, "1"),
-                                                 ("pdn", (0, 70, 200), "0"), ("pkda", (0, 90, 200), "0"),
-                                                 ("pkda", (0, 90, 200), "1")])
-def test_split_wy_backward_matches_the_one_kernel_backward(variant, cu, dp_in_dl, monkeypatch):
+@pytest.mark.parametrize("variant,cu,dp_in_dl,K", [("pgdn", None, "0", 16), ("pkda", None, "0", 16),
+                                                   ("pkda", None, "1", 16), ("pdn", (0, 70, 200), "0", 16),
+                                                   ("pkda", (0, 90, 200), "0", 16), ("pkda", (0, 90, 200), "1", 40)])
+def test_split_wy_backward_matches_the_one_kernel_backward(variant, cu, dp_in_dl, K, monkeypatch):
     """PDELTA_WY_BWD_SPLIT=1 (PKDA's default): the WY backward as the dL kernel plus the key-side kernel reading dL
     and dLᵀ from scratch gives the one-kernel backward's gradients (float32 roundoff; padded chunks, varlen, grouped
     values); both kernels really ran; when the key-side kernel does not fit, the PyTorch form takes over (also after
@@ -550,8 +550,8 @@ def test_split_wy_backward_matches_the_one_kernel_backward(variant, cu, dp_in_dl
     import pdelta_cp.kernels.stages as stages
     from triton.runtime.errors import OutOfResources
 
-    inp = make_inputs(T=200, H=2, HV=4, K=16, V=24, variant=variant, dtype=torch.float32, device=DEVICE,
-                      num_sequences=1 if cu is None else len(cu) - 1)
+    inp = make_inputs(T=200, H=2, HV=4, K=K, V=24, variant=variant, dtype=torch.float32, device=DEVICE,
+                      num_sequences=1 if cu is None else len(cu) - 1)  # K = 40: two key-column blocks of 32, one masked
     kw = dict(output_final_state=True, backend="triton",
               cu_seqlens=None if cu is None else torch.tensor(cu, device=DEVICE))
     monkeypatch.setenv("PDELTA_WY_BWD_SPLIT", "0")
