@@ -18,7 +18,7 @@ from ..chunk.delta import wy_form
 from ..chunk.gram import gram
 from .output import (_store_value_tile, _value_tile, _value_tile_t, delta_rows, delta_rows_t, mm, state_tile,
                      state_tile_t, transpose_via, value_rows)
-from .stages import make_output_stage, make_wy_stage
+from .stages import make_output_stage, make_wy_stage, output_key_blocks
 from .gram_channel import _rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_upper
 from .wy import (_blocked_inverse, _invert_unit_lower, _load_block, _load_blocked_inverse, _store_blocked_inverse,
                  _store_blocked_product, _store_blocked_u, _value_side_backward, _value_side_dl)
@@ -329,9 +329,13 @@ def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, STARTS, 
 def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DELTA, DO, DQ, DP, DGAM, SCR, H, HV, G, STARTS, LENS,
                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           PRECISION: tl.constexpr, SCRATCH: tl.constexpr = False,
-                          STREAM: tl.constexpr = 0, DOS_BF16: tl.constexpr = False, HAS_DELTA: tl.constexpr = False):
+                          STREAM: tl.constexpr = 0, DOS_BF16: tl.constexpr = False, HAS_DELTA: tl.constexpr = False,
+                          KB: tl.constexpr = 0):
     """As output.py's `_out_bwd_qp_kernel` (SCRATCH: dA as dAᵀ's transpose through scratch memory; HAS_DELTA: Δ
-    read from DELTA)."""
+    read from DELTA). KB > 0 (stages.channel_key_blocks, opt-in): after the V loop (dA, dAᵀ only) everything else
+    runs in a loop over key-column blocks of KB — dQ̂ = e^Γ ⊙ dO Sᵀ + gram_apply_lower(dA, P), dP =
+    gram_apply_upper(dAᵀ, Q̂) and dΓ are separable over key columns — so [C, KB] tiles instead of [C, BK] are live
+    (dO is read once more per block, from cache)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -353,7 +357,8 @@ def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DELTA, DO, DQ, DP, DGAM, SCR, H, H
         do = _value_tile(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
         do_t = _value_tile_t(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
         delta = delta_rows(DELTA, u, _rows(W, vrow, rc, rk, mk, K), s, vrow, rc, cols, mv, V, HAS_DELTA, PRECISION)
-        d_q += mm(do, s_t, DOS_BF16, PRECISION)
+        if KB == 0:
+            d_q += mm(do, s_t, DOS_BF16, PRECISION)
         dA_t += tl.dot(delta, do_t, input_precision=PRECISION)
         if not SCRATCH:
             u_t = tl.load(U + (vrow + rc[None, :]) * V + cols[:, None], mask=mv[:, None], other=0.0).to(tl.float32)
@@ -362,12 +367,32 @@ def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DELTA, DO, DQ, DP, DGAM, SCR, H, H
             dA += tl.dot(do, delta_t, input_precision=PRECISION)
     if SCRATCH:
         dA = transpose_via(SCR, vrow, dA_t, rc, C)
+    dA = tl.where(rc[:, None] >= rc[None, :], dA, 0.0)
+    dA_t = tl.where(rc[:, None] <= rc[None, :], dA_t, 0.0)
+    if KB == 0:
+        _qp_key_side(Q, P, GAM, DQ, DP, DGAM, d_q, dA, dA_t, krow, vrow, rc, rk, mk, K, C, BK, PRECISION)
+    else:
+        for k0 in range(0, BK, KB):  # a loop, not unrolled: one block of columns live at a time
+            rkb = k0 + tl.arange(0, KB)
+            mkb = rkb < K
+            d_q_blk = tl.zeros([C, KB], dtype=tl.float32)
+            for v0 in range(0, V, BV):
+                cols = v0 + tl.arange(0, BV)
+                mv = cols < V
+                d_q_blk += mm(_value_tile(DO, orow, ostride, on, rc, cols, mv).to(tl.float32),
+                              state_tile_t(S, srow, V, rkb, cols, mkb, mv), DOS_BF16, PRECISION)
+            _qp_key_side(Q, P, GAM, DQ, DP, DGAM, d_q_blk, dA, dA_t, krow, vrow, rc, rkb, mkb, K, C, KB, PRECISION)
+
+
+@triton.jit
+def _qp_key_side(Q, P, GAM, DQ, DP, DGAM, d_q, dA, dA_t, krow, vrow, rc, rk, mk, K: tl.constexpr, C: tl.constexpr,
+                 BK: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ̂, dP, dΓ of the output stage for the key columns ``rk`` ([C, BK] tiles), from dO Sᵀ (``d_q``, those
+    columns) and the masked dA, dAᵀ [C, C]."""
     eg = tl.exp(_rows(GAM, vrow, rc, rk, mk, K))
     q = _rows(Q, krow, rc, rk, mk, K)
     d_gam = d_q * q * eg
     d_q = d_q * eg
-    dA = tl.where(rc[:, None] >= rc[None, :], dA, 0.0)
-    dA_t = tl.where(rc[:, None] <= rc[None, :], dA_t, 0.0)
     d_q_gram = gram_apply_lower(dA, P, krow, GAM, vrow, rc, rk, mk, K, C, BK, False, PRECISION)
     d_q += d_q_gram
     d_gam += q * d_q_gram
@@ -407,4 +432,6 @@ wy_channel_decay = make_wy_stage("wy_channel", _wy_ch_fwd_kernel, _wy_ch_bwd_ker
                                  decay_shape=lambda Nc, HV, K: (Nc, HV, K), pick_fwd=_pick_wy_channel_forward,
                                  dl_kernel=_wy_ch_bwd_dl_kernel, channel_decay=True)
 output_channel_decay = make_output_stage("output_channel", _out_ch_fwd_kernel, _out_ch_bwd_state_kernel,
-                                         _out_ch_bwd_qp_kernel, _output_torch)
+                                         _out_ch_bwd_qp_kernel, _output_torch,
+                                         qp_options=lambda BK: {"KB": min(BK, output_key_blocks())}
+                                         if output_key_blocks() else {})

@@ -484,11 +484,24 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
     return apply
 
 
-def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, torch_form: Callable):
+def output_key_blocks() -> int:
+    """PDELTA_OUTPUT_KEY_BLOCKS=16|32|64 (opt-in, session p, CPU-tested only; 0 or unset: off): PKDA's dQ̂/dP output
+    backward runs its key side (dQ̂, dP, dΓ: separable over key columns) in a loop over blocks of that many columns
+    after the V loop, holding [C, block] instead of [C, K] float32 tiles. sm_90 ptxas (Triton 3.9, K = V = 128, Δ
+    kept): spill loads per thread 4.2 KB → 1.1 KB (32), 0.5 KB (16). For a GPU A/B."""
+    value = os.environ.get("PDELTA_OUTPUT_KEY_BLOCKS", "0")
+    if value not in ("0", "16", "32", "64"):
+        raise ValueError(f"PDELTA_OUTPUT_KEY_BLOCKS must be 0, 16, 32 or 64, got {value!r}; unset it for the default")
+    return int(value)
+
+
+def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, torch_form: Callable,
+                      qp_options: Callable[[int], dict] = lambda BK: {}):
     """(Q̂, P [Nc,H,C,K]; Γ; W [Nc,HV,C,K]; U [Nc,HV,C,V]; S [Nc,HV,K,V]) -> O [Nc,HV,C,V] (float32), or with
     ``rows`` (:class:`StreamRows`) O [L, HV, V] in ``stream_dtype``: the stream layout, written (and dO read) by
     the kernels themselves. ``delta``: Δ = U − W S [Nc,HV,C,V] as the state pass kept it (state_pass.keeps_delta),
-    read by the forward and dQ̂/dP kernels in its place; gradients still go to W, U and S (Δ is not an input)."""
+    read by the forward and dQ̂/dP kernels in its place; gradients still go to W, U and S (Δ is not an input).
+    ``qp_options(BK)``: extra constexprs of the dQ̂/dP backward kernel's launch."""
 
     class Stage(torch.autograd.Function):
         @staticmethod
@@ -539,7 +552,7 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
                         q_hat, p, gamma, W, U, S, U if delta is None else delta, dO, dq, dp, dgam,
                         scratch if scratch is not None else dq, H, HV, HV // H, starts, lens,
                         SCRATCH=scratch is not None, DOS_BF16=exact_in_bf16(dO, S), HAS_DELTA=delta is not None,
-                        **launch_config(f"{name}_bwd_qp", warps, stages),
+                        **launch_config(f"{name}_bwd_qp", warps, stages), **qp_options(BK),
                         **common)):
                 handoff = ctx.handoff
                 if handoff is not None and handoff.armed("state_pass"):  # it adds its dW, dU and returns the sums

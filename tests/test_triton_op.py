@@ -611,3 +611,26 @@ def test_split_wy_backward_default_and_switch(monkeypatch):
     monkeypatch.setenv("PDELTA_WY_BWD_SPLIT", "yes")
     with pytest.raises(ValueError, match="PDELTA_WY_BWD_SPLIT must be 0 or 1"):
         split_wy_backward(True)
+
+
+@pytest.mark.parametrize("blocks,K,keep_delta,cu", [("16", 40, "1", None), ("32", 40, "0", (0, 90, 200)),
+                                                    ("64", 16, "1", (0, 90, 200))])
+def test_output_key_blocks_match_the_whole_key_kernel(blocks, K, keep_delta, cu, monkeypatch):
+    """PDELTA_OUTPUT_KEY_BLOCKS (opt-in): PKDA's dQ̂/dP output backward with its key side in column blocks gives the
+    whole-key kernel's gradients (float32 roundoff): several blocks with a masked last one (K = 40), one block wider
+    than K, Δ kept or formed, varlen; bad values are refused."""
+    inp = make_inputs(T=200, H=2, HV=4, K=K, V=24, variant="pkda", dtype=torch.float32, device=DEVICE,
+                      num_sequences=1 if cu is None else len(cu) - 1)
+    kw = dict(output_final_state=True, backend="triton",
+              cu_seqlens=None if cu is None else torch.tensor(cu, device=DEVICE))
+    monkeypatch.setenv("PDELTA_KEEP_DELTA", keep_delta)
+    monkeypatch.setenv("PDELTA_OUTPUT_KEY_BLOCKS", "0")
+    out_whole, grads_whole = outputs_and_grads(precond_delta_rule, inp, **kw)
+    monkeypatch.setenv("PDELTA_OUTPUT_KEY_BLOCKS", blocks)
+    out, grads = outputs_and_grads(precond_delta_rule, inp, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(out, out_whole))
+    for name in grads_whole:
+        assert rel_rms(grads[name], grads_whole[name]) < (1e-5 if DEVICE == "cpu" else 2e-3), name
+    monkeypatch.setenv("PDELTA_OUTPUT_KEY_BLOCKS", "8")
+    with pytest.raises(ValueError, match="PDELTA_OUTPUT_KEY_BLOCKS must be 0, 16, 32 or 64"):
+        outputs_and_grads(precond_delta_rule, inp, **kw)
