@@ -90,9 +90,13 @@ def kernels(K: int, V: int) -> list[tuple[str, object, dict, int, int]]:
         ("split WY backward: keys", wy._wy_bwd_kernel, dict(chunk, FROM_DL=True), bwd_warps, stages),
         ("split channel WY backward: dL", channel._wy_ch_bwd_dl_kernel, chunk, bwd_warps, stages),
         ("split channel WY backward: keys", channel._wy_ch_bwd_kernel, dict(chunk, FROM_DL=True), bwd_warps, stages),
-        # PDELTA_OUTPUT_KEY_BLOCKS=1: PKDA's dQ̂/dP output backward, key side in column blocks of 32
-        ("output_channel_bwd_qp (kept Δ, key blocks)", channel._out_ch_bwd_qp_kernel,
-         dict(chunk, HAS_DELTA=True, KB=32), warps, stages),
+        # PDELTA_OUTPUT_KEY_BLOCKS=16: PKDA's output kernels in key-column blocks
+        ("output_channel_fwd (kept Δ, key blocks 16)", channel._out_ch_fwd_kernel, dict(chunk, HAS_DELTA=True, KB=16),
+         warps, stages),
+        ("output_channel_bwd_state (dW fused, key blocks 16)", channel._out_ch_bwd_state_kernel,
+         dict(chunk, STORE_DW=False, KB=16), warps, stages),
+        ("output_channel_bwd_qp (kept Δ, key blocks 16)", channel._out_ch_bwd_qp_kernel,
+         dict(chunk, HAS_DELTA=True, KB=16), warps, stages),
         # PDELTA_WY_BWD_DP_IN_DL=1: the P side in the dL kernel
         ("split channel WY backward: dL + P side", channel._wy_ch_bwd_dl_kernel, dict(chunk, WITH_DP=True), bwd_warps,
          stages),

@@ -19,7 +19,8 @@ from ..chunk.gram import gram
 from .output import (_store_value_tile, _value_tile, _value_tile_t, delta_rows, delta_rows_t, mm, state_tile,
                      state_tile_t, transpose_via, value_rows)
 from .stages import make_output_stage, make_wy_stage, output_key_blocks
-from .gram_channel import _rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_upper
+from .gram_channel import (_rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_lower_blocked,
+                           gram_upper, gram_upper_blocked)
 from .wy import (_blocked_inverse, _invert_unit_lower, _load_block, _load_blocked_inverse, _store_blocked_inverse,
                  _store_blocked_product, _store_blocked_u, _value_side_backward, _value_side_dl)
 
@@ -267,9 +268,11 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL,
 @triton.jit
 def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, DELTA, O, H, HV, G, STARTS, LENS,
                        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       PRECISION: tl.constexpr, STREAM: tl.constexpr = 0, HAS_DELTA: tl.constexpr = False):
+                       PRECISION: tl.constexpr, STREAM: tl.constexpr = 0, HAS_DELTA: tl.constexpr = False,
+                       KB: tl.constexpr = 0):
     """One program per chunk and value head: the per-channel-decay Gram A once, then every V block (HAS_DELTA: as
-    output.py's `_out_fwd_kernel`)."""
+    output.py's `_out_fwd_kernel`). KB > 0 (stages.output_key_blocks): A and the products over the key dimension
+    summed over key-column blocks of KB ([C, KB] tiles instead of [C, BK])."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -279,24 +282,46 @@ def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, DELTA, O, H, HV, G, STARTS, LENS,
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
-    A = gram_lower(Q, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, False, PRECISION)
-    for v0 in range(0, V, BV):
-        cols = v0 + tl.arange(0, BV)
-        mv = cols < V
-        s = state_tile(S, srow, V, rk, cols, mk, mv)
-        u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
-        delta = delta_rows(DELTA, u, _rows(W, vrow, rc, rk, mk, K), s, vrow, rc, cols, mv, V, HAS_DELTA, PRECISION)
-        qd = _rows(Q, krow, rc, rk, mk, K) * tl.exp(_rows(GAM, vrow, rc, rk, mk, K))
-        o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
-        _store_value_tile(O, orow, ostride, on, rc, cols, mv, o)
+    if KB == 0:
+        A = gram_lower(Q, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, False, PRECISION)
+        for v0 in range(0, V, BV):
+            cols = v0 + tl.arange(0, BV)
+            mv = cols < V
+            s = state_tile(S, srow, V, rk, cols, mk, mv)
+            u = tl.load(U + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :], other=0.0).to(tl.float32)
+            delta = delta_rows(DELTA, u, _rows(W, vrow, rc, rk, mk, K), s, vrow, rc, cols, mv, V, HAS_DELTA,
+                               PRECISION)
+            qd = _rows(Q, krow, rc, rk, mk, K) * tl.exp(_rows(GAM, vrow, rc, rk, mk, K))
+            o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
+            _store_value_tile(O, orow, ostride, on, rc, cols, mv, o)
+    else:
+        A = gram_lower_blocked(Q, krow, P, krow, GAM, vrow, rc, K, C, BK, KB, False, PRECISION)
+        for v0 in range(0, V, BV):
+            cols = v0 + tl.arange(0, BV)
+            mv = cols < V
+            # Δ = U − W S (or as kept) and (Q̂ ⊙ e^Γ) S, both summed over key-column blocks
+            delta = tl.load((DELTA if HAS_DELTA else U) + (vrow + rc[:, None]) * V + cols[None, :], mask=mv[None, :],
+                            other=0.0).to(tl.float32)
+            o = tl.zeros([C, BV], dtype=tl.float32)
+            for k0 in range(0, BK, KB):  # a loop, not unrolled: one block of columns live at a time
+                rkb = k0 + tl.arange(0, KB)
+                mkb = rkb < K
+                s = state_tile(S, srow, V, rkb, cols, mkb, mv)
+                qd = _rows(Q, krow, rc, rkb, mkb, K) * tl.exp(_rows(GAM, vrow, rc, rkb, mkb, K))
+                o += tl.dot(qd, s, input_precision=PRECISION)
+                if not HAS_DELTA:
+                    delta -= tl.dot(_rows(W, vrow, rc, rkb, mkb, K), s, input_precision=PRECISION)
+            o += tl.dot(A, delta, input_precision=PRECISION)
+            _store_value_tile(O, orow, ostride, on, rc, cols, mv, o)
 
 
 @triton.jit
 def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, STARTS, LENS,
                              K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                              BV: tl.constexpr, PRECISION: tl.constexpr, STREAM: tl.constexpr = 0,
-                             STORE_DW: tl.constexpr = True):
-    """As output.py's `_out_bwd_state_kernel` (not STORE_DW: dW left to the state pass)."""
+                             STORE_DW: tl.constexpr = True, KB: tl.constexpr = 0):
+    """As output.py's `_out_bwd_state_kernel` (not STORE_DW: dW left to the state pass). KB > 0
+    (stages.output_key_blocks, without STORE_DW): Aᵀ summed over key-column blocks of KB and dS written by them."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -306,23 +331,40 @@ def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, STARTS, 
     rc = tl.arange(0, C)
     rk = tl.arange(0, BK)
     mk = rk < K
-    A_t = gram_upper(Q, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, False, PRECISION)
-    d_w = tl.zeros([C, BK], dtype=tl.float32)
-    for v0 in range(0, V, BV):
-        cols = v0 + tl.arange(0, BV)
-        mv = cols < V
-        do = _value_tile(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
-        d_delta = tl.dot(A_t, do, input_precision=PRECISION)
-        tl.store(DU + (vrow + rc[:, None]) * V + cols[None, :], d_delta, mask=mv[None, :])
-        qd_t = _rows_t(Q, krow, rc, rk, mk, K) * tl.exp(_rows_t(GAM, vrow, rc, rk, mk, K))
-        d_s = tl.dot(qd_t, do, input_precision=PRECISION) - tl.dot(_rows_t(W, vrow, rc, rk, mk, K), d_delta,
-                                                                   input_precision=PRECISION)
-        tl.store(DS + (srow + rk[:, None]) * V + cols[None, :], d_s, mask=mk[:, None] & mv[None, :])
+    if KB > 0:
+        tl.static_assert(not STORE_DW, "key-column blocks only where the state pass forms dW (stages.fused_dw)")
+        A_t = gram_upper_blocked(Q, krow, P, krow, GAM, vrow, rc, K, C, BK, KB, False, PRECISION)
+        for v0 in range(0, V, BV):
+            cols = v0 + tl.arange(0, BV)
+            mv = cols < V
+            do = _value_tile(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
+            d_delta = tl.dot(A_t, do, input_precision=PRECISION)
+            tl.store(DU + (vrow + rc[:, None]) * V + cols[None, :], d_delta, mask=mv[None, :])
+            for k0 in range(0, BK, KB):  # a loop, not unrolled: one block of columns live at a time
+                rkb = k0 + tl.arange(0, KB)
+                mkb = rkb < K
+                qd_t = _rows_t(Q, krow, rc, rkb, mkb, K) * tl.exp(_rows_t(GAM, vrow, rc, rkb, mkb, K))
+                d_s = tl.dot(qd_t, do, input_precision=PRECISION) - tl.dot(_rows_t(W, vrow, rc, rkb, mkb, K), d_delta,
+                                                                           input_precision=PRECISION)
+                tl.store(DS + (srow + rkb[:, None]) * V + cols[None, :], d_s, mask=mkb[:, None] & mv[None, :])
+    else:
+        A_t = gram_upper(Q, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, False, PRECISION)
+        d_w = tl.zeros([C, BK], dtype=tl.float32)
+        for v0 in range(0, V, BV):
+            cols = v0 + tl.arange(0, BV)
+            mv = cols < V
+            do = _value_tile(DO, orow, ostride, on, rc, cols, mv).to(tl.float32)
+            d_delta = tl.dot(A_t, do, input_precision=PRECISION)
+            tl.store(DU + (vrow + rc[:, None]) * V + cols[None, :], d_delta, mask=mv[None, :])
+            qd_t = _rows_t(Q, krow, rc, rk, mk, K) * tl.exp(_rows_t(GAM, vrow, rc, rk, mk, K))
+            d_s = tl.dot(qd_t, do, input_precision=PRECISION) - tl.dot(_rows_t(W, vrow, rc, rk, mk, K), d_delta,
+                                                                       input_precision=PRECISION)
+            tl.store(DS + (srow + rk[:, None]) * V + cols[None, :], d_s, mask=mk[:, None] & mv[None, :])
+            if STORE_DW:
+                s_t = state_tile_t(S, srow, V, rk, cols, mk, mv)
+                d_w -= tl.dot(d_delta, s_t, input_precision=PRECISION)
         if STORE_DW:
-            s_t = state_tile_t(S, srow, V, rk, cols, mk, mv)
-            d_w -= tl.dot(d_delta, s_t, input_precision=PRECISION)
-    if STORE_DW:
-        tl.store(DW + (vrow + rc[:, None]) * K + rk[None, :], d_w, mask=mk[None, :])
+            tl.store(DW + (vrow + rc[:, None]) * K + rk[None, :], d_w, mask=mk[None, :])
 
 
 @triton.jit
@@ -433,5 +475,4 @@ wy_channel_decay = make_wy_stage("wy_channel", _wy_ch_fwd_kernel, _wy_ch_bwd_ker
                                  dl_kernel=_wy_ch_bwd_dl_kernel, channel_decay=True)
 output_channel_decay = make_output_stage("output_channel", _out_ch_fwd_kernel, _out_ch_bwd_state_kernel,
                                          _out_ch_bwd_qp_kernel, _output_torch,
-                                         qp_options=lambda BK: {"KB": min(BK, output_key_blocks())}
-                                         if output_key_blocks() else {})
+                                         key_blocks=lambda BK: min(BK, output_key_blocks()))

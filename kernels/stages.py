@@ -485,10 +485,11 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
 
 
 def output_key_blocks() -> int:
-    """PDELTA_OUTPUT_KEY_BLOCKS=16|32|64 (opt-in, session p, CPU-tested only; 0 or unset: off): PKDA's dQ̂/dP output
-    backward runs its key side (dQ̂, dP, dΓ: separable over key columns) in a loop over blocks of that many columns
-    after the V loop, holding [C, block] instead of [C, K] float32 tiles. sm_90 ptxas (Triton 3.9, K = V = 128, Δ
-    kept): spill loads per thread 4.2 KB → 1.1 KB (32), 0.5 KB (16). For a GPU A/B."""
+    """PDELTA_OUTPUT_KEY_BLOCKS=16|32|64 (opt-in, session p, CPU-tested only; 0 or unset: off): PKDA's output
+    kernels work in a loop over blocks of that many key columns, holding [C, block] instead of [C, K] float32 tiles:
+    the forward and the dS backward sum the Gram A and the products over the key dimension block by block, the
+    dQ̂/dP backward runs its key side (dQ̂, dP, dΓ: separable over key columns) block by block after its V loop.
+    sm_90 ptxas (Triton 3.9, K = V = 128, Δ kept): see docs/kernels.md. For a GPU A/B."""
     value = os.environ.get("PDELTA_OUTPUT_KEY_BLOCKS", "0")
     if value not in ("0", "16", "32", "64"):
         raise ValueError(f"PDELTA_OUTPUT_KEY_BLOCKS must be 0, 16, 32 or 64, got {value!r}; unset it for the default")
@@ -496,12 +497,12 @@ def output_key_blocks() -> int:
 
 
 def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, torch_form: Callable,
-                      qp_options: Callable[[int], dict] = lambda BK: {}):
+                      key_blocks: Callable[[int], int] = lambda BK: 0):
     """(Q̂, P [Nc,H,C,K]; Γ; W [Nc,HV,C,K]; U [Nc,HV,C,V]; S [Nc,HV,K,V]) -> O [Nc,HV,C,V] (float32), or with
     ``rows`` (:class:`StreamRows`) O [L, HV, V] in ``stream_dtype``: the stream layout, written (and dO read) by
     the kernels themselves. ``delta``: Δ = U − W S [Nc,HV,C,V] as the state pass kept it (state_pass.keeps_delta),
     read by the forward and dQ̂/dP kernels in its place; gradients still go to W, U and S (Δ is not an input).
-    ``qp_options(BK)``: extra constexprs of the dQ̂/dP backward kernel's launch."""
+    ``key_blocks(BK)``: key-column block width KB of the kernels that take one (0: none; :func:`output_key_blocks`)."""
 
     class Stage(torch.autograd.Function):
         @staticmethod
@@ -512,10 +513,11 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             stream = rows is not None
             O = U.new_empty(rows.num_tokens, HV, V, dtype=stream_dtype) if stream else U.new_empty(Nc, HV, C, V)
             starts, lens = kernel_rows(rows, gamma)
+            blocks = {"KB": kb} if (kb := key_blocks(BK)) else {}
             ctx.fallback = Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: fwd_kernel[(Nc, HV)](
                 q_hat, p, gamma, W, U, S, U if delta is None else delta, O, H, HV, HV // H, starts, lens, K=K, V=V,
                 C=C, BK=BK, BV=BV, PRECISION=dot_precision(), STREAM=stream_mode(rows), HAS_DELTA=delta is not None,
-                **launch_config(f"{name}_fwd", warps, stages)))
+                **blocks, **launch_config(f"{name}_fwd", warps, stages)))
             if ctx.fallback:
                 O = torch_form(q_hat, p, gamma, W, U, S.float())
                 O = _chunks_to_stream(O, rows, stream_dtype) if stream else O
@@ -544,15 +546,17 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             common = dict(K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=dot_precision(), STREAM=stream_mode(rows))
             # PDELTA_SCRATCH_TRANSPOSE=1 (opt-in): dA and Aᵀ as transposes through [C, C] scratch rows
             scratch = grad_buffer(W, (Nc, HV, C, C)) if os.environ.get("PDELTA_SCRATCH_TRANSPOSE") == "1" else None
+            blocks = {"KB": kb} if (kb := key_blocks(BK)) else {}
             if Nc and not ctx.fallback and launch_or_fallback(
                     f"{name}_bwd_state", lambda: bwd_state_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H, starts, lens, STORE_DW=dw_here,
-                        **launch_config(f"{name}_bwd_state", warps, stages), **common)) \
+                        **({} if dw_here else blocks), **launch_config(f"{name}_bwd_state", warps, stages),
+                        **common)) \
                     and launch_or_fallback(f"{name}_bwd_qp", lambda: bwd_qp_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, U, S, U if delta is None else delta, dO, dq, dp, dgam,
                         scratch if scratch is not None else dq, H, HV, HV // H, starts, lens,
                         SCRATCH=scratch is not None, DOS_BF16=exact_in_bf16(dO, S), HAS_DELTA=delta is not None,
-                        **launch_config(f"{name}_bwd_qp", warps, stages), **qp_options(BK),
+                        **launch_config(f"{name}_bwd_qp", warps, stages), **blocks,
                         **common)):
                 handoff = ctx.handoff
                 if handoff is not None and handoff.armed("state_pass"):  # it adds its dW, dU and returns the sums
