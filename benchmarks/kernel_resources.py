@@ -90,6 +90,9 @@ def kernels(K: int, V: int) -> list[tuple[str, object, dict, int, int]]:
         ("split WY backward: keys", wy._wy_bwd_kernel, dict(chunk, FROM_DL=True), bwd_warps, stages),
         ("split channel WY backward: dL", channel._wy_ch_bwd_dl_kernel, chunk, bwd_warps, stages),
         ("split channel WY backward: keys", channel._wy_ch_bwd_kernel, dict(chunk, FROM_DL=True), bwd_warps, stages),
+        # PDELTA_WY_KEY_BLOCKS=16 / 32: PKDA's blocked WY forward in key-column blocks
+        ("wy_channel_fwd (blocked, key blocks 16)", channel._wy_ch_fwd_blocked_kernel, dict(chunk, KB=16), 4, stages),
+        ("wy_channel_fwd (blocked, key blocks 32)", channel._wy_ch_fwd_blocked_kernel, dict(chunk, KB=32), 4, stages),
         # PDELTA_OUTPUT_KEY_BLOCKS=16: PKDA's output kernels in key-column blocks
         ("output_channel_fwd (kept Δ, key blocks 16)", channel._out_ch_fwd_kernel, dict(chunk, HAS_DELTA=True, KB=16),
          warps, stages),

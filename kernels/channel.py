@@ -18,7 +18,8 @@ from ..chunk.delta import wy_form
 from ..chunk.gram import gram
 from .output import (_store_value_tile, _value_tile, _value_tile_t, delta_rows, delta_rows_t, mm, state_tile,
                      state_tile_t, transpose_via, value_rows)
-from .stages import make_output_stage, make_wy_stage, output_key_blocks
+from ._triton_utils import next_pow2
+from .stages import make_output_stage, make_wy_stage, output_key_blocks, wy_key_blocks
 from .gram_channel import (_rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_lower_blocked,
                            gram_upper, gram_upper_blocked)
 from .wy import (_blocked_inverse, _invert_unit_lower, _load_block, _load_blocked_inverse, _store_blocked_inverse,
@@ -62,39 +63,9 @@ def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, START
 
 
 @triton.jit
-def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, STARTS, LENS,
-                              K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                              BV: tl.constexpr, PRECISION: tl.constexpr, FROM_T: tl.constexpr = False,
-                              STREAM: tl.constexpr = 0):
-    """As `_wy_ch_fwd_kernel`, with (I + L)^-1 by 16-row blocks (wy.py's blocked solve) instead of 63 cross-warp
-    substitution steps on the [C, C] tile: L goes through TINV's storage (16 KB, cache-resident), which then
-    takes the inverse."""
-    tl.static_assert(C == 64, "four row blocks of 16")
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_c64 = i_c.to(tl.int64)
-    krow = (i_c64 * H + i_h // G) * C
-    vrow = (i_c64 * HV + i_h) * C
-    rc = tl.arange(0, C)
-    r16 = tl.arange(0, 16)
-    rk = tl.arange(0, BK)
-    mk = rk < K
-    if FROM_T:  # the remake in backward: T's blocks as the forward stored them
-        T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _load_blocked_inverse(TINV, vrow, r16, C)
-    else:
-        beta = tl.load(BETA + vrow + rc)
-        L = beta[:, None] * gram_lower(KH, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, True, PRECISION)
-        tl.store(TINV + (vrow + rc[:, None]) * C + rc[None, :], L)
-        tl.debug_barrier()  # the blocks below are read by other threads than wrote them
-        T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _blocked_inverse(
-            _load_block(TINV, vrow, 0, 0, r16, C), _load_block(TINV, vrow, 16, 16, r16, C),
-            _load_block(TINV, vrow, 32, 32, r16, C), _load_block(TINV, vrow, 48, 48, r16, C),
-            _load_block(TINV, vrow, 16, 0, r16, C), _load_block(TINV, vrow, 32, 0, r16, C),
-            _load_block(TINV, vrow, 32, 16, r16, C), _load_block(TINV, vrow, 48, 0, r16, C),
-            _load_block(TINV, vrow, 48, 16, r16, C), _load_block(TINV, vrow, 48, 32, r16, C), r16, PRECISION,
-            False)
-        tl.debug_barrier()  # every L block is read before the inverse overwrites them
-        _store_blocked_inverse(TINV, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, C)
-    # W = T (β K̂ ⊙ e^Γ) by row blocks
+def _store_w_pt(KH, P, GAM, BETA, W, PT, DEC, krow, vrow, dec_row, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33,
+                r16, rc, rk, mk, K: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr):
+    """W = T (β K̂ ⊙ e^Γ) by row blocks, P̃ = P ⊙ e^{Γ_C − Γ} and d = e^{Γ_C}, for the key columns ``rk``."""
     _store_blocked_product(
         W, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33,
         _rows(KH, krow, r16, rk, mk, K) * tl.exp(_rows(GAM, vrow, r16, rk, mk, K))
@@ -108,7 +79,54 @@ def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, 
     g_end = tl.load(GAM + (vrow + C - 1) * K + rk, mask=mk, other=0.0)
     p_t = _rows(P, krow, rc, rk, mk, K) * tl.exp(g_end[None, :] - _rows(GAM, vrow, rc, rk, mk, K))
     tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], p_t, mask=mk[None, :])
-    tl.store(DEC + (i_c64 * HV + i_h) * K + rk, tl.exp(g_end), mask=mk)
+    tl.store(DEC + dec_row * K + rk, tl.exp(g_end), mask=mk)
+
+
+@triton.jit
+def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, STARTS, LENS,
+                              K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                              BV: tl.constexpr, PRECISION: tl.constexpr, FROM_T: tl.constexpr = False,
+                              STREAM: tl.constexpr = 0, KB: tl.constexpr = 0):
+    """As `_wy_ch_fwd_kernel`, with (I + L)^-1 by 16-row blocks (wy.py's blocked solve) instead of 63 cross-warp
+    substitution steps on the [C, C] tile: L goes through TINV's storage (16 KB, cache-resident), which then
+    takes the inverse. KB > 0 (stages.wy_key_blocks, opt-in): the Gram summed over key-column blocks of KB, and W,
+    P̃, d written block by block ([C, KB] tiles instead of [C, BK])."""
+    tl.static_assert(C == 64, "four row blocks of 16")
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    rc = tl.arange(0, C)
+    r16 = tl.arange(0, 16)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    if FROM_T:  # the remake in backward: T's blocks as the forward stored them
+        T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _load_blocked_inverse(TINV, vrow, r16, C)
+    else:
+        beta = tl.load(BETA + vrow + rc)
+        if KB == 0:
+            L = beta[:, None] * gram_lower(KH, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, True, PRECISION)
+        else:
+            L = beta[:, None] * gram_lower_blocked(KH, krow, P, krow, GAM, vrow, rc, K, C, BK, KB, True, PRECISION)
+        tl.store(TINV + (vrow + rc[:, None]) * C + rc[None, :], L)
+        tl.debug_barrier()  # the blocks below are read by other threads than wrote them
+        T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _blocked_inverse(
+            _load_block(TINV, vrow, 0, 0, r16, C), _load_block(TINV, vrow, 16, 16, r16, C),
+            _load_block(TINV, vrow, 32, 32, r16, C), _load_block(TINV, vrow, 48, 48, r16, C),
+            _load_block(TINV, vrow, 16, 0, r16, C), _load_block(TINV, vrow, 32, 0, r16, C),
+            _load_block(TINV, vrow, 32, 16, r16, C), _load_block(TINV, vrow, 48, 0, r16, C),
+            _load_block(TINV, vrow, 48, 16, r16, C), _load_block(TINV, vrow, 48, 32, r16, C), r16, PRECISION,
+            False)
+        tl.debug_barrier()  # every L block is read before the inverse overwrites them
+        _store_blocked_inverse(TINV, vrow, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16, C)
+    if KB == 0:
+        _store_w_pt(KH, P, GAM, BETA, W, PT, DEC, krow, vrow, i_c64 * HV + i_h, T00, T10, T11, T20, T21, T22, T30,
+                    T31, T32, T33, r16, rc, rk, mk, K, C, PRECISION)
+    else:
+        for k0 in range(0, BK, KB):  # a loop, not unrolled: one block of columns live at a time
+            rkb = k0 + tl.arange(0, KB)
+            _store_w_pt(KH, P, GAM, BETA, W, PT, DEC, krow, vrow, i_c64 * HV + i_h, T00, T10, T11, T20, T21, T22,
+                        T30, T31, T32, T33, r16, rc, rkb, rkb < K, K, C, PRECISION)
     vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
     _store_blocked_u(VV, vbase, vstride, vn, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16,
                      V, BV, PRECISION)
@@ -466,7 +484,8 @@ def _pick_wy_channel_forward(K: int):
     warps for larger keys, not measured at 4. Up to K = 128 the blocked solve of `_wy_ch_fwd_blocked_kernel` is the
     default (H100 session j: PKDA's forward 15.9 → 13.7 ms at 32K); PDELTA_WY_CHANNEL_BLOCKED=0 keeps the row kernel."""
     if os.environ.get("PDELTA_WY_CHANNEL_BLOCKED", "1") != "0" and K <= 128:
-        return _wy_ch_fwd_blocked_kernel, 4
+        width = wy_key_blocks()  # opt-in: the Gram and W, P̃, d over key-column blocks
+        return _wy_ch_fwd_blocked_kernel, 4, ({"KB": min(next_pow2(K), width)} if width else {})
     return _wy_ch_fwd_kernel, (4 if K <= 128 else None)
 
 

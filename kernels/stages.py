@@ -363,9 +363,9 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
     kernels, and dV written there.
 
     decay_shape(Nc, HV, K) gives d's shape; kernel_backward() says whether to use ``bwd_kernel``;
-    pick_fwd(K), when given, returns (forward kernel, its num_warps or None for the tile config's), chosen per
-    call (by the key size, or an env switch). ``dl_kernel``: the first half of the split backward
-    (:func:`split_wy_backward`), ``bwd_kernel`` with FROM_DL its second; ``channel_decay``: Γ is [.., C, K].
+    pick_fwd(K), when given, returns (forward kernel, its num_warps or None for the tile config's[, extra
+    constexprs]), chosen per call (by the key size, or an env switch). ``dl_kernel``: the first half of the split
+    backward (:func:`split_wy_backward`), ``bwd_kernel`` with FROM_DL its second; ``channel_decay``: Γ is [.., C, K].
     The returned function has a ``remake`` attribute: (W, U, P̃, d) again from the inverse T the forward stored, by
     the same kernel without its Gram and solve.
     """
@@ -382,10 +382,10 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
         starts, lens = kernel_rows(rows, beta)
         U, d = k_hat.new_empty(Nc, HV, C, V, dtype=wy_dtype), k_hat.new_empty(decay_shape(Nc, HV, K))
         from_t, T = T is not None, k_hat.new_empty(Nc, HV, C, C) if T is None else T
-        kernel, fwd_warps = (fwd_kernel, None) if pick_fwd is None else pick_fwd(K)
+        kernel, fwd_warps, *options = (fwd_kernel, None) if pick_fwd is None else pick_fwd(K)
         if Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: kernel[(Nc, HV)](
                 k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, starts, lens, K=K, V=V, C=C, BK=BK, BV=BV,
-                PRECISION=dot_precision(), FROM_T=from_t, STREAM=stream_mode(rows),
+                PRECISION=dot_precision(), FROM_T=from_t, STREAM=stream_mode(rows), **(options[0] if options else {}),
                 **launch_config(f"{name}_fwd", fwd_warps or warps, stages))):
             return None
         return W, U, P_t, d, T
@@ -484,16 +484,26 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
     return apply
 
 
+def _key_block_width(var: str) -> int:
+    value = os.environ.get(var, "0")
+    if value not in ("0", "16", "32", "64"):
+        raise ValueError(f"{var} must be 0, 16, 32 or 64, got {value!r}; unset it for the default")
+    return int(value)
+
+
 def output_key_blocks() -> int:
     """PDELTA_OUTPUT_KEY_BLOCKS=16|32|64 (opt-in, session p, CPU-tested only; 0 or unset: off): PKDA's output
     kernels work in a loop over blocks of that many key columns, holding [C, block] instead of [C, K] float32 tiles:
     the forward and the dS backward sum the Gram A and the products over the key dimension block by block, the
     dQ̂/dP backward runs its key side (dQ̂, dP, dΓ: separable over key columns) block by block after its V loop.
     sm_90 ptxas (Triton 3.9, K = V = 128, Δ kept): see docs/kernels.md. For a GPU A/B."""
-    value = os.environ.get("PDELTA_OUTPUT_KEY_BLOCKS", "0")
-    if value not in ("0", "16", "32", "64"):
-        raise ValueError(f"PDELTA_OUTPUT_KEY_BLOCKS must be 0, 16, 32 or 64, got {value!r}; unset it for the default")
-    return int(value)
+    return _key_block_width("PDELTA_OUTPUT_KEY_BLOCKS")
+
+
+def wy_key_blocks() -> int:
+    """PDELTA_WY_KEY_BLOCKS=16|32|64 (opt-in, session p, CPU-tested only): PKDA's blocked WY forward (and its remake
+    from T) sums the Gram over key-column blocks of that width and writes W, P̃, d block by block. For a GPU A/B."""
+    return _key_block_width("PDELTA_WY_KEY_BLOCKS")
 
 
 def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, torch_form: Callable,

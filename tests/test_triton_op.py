@@ -458,7 +458,12 @@ def test_wy_forward_choice(monkeypatch):
     from pdelta_cp.kernels import channel
 
     monkeypatch.delenv("PDELTA_WY_CHANNEL_BLOCKED", raising=False)
-    assert channel._pick_wy_channel_forward(128) == (channel._wy_ch_fwd_blocked_kernel, 4)
+    monkeypatch.delenv("PDELTA_WY_KEY_BLOCKS", raising=False)
+    assert channel._pick_wy_channel_forward(128) == (channel._wy_ch_fwd_blocked_kernel, 4, {})
+    monkeypatch.setenv("PDELTA_WY_KEY_BLOCKS", "32")  # opt-in: the blocked kernel over key-column blocks
+    assert channel._pick_wy_channel_forward(128) == (channel._wy_ch_fwd_blocked_kernel, 4, {"KB": 32})
+    assert channel._pick_wy_channel_forward(20) == (channel._wy_ch_fwd_blocked_kernel, 4, {"KB": 32})
+    assert channel._pick_wy_channel_forward(12) == (channel._wy_ch_fwd_blocked_kernel, 4, {"KB": 16})
     assert channel._pick_wy_channel_forward(256) == (channel._wy_ch_fwd_kernel, None)
     monkeypatch.setenv("PDELTA_WY_CHANNEL_BLOCKED", "0")
     assert channel._pick_wy_channel_forward(128) == (channel._wy_ch_fwd_kernel, 4)
@@ -618,20 +623,23 @@ def test_split_wy_backward_default_and_switch(monkeypatch):
                                                             ("16", 40, "1", "0", None),
                                                             ("64", 16, "1", "1", (0, 90, 200))])
 def test_output_key_blocks_match_the_whole_key_kernels(blocks, K, keep_delta, fuse_dw, cu, monkeypatch):
-    """PDELTA_OUTPUT_KEY_BLOCKS (opt-in): PKDA's output kernels in key-column blocks (the forward and the dS backward
-    summing over blocks, the dQ̂/dP backward's key side block by block) give the whole-key kernels' outputs and
-    gradients (float32 roundoff): several blocks with a masked last one (K = 40), one block wider than K, Δ kept or
-    formed, the dS backward with and without dW (PDELTA_FUSE_DW=0: it keeps the whole-key path), varlen; bad values
-    are refused."""
+    """PDELTA_OUTPUT_KEY_BLOCKS and PDELTA_WY_KEY_BLOCKS (opt-ins): PKDA's output kernels and blocked WY forward in
+    key-column blocks (the forwards and the dS backward summing the Gram and the key-dimension products over blocks,
+    the dQ̂/dP backward's key side block by block, W, P̃, d written by blocks) give the whole-key kernels' outputs
+    and gradients (float32 roundoff): several blocks with a masked last one (K = 40), one block wider than K, Δ kept
+    or formed, the dS backward with and without dW (PDELTA_FUSE_DW=0: it keeps the whole-key path), varlen; bad
+    values are refused."""
     monkeypatch.setenv("PDELTA_FUSE_DW", fuse_dw)
     inp = make_inputs(T=200, H=2, HV=4, K=K, V=24, variant="pkda", dtype=torch.float32, device=DEVICE,
                       num_sequences=1 if cu is None else len(cu) - 1)
     kw = dict(output_final_state=True, backend="triton",
               cu_seqlens=None if cu is None else torch.tensor(cu, device=DEVICE))
     monkeypatch.setenv("PDELTA_KEEP_DELTA", keep_delta)
-    monkeypatch.setenv("PDELTA_OUTPUT_KEY_BLOCKS", "0")
+    for var in ("PDELTA_OUTPUT_KEY_BLOCKS", "PDELTA_WY_KEY_BLOCKS"):
+        monkeypatch.setenv(var, "0")
     out_whole, grads_whole = outputs_and_grads(precond_delta_rule, inp, **kw)
-    monkeypatch.setenv("PDELTA_OUTPUT_KEY_BLOCKS", blocks)
+    for var in ("PDELTA_OUTPUT_KEY_BLOCKS", "PDELTA_WY_KEY_BLOCKS"):
+        monkeypatch.setenv(var, blocks)
     out, grads = outputs_and_grads(precond_delta_rule, inp, **kw)
     for a, b in zip(out, out_whole):
         assert rel_rms(a, b) < (1e-6 if DEVICE == "cpu" else 1e-3)
