@@ -88,6 +88,10 @@ def kernels(K: int, V: int) -> list[tuple[str, object, dict, int, int]]:
         # and PDELTA_WY_BWD_SPLIT=1 for PGDN): a dL kernel, then the key side
         ("split WY backward: dL", wy._wy_bwd_dl_kernel, chunk, bwd_warps, stages),
         ("split WY backward: keys", wy._wy_bwd_kernel, dict(chunk, FROM_DL=True), bwd_warps, stages),
+        ("split WY backward: keys, key blocks 32", wy._wy_bwd_kernel, dict(chunk, FROM_DL=True, KB=32), bwd_warps,
+         stages),
+        ("split WY backward: keys, key blocks 64", wy._wy_bwd_kernel, dict(chunk, FROM_DL=True, KB=64), bwd_warps,
+         stages),
         ("split channel WY backward: dL", channel._wy_ch_bwd_dl_kernel, chunk, bwd_warps, stages),
         ("split channel WY backward: keys", channel._wy_ch_bwd_kernel, dict(chunk, FROM_DL=True), bwd_warps, stages),
         # PDELTA_WY_KEY_BLOCKS=16 / 32: PKDA's blocked WY forward in key-column blocks

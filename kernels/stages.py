@@ -427,7 +427,10 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
                 dv, dbeta, dgam = torch.empty_like(v), torch.empty_like(beta), torch.empty_like(gamma)
                 split = dl_kernel is not None and split_wy_backward(channel_decay)
                 dp_in_dl = split and channel_decay and wy_dp_in_dl()
-                blocks = {"KB": min(BK, 32)} if dp_in_dl else {}  # key-column blocks of the channel kernels
+                # key-column blocks: the channel kernels with the P side in the dL kernel; the scalar key side after a
+                # dL kernel under PDELTA_WY_KEY_BLOCKS (opt-ins)
+                width = 32 if dp_in_dl else (wy_key_blocks() if split and not channel_decay else 0)
+                blocks = {"KB": min(BK, width)} if width else {}
                 dl = torch.empty_like(T) if split else T  # (unread without FROM_DL)
                 common = dict(K=K, V=V, C=C, BK=BK, BV=BV, ACCUMULATE_DP=left is not None, PRECISION=dot_precision(),
                               STREAM=stream_mode(rows))
@@ -502,7 +505,8 @@ def output_key_blocks() -> int:
 
 def wy_key_blocks() -> int:
     """PDELTA_WY_KEY_BLOCKS=16|32|64 (opt-in, session p, CPU-tested only): PKDA's blocked WY forward (and its remake
-    from T) sums the Gram over key-column blocks of that width and writes W, P̃, d block by block. For a GPU A/B."""
+    from T) sums the Gram over key-column blocks of that width and writes W, P̃, d block by block; with the split
+    backward for PDN/PGDN (PDELTA_WY_BWD_SPLIT=1) its key side runs by such blocks too. For a GPU A/B."""
     return _key_block_width("PDELTA_WY_KEY_BLOCKS")
 
 

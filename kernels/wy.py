@@ -356,7 +356,7 @@ def _value_side_dl(KH, VV, GAM, TINV, DW, DU, DL, DV, DBETA, beta, krow, vrow, i
 def _wy_bwd_dl_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL, DP, DV, DBETA, DGAM, H, HV, G, STARTS, LENS,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = 0,
-                      WITH_DP: tl.constexpr = False):
+                      WITH_DP: tl.constexpr = False, KB: tl.constexpr = 0):
     """First half of the split scalar-decay WY backward (`_value_side_dl`); `_wy_bwd_kernel` with FROM_DL does the
     rest. (The same arguments as the channel one, `channel._wy_ch_bwd_dl_kernel`; P, DPT, DDEC, DP, DGAM unused.)"""
     tl.static_assert(not WITH_DP, "the P side stays in the key-side kernel for a scalar decay")
@@ -374,15 +374,30 @@ def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL,
                    DK, DP, DV, DBETA, DGAM, H, HV, G, STARTS, LENS,
                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr = False, STREAM: tl.constexpr = 0,
-                   FROM_DL: tl.constexpr = False, DP_DONE: tl.constexpr = False):
+                   FROM_DL: tl.constexpr = False, DP_DONE: tl.constexpr = False, KB: tl.constexpr = 0):
     """Writes per-value-head dK̂ (read side), dP, and dV, dβ, dΓ. FROM_DL: the key side of the split backward —
-    dL and dβ's value share as `_wy_bwd_dl_kernel` left them in DL and DBETA (dV written there too). (DP_DONE: for
-    the channel kernel's signature only.)
+    dL and dβ's value share as `_wy_bwd_dl_kernel` left them in DL and DBETA (dV written there too); with KB > 0
+    (stages.wy_key_blocks, opt-in) in key-column blocks (`_keys_from_dl_blocked`). (DP_DONE: for the channel
+    kernel's signature only.)
 
     Every [C, K] tile is (re)loaded right before the product that uses it: short lifetimes keep the shared
     memory that dot operands need within Hopper's limit.
     """
     tl.static_assert(not DP_DONE, "the P side stays in this kernel for a scalar decay")
+    if FROM_DL and KB > 0:
+        _keys_from_dl_blocked(KH, P, BETA, GAM, TINV, DW, DPT, DDEC, DL, DK, DP, DBETA, DGAM, H, HV, G, K, C, BK, KB,
+                              PRECISION, ACCUMULATE_DP)
+    else:
+        _wy_bwd_body(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL, DK, DP, DV, DBETA, DGAM, H, HV, G, STARTS, LENS,
+                     K, V, C, BK, BV, PRECISION, ACCUMULATE_DP, STREAM, FROM_DL)
+
+
+@triton.jit
+def _wy_bwd_body(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL, DK, DP, DV, DBETA, DGAM, H, HV, G, STARTS, LENS,
+                 K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr, STREAM: tl.constexpr,
+                 FROM_DL: tl.constexpr):
+    """`_wy_bwd_kernel` over whole [C, K] tiles (one kernel, or the key side of the split backward)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -454,6 +469,63 @@ def _wy_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL,
     tl.store(DBETA + vrow + rc, d_beta)
     tl.store(DGAM + vrow + rc, d_gam)
 
+
+
+@triton.jit
+def _keys_from_dl_blocked(KH, P, BETA, GAM, TINV, DW, DPT, DDEC, DL, DK, DP, DBETA, DGAM, H, HV, G, K: tl.constexpr,
+                          C: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, PRECISION: tl.constexpr,
+                          ACCUMULATE_DP: tl.constexpr):
+    """The key side of the split scalar-decay WY backward in key-column blocks of KB: dK̂, dP (per column) and the
+    row sums of dβ, dΓ (accumulated over blocks), from dL and dLᵀ as `_wy_bwd_dl_kernel` left them — the same terms
+    as `_wy_bwd_body` with FROM_DL, [C, KB] tiles instead of [C, BK]."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c64 = i_c.to(tl.int64)
+    krow = (i_c64 * H + i_h // G) * C
+    vrow = (i_c64 * HV + i_h) * C
+    rc = tl.arange(0, C)
+    beta = tl.load(BETA + vrow + rc)
+    gam = tl.load(GAM + vrow + rc)
+    eg = tl.exp(gam)
+    be = beta * eg
+    g_end = tl.sum(tl.where(rc == C - 1, gam, 0.0), axis=0)
+    scale_end = tl.exp(g_end - gam)
+    T_t = tl.load(TINV + (vrow + rc[None, :]) * C + rc[:, None])
+    strict = rc[:, None] > rc[None, :]
+    strict_t = rc[:, None] < rc[None, :]
+    # (dL ⊙ D) and (dLᵀ ⊙ Dᵀ) diag(β), both [C, C], kept across the blocks
+    dl_d = tl.where(strict, tl.load(DL + (vrow + rc[:, None]) * C + rc[None, :])
+                    * tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0)), 0.0)
+    dlt_d = tl.where(strict_t, tl.load(DL + (vrow + rc[None, :]) * C + rc[:, None]) * beta[None, :]
+                     * tl.exp(tl.where(strict_t, gam[None, :] - gam[:, None], 0.0)), 0.0)
+    d_beta = tl.load(DBETA + vrow + rc)
+    d_gam = tl.zeros([C], dtype=tl.float32)
+    s_tot = tl.zeros([C], dtype=tl.float32)
+    for k0 in range(0, BK, KB):  # a loop, not unrolled: one block of columns live at a time
+        rk = k0 + tl.arange(0, KB)
+        mk = rk < K
+        kk = _rows(KH, krow, rc, rk, mk, K)
+        pp = _rows(P, krow, rc, rk, mk, K)
+        d_bk = tl.dot(T_t, _rows(DW, vrow, rc, rk, mk, K), input_precision=PRECISION)
+        kb_sum = tl.sum(d_bk * kk, axis=1)
+        y = tl.dot(dl_d, pp, input_precision=PRECISION)
+        gl = tl.sum(kk * y, axis=1)
+        d_beta += kb_sum * eg + gl
+        d_gam += kb_sum * be + gl * beta
+        at = (vrow + rc[:, None]) * K + rk[None, :]
+        tl.store(DK + at, d_bk * be[:, None] + y * beta[:, None], mask=mk[None, :])
+        d_p = tl.dot(dlt_d, kk, input_precision=PRECISION)
+        dpt = _rows(DPT, vrow, rc, rk, mk, K)
+        s = tl.sum(dpt * pp, axis=1) * scale_end
+        d_gam -= tl.sum(pp * d_p, axis=1) + s
+        s_tot += s
+        d_p += dpt * scale_end[:, None]
+        if ACCUMULATE_DP:  # the output stage's dP (stages.GradHandoff): return the sum in its buffer
+            d_p += tl.load(DP + at, mask=mk[None, :], other=0.0)
+        tl.store(DP + at, d_p, mask=mk[None, :])
+    d_end = tl.sum(s_tot, axis=0) + tl.load(DDEC + i_c64 * HV + i_h) * tl.exp(g_end)
+    d_gam += tl.where(rc == C - 1, d_end, 0.0)
+    tl.store(DBETA + vrow + rc, d_beta)
+    tl.store(DGAM + vrow + rc, d_gam)
 
 
 def _wy_torch(k_hat, p, v, beta, gamma):

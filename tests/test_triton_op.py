@@ -541,16 +541,19 @@ def test_fused_dw_matches_the_output_stages_own(variant, path, monkeypatch):
                                                                       for n in grads}
 
 
-@pytest.mark.parametrize("variant,cu,dp_in_dl,K", [("pgdn", None, "0", 16), ("pkda", None, "0", 16),
-                                                   ("pkda", None, "1", 16), ("pdn", (0, 70, 200), "0", 16),
-                                                   ("pkda", (0, 90, 200), "0", 16), ("pkda", (0, 90, 200), "1", 40)])
-def test_split_wy_backward_matches_the_one_kernel_backward(variant, cu, dp_in_dl, K, monkeypatch):
+@pytest.mark.parametrize("variant,cu,dp_in_dl,K,key_blocks", [
+    ("pgdn", None, "0", 16, "0"), ("pkda", None, "0", 16, "0"), ("pkda", None, "1", 16, "0"),
+    ("pdn", (0, 70, 200), "0", 16, "0"), ("pkda", (0, 90, 200), "0", 16, "0"), ("pkda", (0, 90, 200), "1", 40, "0"),
+    ("pgdn", (0, 70, 200), "0", 40, "32"), ("pdn", None, "0", 40, "16")])
+def test_split_wy_backward_matches_the_one_kernel_backward(variant, cu, dp_in_dl, K, key_blocks, monkeypatch):
     """PDELTA_WY_BWD_SPLIT=1 (PKDA's default): the WY backward as the dL kernel plus the key-side kernel reading dL
     and dLᵀ from scratch gives the one-kernel backward's gradients (float32 roundoff; padded chunks, varlen, grouped
     values); both kernels really ran; when the key-side kernel does not fit, the PyTorch form takes over (also after
     a dL kernel that added its dP into the output stage's: PDELTA_WY_BWD_DP_IN_DL=1); when the dL kernel does not
-    fit, the one-kernel backward."""
+    fit, the one-kernel backward. PDN/PGDN with PDELTA_WY_KEY_BLOCKS: the key side by column blocks (K = 40: two or
+    three blocks, the last masked)."""
     monkeypatch.setenv("PDELTA_WY_BWD_DP_IN_DL", dp_in_dl)
+    monkeypatch.setenv("PDELTA_WY_KEY_BLOCKS", key_blocks)  # PDN/PGDN: the split key side by column blocks
     import pdelta_cp.kernels._triton_utils as utils
     import pdelta_cp.kernels.stages as stages
     from triton.runtime.errors import OutOfResources
