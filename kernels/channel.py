@@ -133,20 +133,23 @@ def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, 
 
 
 @triton.jit
-def _dp_side(KH, P, GAM, DPT, DDEC, DP, dL_t, beta, ga, krow, vrow, i_c64, i_h, HV, rc, rk, mk, K: tl.constexpr,
-             C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE_DP: tl.constexpr):
+def _dp_side(KH, P, GAM, DPT, DDEC, DP, dL_t, beta, ga, d_gam, krow, vrow, i_c64, i_h, HV, rc, rk, mk,
+             K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+             ACCUMULATE_DP: tl.constexpr):
     """The P side of the channel WY backward, from dLᵀ (masked strictly upper): writes dP (added to the output
-    stage's where ACCUMULATE_DP) and returns its share of dΓ [C, BK] — from the Gram's columns, P̃ = P ⊙ e^{Γ_C − Γ}
-    and d = e^{Γ_C}."""
+    stage's where ACCUMULATE_DP) and returns ``d_gam`` [C, BK] plus its share of dΓ — from the Gram's columns,
+    P̃ = P ⊙ e^{Γ_C − Γ} and d = e^{Γ_C} (in the one-kernel backward's order of operations)."""
     d_p = gram_apply_upper(dL_t * beta[None, :], KH, krow, GAM, vrow, rc, rk, mk, K, C, BK, True, PRECISION)
     pp = _rows(P, krow, rc, rk, mk, K)
+    d_gam -= pp * d_p
     g_end = tl.load(GAM + (vrow + C - 1) * K + rk, mask=mk, other=0.0)
     scale_end = tl.exp(g_end[None, :] - ga)
     dpt = _rows(DPT, vrow, rc, rk, mk, K)
-    t = dpt * pp * scale_end
-    d_end = tl.sum(t, axis=0) + tl.load(DDEC + (i_c64 * HV + i_h) * K + rk, mask=mk, other=0.0) * tl.exp(g_end)
-    d_gam = tl.where(rc[:, None] == C - 1, d_end[None, :], 0.0) - pp * d_p - t
     d_p += dpt * scale_end
+    t = dpt * pp * scale_end
+    d_gam -= t
+    d_end = tl.sum(t, axis=0) + tl.load(DDEC + (i_c64 * HV + i_h) * K + rk, mask=mk, other=0.0) * tl.exp(g_end)
+    d_gam += tl.where(rc[:, None] == C - 1, d_end[None, :], 0.0)
     dp_at = DP + (vrow + rc[:, None]) * K + rk[None, :]
     if ACCUMULATE_DP:  # the output stage's dP (stages.GradHandoff): return the sum in its buffer
         d_p += tl.load(dp_at, mask=mk[None, :], other=0.0)
@@ -179,8 +182,9 @@ def _wy_ch_bwd_dl_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL, DP, 
         for k0 in range(0, BK, KB):  # a loop, not unrolled: one block live at a time
             rkb = k0 + tl.arange(0, KB)
             mkb = rkb < K
-            d_gam = _dp_side(KH, P, GAM, DPT, DDEC, DP, dL_t, beta, _rows(GAM, vrow, rc, rkb, mkb, K), krow, vrow,
-                             i_c64, i_h, HV, rc, rkb, mkb, K, C, KB, PRECISION, ACCUMULATE_DP)
+            d_gam = _dp_side(KH, P, GAM, DPT, DDEC, DP, dL_t, beta, _rows(GAM, vrow, rc, rkb, mkb, K),
+                             tl.zeros([C, KB], dtype=tl.float32), krow, vrow, i_c64, i_h, HV, rc, rkb, mkb, K, C, KB,
+                             PRECISION, ACCUMULATE_DP)
             tl.store(DGAM + (vrow + rc[:, None]) * K + rkb[None, :], d_gam, mask=mkb[None, :])
 
 
@@ -277,8 +281,8 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL,
         else:
             if FROM_DL:  # dLᵀ straight from memory, loaded where it is used
                 dL_t = tl.load(DL + (vrow + rc[None, :]) * C + rc[:, None])
-            d_gam += _dp_side(KH, P, GAM, DPT, DDEC, DP, dL_t, beta, ga, krow, vrow, i_c64, i_h, HV, rc, rk, mk, K, C,
-                              BK, PRECISION, ACCUMULATE_DP)
+            d_gam = _dp_side(KH, P, GAM, DPT, DDEC, DP, dL_t, beta, ga, d_gam, krow, vrow, i_c64, i_h, HV, rc, rk, mk,
+                             K, C, BK, PRECISION, ACCUMULATE_DP)
         tl.store(DBETA + vrow + rc, d_beta)
         tl.store(DGAM + (vrow + rc[:, None]) * K + rk[None, :], d_gam, mask=mk[None, :])
 
@@ -427,8 +431,6 @@ def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DELTA, DO, DQ, DP, DGAM, SCR, H, H
             dA += tl.dot(do, delta_t, input_precision=PRECISION)
     if SCRATCH:
         dA = transpose_via(SCR, vrow, dA_t, rc, C)
-    dA = tl.where(rc[:, None] >= rc[None, :], dA, 0.0)
-    dA_t = tl.where(rc[:, None] <= rc[None, :], dA_t, 0.0)
     if KB == 0:
         _qp_key_side(Q, P, GAM, DQ, DP, DGAM, d_q, dA, dA_t, krow, vrow, rc, rk, mk, K, C, BK, PRECISION)
     else:
@@ -448,11 +450,13 @@ def _out_ch_bwd_qp_kernel(Q, P, GAM, W, U, S, DELTA, DO, DQ, DP, DGAM, SCR, H, H
 def _qp_key_side(Q, P, GAM, DQ, DP, DGAM, d_q, dA, dA_t, krow, vrow, rc, rk, mk, K: tl.constexpr, C: tl.constexpr,
                  BK: tl.constexpr, PRECISION: tl.constexpr):
     """dQ̂, dP, dΓ of the output stage for the key columns ``rk`` ([C, BK] tiles), from dO Sᵀ (``d_q``, those
-    columns) and the masked dA, dAᵀ [C, C]."""
+    columns) and dA, dAᵀ [C, C] (masked here)."""
     eg = tl.exp(_rows(GAM, vrow, rc, rk, mk, K))
     q = _rows(Q, krow, rc, rk, mk, K)
     d_gam = d_q * q * eg
     d_q = d_q * eg
+    dA = tl.where(rc[:, None] >= rc[None, :], dA, 0.0)
+    dA_t = tl.where(rc[:, None] <= rc[None, :], dA_t, 0.0)
     d_q_gram = gram_apply_lower(dA, P, krow, GAM, vrow, rc, rk, mk, K, C, BK, False, PRECISION)
     d_q += d_q_gram
     d_gam += q * d_q_gram
