@@ -20,10 +20,10 @@ from .output import (_store_value_tile, _value_tile, _value_tile_t, delta_rows, 
                      state_tile_t, transpose_via, value_rows)
 from ._triton_utils import next_pow2
 from .stages import make_output_stage, make_wy_stage, output_key_blocks, wy_key_blocks
-from .gram_channel import (_rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_lower, gram_lower_blocked,
-                           gram_upper, gram_upper_blocked)
+from .gram_channel import (_rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_blocked, gram_lower,
+                           gram_upper)
 from .wy import (_blocked_inverse, _invert_unit_lower, _load_block, _load_blocked_inverse, _store_blocked_inverse,
-                 _store_blocked_product, _store_blocked_u, _value_side_backward, _value_side_dl)
+                 _store_blocked_product, _store_blocked_u, _value_side_backward, _value_side_dl, _dl_from)
 
 C = 64
 
@@ -107,7 +107,7 @@ def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, 
         if KB == 0:
             L = beta[:, None] * gram_lower(KH, krow, P, krow, GAM, vrow, rc, rk, mk, K, C, True, PRECISION)
         else:
-            L = beta[:, None] * gram_lower_blocked(KH, krow, P, krow, GAM, vrow, rc, K, C, BK, KB, True, PRECISION)
+            L = beta[:, None] * gram_blocked(KH, krow, P, krow, GAM, vrow, rc, K, C, BK, KB, True, PRECISION, False)
         tl.store(TINV + (vrow + rc[:, None]) * C + rc[None, :], L)
         tl.debug_barrier()  # the blocks below are read by other threads than wrote them
         T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _blocked_inverse(
@@ -263,11 +263,9 @@ def _wy_ch_bwd_kernel(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL,
         if FROM_DL:
             dL = tl.load(DL + (vrow + rc[:, None]) * C + rc[None, :])
         else:
-            dL = tl.where(strict, -tl.dot(tl.dot(T_t, dT, input_precision=PRECISION), T_t, input_precision=PRECISION),
-                          0.0)
+            dL = _dl_from(T_t, dT, strict, PRECISION)
             T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
-            dL_t = tl.where(strict_t, -tl.dot(tl.dot(T, dT_t, input_precision=PRECISION), T, input_precision=PRECISION),
-                            0.0)
+            dL_t = _dl_from(T, dT_t, strict_t, PRECISION)
         # L = diag(β) X with X = gram(K̂, P): dX = β ⊙ dL, and β's share Σ_j dL_ij X_ij = Σ_d k̂_id (Σ_j dL_ij P_jd
         # e^{Γ_id − Γ_jd}) comes from the same apply, row-scaled afterwards: X itself is never formed
         d_x = gram_apply_lower(dL, P, krow, GAM, vrow, rc, rk, mk, K, C, BK, True, PRECISION)
@@ -317,7 +315,7 @@ def _out_ch_fwd_kernel(Q, P, GAM, W, U, S, DELTA, O, H, HV, G, STARTS, LENS,
             o = tl.dot(qd, s, input_precision=PRECISION) + tl.dot(A, delta, input_precision=PRECISION)
             _store_value_tile(O, orow, ostride, on, rc, cols, mv, o)
     else:
-        A = gram_lower_blocked(Q, krow, P, krow, GAM, vrow, rc, K, C, BK, KB, False, PRECISION)
+        A = gram_blocked(Q, krow, P, krow, GAM, vrow, rc, K, C, BK, KB, False, PRECISION, False)
         for v0 in range(0, V, BV):
             cols = v0 + tl.arange(0, BV)
             mv = cols < V
@@ -355,7 +353,7 @@ def _out_ch_bwd_state_kernel(Q, P, GAM, W, S, DO, DW, DU, DS, H, HV, G, STARTS, 
     mk = rk < K
     if KB > 0:
         tl.static_assert(not STORE_DW, "key-column blocks only where the state pass forms dW (stages.fused_dw)")
-        A_t = gram_upper_blocked(Q, krow, P, krow, GAM, vrow, rc, K, C, BK, KB, False, PRECISION)
+        A_t = gram_blocked(Q, krow, P, krow, GAM, vrow, rc, K, C, BK, KB, False, PRECISION, True)
         for v0 in range(0, V, BV):
             cols = v0 + tl.arange(0, BV)
             mv = cols < V

@@ -108,24 +108,17 @@ def gram_lower(A, a_row, B, b_row, G, g_row, rc, rk, mk, K: tl.constexpr, C: tl.
 
 
 @triton.jit
-def gram_lower_blocked(A, a_row, B, b_row, G, g_row, rc, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                       KB: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr):
-    """`gram_lower` summed over key-column blocks of KB (a loop, not unrolled: [C, KB] tiles live at a time)."""
+def gram_blocked(A, a_row, B, b_row, G, g_row, rc, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                 KB: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr, UPPER: tl.constexpr):
+    """`gram_lower` (or, UPPER, `gram_upper`) summed over key-column blocks of KB (a loop, not unrolled: [C, KB]
+    tiles live at a time)."""
     out = tl.zeros([C, C], dtype=tl.float32)
     for k0 in range(0, BK, KB):
         rk = k0 + tl.arange(0, KB)
-        out += gram_lower(A, a_row, B, b_row, G, g_row, rc, rk, rk < K, K, C, STRICT, PRECISION)
-    return out
-
-
-@triton.jit
-def gram_upper_blocked(A, a_row, B, b_row, G, g_row, rc, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                       KB: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr):
-    """`gram_upper` summed over key-column blocks of KB."""
-    out = tl.zeros([C, C], dtype=tl.float32)
-    for k0 in range(0, BK, KB):
-        rk = k0 + tl.arange(0, KB)
-        out += gram_upper(A, a_row, B, b_row, G, g_row, rc, rk, rk < K, K, C, STRICT, PRECISION)
+        if UPPER:
+            out += gram_upper(A, a_row, B, b_row, G, g_row, rc, rk, rk < K, K, C, STRICT, PRECISION)
+        else:
+            out += gram_lower(A, a_row, B, b_row, G, g_row, rc, rk, rk < K, K, C, STRICT, PRECISION)
     return out
 
 

@@ -330,6 +330,12 @@ def _value_side_backward(DU, VV, DV, vrow, vbase, vstride, vn, beta, T_t, rc, V:
 
 
 @triton.jit
+def _dl_from(M, dT, keep, PRECISION: tl.constexpr):
+    """−M dT M where ``keep``: dL = −Tᵀ dT Tᵀ (M = Tᵀ, strictly lower) or dLᵀ = −T dTᵀ T (M = T, strictly upper)."""
+    return tl.where(keep, -tl.dot(tl.dot(M, dT, input_precision=PRECISION), M, input_precision=PRECISION), 0.0)
+
+
+@triton.jit
 def _value_side_dl(KH, VV, GAM, TINV, DW, DU, DL, DV, DBETA, beta, krow, vrow, i_c64, i_h, HV, STARTS, LENS, rc, rk,
                    mk, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
                    CHANNEL: tl.constexpr, STREAM: tl.constexpr):
@@ -347,7 +353,7 @@ def _value_side_dl(KH, VV, GAM, TINV, DW, DU, DL, DV, DBETA, beta, krow, vrow, i
         bk_t = _rows_t(KH, krow, rc, rk, mk, K) * (beta * tl.exp(tl.load(GAM + vrow + rc)))[None, :]
     dT += tl.dot(_rows(DW, vrow, rc, rk, mk, K), bk_t, input_precision=PRECISION)
     strict = rc[:, None] > rc[None, :]
-    dL = tl.where(strict, -tl.dot(tl.dot(T_t, dT, input_precision=PRECISION), T_t, input_precision=PRECISION), 0.0)
+    dL = _dl_from(T_t, dT, strict, PRECISION)
     tl.store(DL + (vrow + rc[:, None]) * C + rc[None, :], dL)
     tl.store(DBETA + vrow + rc, d_beta)
 
@@ -434,11 +440,9 @@ def _wy_bwd_body(KH, P, VV, BETA, GAM, TINV, DW, DU, DPT, DDEC, DL, DK, DP, DV, 
     if FROM_DL:
         dL = tl.load(DL + (vrow + rc[:, None]) * C + rc[None, :])
     else:
-        dL = tl.where(strict, -tl.dot(tl.dot(T_t, dT, input_precision=PRECISION), T_t, input_precision=PRECISION),
-                      0.0)
+        dL = _dl_from(T_t, dT, strict, PRECISION)
         T = tl.load(TINV + (vrow + rc[:, None]) * C + rc[None, :])
-        dL_t = tl.where(strict_t, -tl.dot(tl.dot(T, dT_t, input_precision=PRECISION), T, input_precision=PRECISION),
-                        0.0)
+        dL_t = _dl_from(T, dT_t, strict_t, PRECISION)
     # L = diag(β) (K̂Pᵀ ⊙ D): with Y = (dL ⊙ D) P, dK̂ gets β ⊙ Y and rowsum(dL ⊙ L) = β ⊙ rowsum(K̂ ⊙ Y); with
     # Z = (dLᵀ ⊙ Dᵀ) diag(β) K̂, dP = Z and colsum(dL ⊙ L) = rowsum(P ⊙ Z) — K̂Pᵀ itself is never formed
     decay = tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0))

@@ -576,31 +576,27 @@ def test_split_wy_backward_matches_the_one_kernel_backward(variant, cu, dp_in_dl
     for name in grads_one:
         assert rel_rms(grads[name], grads_one[name]) < tol, name
 
-    def key_side_too_big(name, launch):
-        if name == f"{stage}_bwd":
-            launch = lambda: (_ for _ in ()).throw(OutOfResources(1, 0, "shared"))  # noqa: E731
-        return real(name, launch)
+    def grads_when_too_big(which):
+        """The gradients when the launch named ``which`` raises OutOfResources (the launches in ``launched``)."""
+        launched.clear()
 
-    utils._warned.clear()
-    monkeypatch.setattr(stages, "launch_or_fallback", key_side_too_big)
-    with pytest.warns(RuntimeWarning, match="does not fit"):
-        _, grads_fb = outputs_and_grads(precond_delta_rule, inp, **kw)
+        def launch_or_fail(name, launch):
+            launched.append(name)
+            if name == which:
+                launch = lambda: (_ for _ in ()).throw(OutOfResources(1, 0, "shared"))  # noqa: E731
+            return real(name, launch)
+
+        utils._warned.clear()
+        monkeypatch.setattr(stages, "launch_or_fallback", launch_or_fail)
+        with pytest.warns(RuntimeWarning, match="does not fit"):
+            return outputs_and_grads(precond_delta_rule, inp, **kw)[1]
+
+    grads_fb = grads_when_too_big(f"{stage}_bwd")  # the key side does not fit: the PyTorch form
     for name in grads_one:
         assert rel_rms(grads_fb[name], grads_one[name]) < (1e-5 if DEVICE == "cpu" else 5e-3), name
 
     # a dL kernel that does not fit: the one-kernel Triton backward runs instead (not PyTorch)
-    launched.clear()
-
-    def dl_too_big(name, launch):
-        launched.append(name)
-        if name == f"{stage}_bwd_dl":
-            launch = lambda: (_ for _ in ()).throw(OutOfResources(1, 0, "shared"))  # noqa: E731
-        return real(name, launch)
-
-    utils._warned.clear()
-    monkeypatch.setattr(stages, "launch_or_fallback", dl_too_big)
-    with pytest.warns(RuntimeWarning, match="does not fit"):
-        _, grads_one_again = outputs_and_grads(precond_delta_rule, inp, **kw)
+    grads_one_again = grads_when_too_big(f"{stage}_bwd_dl")
     assert launched.index(f"{stage}_bwd") > launched.index(f"{stage}_bwd_dl")
     for name in grads_one:
         assert rel_rms(grads_one_again[name], grads_one[name]) < (1e-5 if DEVICE == "cpu" else 5e-3), name
