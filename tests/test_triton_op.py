@@ -222,7 +222,10 @@ def test_recomputing_the_states_in_backward_changes_nothing_but_memory(monkeypat
                                                 ("PDELTA_STREAM_PADDED", "0", "pgdn"),
                                                 ("PDELTA_STREAM_PADDED", "0", "pkda"),
                                                 ("PDELTA_WY_BWD_SPLIT", "1", "pgdn"),
-                                                ("PDELTA_WY_BWD_SPLIT", "0", "pkda")])
+                                                ("PDELTA_WY_BWD_SPLIT", "0", "pkda"),
+                                                ("PDELTA_WY_BWD_DP_IN_DL", "1", "pkda"),
+                                                ("PDELTA_OUTPUT_KEY_BLOCKS", "16", "pkda"),
+                                                ("PDELTA_WY_KEY_BLOCKS", "16", "pkda")])
 def test_switchable_kernel_paths_match_reference(flag, value, variant, monkeypatch):
     """Non-default paths give the same op: PDELTA_WY_BLOCKED=0 (opt-out), the WY forward by 63 row steps;
     PDELTA_STATE_BWD_SPLIT=0 (opt-out), the reverse state pass forms the chunk gradients itself as per-V-block
@@ -231,7 +234,8 @@ def test_switchable_kernel_paths_match_reference(flag, value, variant, monkeypat
     PDELTA_SCRATCH_TRANSPOSE=1 (opt-in), the output backward's dA and Aᵀ as transposes through scratch memory;
     PDELTA_STREAM_PADDED=0 (opt-out; T = 150 is padded), relayout copies instead of the kernels' row tables;
     PDELTA_WY_BWD_SPLIT=1 (opt-in for PGDN), the WY backward as a dL kernel and a key-side kernel; =0 (opt-out for
-    PKDA) the one-kernel backward.
+    PKDA) the one-kernel backward; the key-column block opt-ins of PKDA (PDELTA_WY_BWD_DP_IN_DL,
+    PDELTA_OUTPUT_KEY_BLOCKS, PDELTA_WY_KEY_BLOCKS).
     Every output and gradient against float64."""
     monkeypatch.setenv(flag, value)
     inp = make_inputs(T=150, H=2, HV=4, K=12, V=72, variant=variant, dtype=torch.float32, device=DEVICE)
