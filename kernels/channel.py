@@ -31,7 +31,8 @@ C = 64
 @triton.jit
 def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, STARTS, LENS,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      PRECISION: tl.constexpr, FROM_T: tl.constexpr = False, STREAM: tl.constexpr = 0):
+                      PRECISION: tl.constexpr, FROM_T: tl.constexpr = False, STREAM: tl.constexpr = 0,
+                      STORE_U: tl.constexpr = True):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_c64 = i_c.to(tl.int64)
     krow = (i_c64 * H + i_h // G) * C
@@ -53,13 +54,14 @@ def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, START
     p_t = _rows(P, krow, rc, rk, mk, K) * tl.exp(g_end[None, :] - ga)
     tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], p_t, mask=mk[None, :])
     tl.store(DEC + (i_c64 * HV + i_h) * K + rk, tl.exp(g_end), mask=mk)
-    vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
-    for v0 in range(0, V, BV):
-        cols = v0 + tl.arange(0, BV)
-        mv = cols < V
-        vv = _value_tile(VV, vbase, vstride, vn, rc, cols, mv)
-        u = tl.dot(T, vv * beta[:, None], input_precision=PRECISION)
-        tl.store(U + (vrow + rc[:, None]) * V + cols[None, :], u, mask=mv[None, :])
+    if STORE_U:  # (not where backward remakes for readers of the kept Δ only: stages.remake_needs_u)
+        vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
+        for v0 in range(0, V, BV):
+            cols = v0 + tl.arange(0, BV)
+            mv = cols < V
+            vv = _value_tile(VV, vbase, vstride, vn, rc, cols, mv)
+            u = tl.dot(T, vv * beta[:, None], input_precision=PRECISION)
+            tl.store(U + (vrow + rc[:, None]) * V + cols[None, :], u, mask=mv[None, :])
 
 
 @triton.jit
@@ -86,7 +88,7 @@ def _store_w_pt(KH, P, GAM, BETA, W, PT, DEC, krow, vrow, dec_row, T00, T10, T11
 def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, STARTS, LENS,
                               K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                               BV: tl.constexpr, PRECISION: tl.constexpr, FROM_T: tl.constexpr = False,
-                              STREAM: tl.constexpr = 0, KB: tl.constexpr = 0):
+                              STREAM: tl.constexpr = 0, KB: tl.constexpr = 0, STORE_U: tl.constexpr = True):
     """As `_wy_ch_fwd_kernel`, with (I + L)^-1 by 16-row blocks (wy.py's blocked solve) instead of 63 cross-warp
     substitution steps on the [C, C] tile: L goes through TINV's storage (16 KB, cache-resident), which then
     takes the inverse. KB > 0 (stages.wy_key_blocks, opt-in): the Gram summed over key-column blocks of KB, and W,
@@ -127,9 +129,10 @@ def _wy_ch_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, 
             rkb = k0 + tl.arange(0, KB)
             _store_w_pt(KH, P, GAM, BETA, W, PT, DEC, krow, vrow, i_c64 * HV + i_h, T00, T10, T11, T20, T21, T22,
                         T30, T31, T32, T33, r16, rc, rkb, rkb < K, K, C, PRECISION)
-    vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
-    _store_blocked_u(VV, vbase, vstride, vn, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, r16,
-                     V, BV, PRECISION)
+    if STORE_U:
+        vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
+        _store_blocked_u(VV, vbase, vstride, vn, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33,
+                         r16, V, BV, PRECISION)
 
 
 @triton.jit

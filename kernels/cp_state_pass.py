@@ -70,6 +70,8 @@ class CPStatePass(torch.autograd.Function):
         kept = save_states(ctx, recompute, starts, functools.partial(remake_starts, first, length, narrow, dtype),
                            S_sub)
         save_wy(ctx, recompute, (W, U, P), D, kept, M_sub, gathered[..., :K], delta)
+        if recompute is not None:
+            recompute.without_u(delta, K)
         ctx.meta = (layout, group, subs, last_sub, narrow, init_all.shape, handoff)
         arm_state_pass(handoff)
         if delta is not None:
@@ -82,7 +84,7 @@ class CPStatePass(torch.autograd.Function):
         layout, group, subs, last_sub, narrow, init_shape, handoff = ctx.meta
         first, length = [s[0] for s in subs], [s[1] for s in subs]
         segs = layout.segments
-        HV, K, V = W.shape[1], W.shape[-1], U.shape[-1]
+        HV, K, V = W.shape[1], W.shape[-1], starts.shape[-1]  # (U may be None: stages.Recompute.without_u)
         g_starts = zero_or_float(arriving_state_grad(handoff, g_starts), starts)
         terminal = grad_buffer(W, (len(subs), HV, K, V), zeros=True)
         if g_final is not None:

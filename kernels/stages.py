@@ -40,10 +40,39 @@ class Recompute:
     shape, which made 1M-token training run out of memory). ``cache`` holds no tensor until backward.
     """
 
-    def __init__(self, fn: Callable, *inputs: torch.Tensor, states: bool = False):
+    def __init__(self, fn: Callable, *inputs: torch.Tensor, states: bool = False, u_optional: bool = False):
         self.inputs = tuple(remade.detached(t) for t in inputs)
-        self.cache = remade.RemadeOnce(fn)
+        # ``u_optional``: fn takes ``with_u`` (the remake from the inverse); see :meth:`without_u`
+        self.u_needed = True
+        self.cache = remade.RemadeOnce((lambda *t: fn(*t, with_u=self.u_needed)) if u_optional else fn)
+        self.u_optional = u_optional
         self.states = _States(self.cache) if states else None
+
+    def without_u(self, delta: torch.Tensor | None, K: int) -> None:
+        """Called by the state pass's forward: where it kept Δ = U − W S (``delta``) and its reverse pass is the
+        split one (K <= 128), no reader in backward takes U — the output stage's dQ̂/dP kernel and the chunk-gradient
+        kernel read Δ, the dS and reverse-pass kernels never read U — so the remake need not write U
+        [Nc, HV, C, V] (256 B per token and head in bfloat16, alive at the backward's peak) and gives None in its
+        place; a fallback that needs U after all forms it again as Δ + W S (:func:`u_again`). The output stage's
+        forward calls :meth:`keep_u` if it ran in PyTorch (its backward then needs U). PDELTA_REMAKE_U=1 keeps U."""
+        from .state_pass import split_backward_enabled  # (state_pass imports this module)
+
+        if self.u_optional and delta is not None and split_backward_enabled(K) \
+                and os.environ.get("PDELTA_REMAKE_U") != "1":
+            self.u_needed = False
+
+    def keep_u(self) -> None:
+        self.u_needed = True
+
+
+def u_again(U: torch.Tensor | None, W: torch.Tensor, S: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """U for a path that reads it: U itself, or — where the remake left it out (:meth:`Recompute.without_u`) —
+    Δ + W S in float32 from the kept Δ [Nc, HV, C, V], W [Nc, HV, C, K] and the chunk states S [Nc, HV, K, V]."""
+    if U is not None:
+        return U
+    if delta is None:
+        raise RuntimeError("the WY remake left U out but no Δ was kept to form it again from: this is a bug")
+    return delta.float() + W.float() @ S.float()
 
 
 class _States:
@@ -371,21 +400,24 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
     """
 
     def launch_forward(k_hat, p, v, beta, gamma, T=None, rows: StreamRows | None = None,
-                       wy_dtype: torch.dtype = torch.float32):
+                       wy_dtype: torch.dtype = torch.float32, with_u: bool = True):
         """(W, U, P̃, d, T) from the forward kernel, or None when it does not fit the GPU; with T given, the
         kernel reads it (FROM_T) instead of forming and storing it: the same arithmetic for everything else.
-        ``wy_dtype``: storage of W, U, P̃ (the kernel's stores round to it)."""
+        ``wy_dtype``: storage of W, U, P̃ (the kernel's stores round to it); without ``with_u`` U is None (not
+        written: see :meth:`Recompute.without_u`)."""
         Nc, H, _, K = k_hat.shape
         HV, V = v.shape[1], v.shape[-1]  # v: [Nc, HV, C, V] or [L, HV, V]
         BK, BV, warps, stages = chunk_tile_config(K, V)
         W, P_t = k_hat.new_empty(Nc, HV, C, K, dtype=wy_dtype), k_hat.new_empty(Nc, HV, C, K, dtype=wy_dtype)
         starts, lens = kernel_rows(rows, beta)
-        U, d = k_hat.new_empty(Nc, HV, C, V, dtype=wy_dtype), k_hat.new_empty(decay_shape(Nc, HV, K))
+        U = k_hat.new_empty(Nc, HV, C, V, dtype=wy_dtype) if with_u else None
+        d = k_hat.new_empty(decay_shape(Nc, HV, K))
         from_t, T = T is not None, k_hat.new_empty(Nc, HV, C, C) if T is None else T
         kernel, fwd_warps, *options = (fwd_kernel, None) if pick_fwd is None else pick_fwd(K)
         if Nc > 0 and not launch_or_fallback(f"{name}_fwd", lambda: kernel[(Nc, HV)](
-                k_hat, p, v, beta, gamma, W, U, P_t, T, d, H, HV, HV // H, starts, lens, K=K, V=V, C=C, BK=BK, BV=BV,
-                PRECISION=dot_precision(), FROM_T=from_t, STREAM=stream_mode(rows), **(options[0] if options else {}),
+                k_hat, p, v, beta, gamma, W, W if U is None else U, P_t, T, d, H, HV, HV // H, starts, lens, K=K, V=V,
+                C=C, BK=BK, BV=BV, PRECISION=dot_precision(), FROM_T=from_t, STREAM=stream_mode(rows),
+                STORE_U=with_u, **(options[0] if options else {}),
                 **launch_config(f"{name}_fwd", fwd_warps or warps, stages))):
             return None
         return W, U, P_t, d, T
@@ -473,11 +505,12 @@ def make_wy_stage(name: str, fwd_kernel, bwd_kernel, torch_form: Callable, decay
             return W, U, P_t, d
         return W, U, P_t, d, (T if T.numel() else None)
 
-    def remake(k_hat, p, v, beta, gamma, T, rows: StreamRows | None = None, wy_dtype: torch.dtype = torch.float32):
+    def remake(k_hat, p, v, beta, gamma, T, rows: StreamRows | None = None, wy_dtype: torch.dtype = torch.float32,
+               with_u: bool = True):
         """(W, U, P̃, d) from the stored inverse T (no gradient): bitwise what the forward returned (rounded to
-        ``wy_dtype``, see :func:`remade_wy_dtype`)."""
+        ``wy_dtype``, see :func:`remade_wy_dtype`); U None without ``with_u`` (:meth:`Recompute.without_u`)."""
         args = prepared(k_hat, p, v, beta, gamma)
-        out = launch_forward(*args, T=T, rows=rows, wy_dtype=wy_dtype)
+        out = launch_forward(*args, T=T, rows=rows, wy_dtype=wy_dtype, with_u=with_u)
         if out is None:  # cannot happen after the same kernel ran in forward; stay correct anyway
             k_hat, p, v, beta, gamma = args
             return tuple(t.contiguous() for t in torch_form(k_hat, p, _chunk_values(v, rows), beta, gamma))
@@ -535,6 +568,8 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             if ctx.fallback:
                 O = torch_form(q_hat, p, gamma, W, U, S.float())
                 O = _chunks_to_stream(O, rows, stream_dtype) if stream else O
+                if recompute is not None:  # the PyTorch backward reads U
+                    recompute.keep_u()
             save_wy(ctx, recompute, (W, U), q_hat, p, gamma, save_states(ctx, recompute, S),
                     None if ctx.fallback else delta, *rows_saved(rows))
             ctx.handoff, ctx.rows_meta = handoff, rows_meta(rows)
@@ -542,9 +577,9 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
 
         @staticmethod
         def backward(ctx, dO):
-            (W, U), (q_hat, p, gamma, S, delta, *row_tables) = load_wy(ctx, states_at=3)
+            (W, U), (q_hat, p, gamma, S, delta, *row_tables) = load_wy(ctx, states_at=3)  # U may be None: Δ kept
             Nc, H, _, K = q_hat.shape
-            HV, V = U.shape[1], U.shape[-1]
+            HV, V = S.shape[1], S.shape[-1]
             BK, BV, warps, stages = chunk_tile_config(K, V)
             dO = dO.contiguous()
             # the state pass forms the output's dW with its own (one product): only where it takes our dU
@@ -553,7 +588,7 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             dW = grad_buffer(W, W.shape) if dw_here else dq  # (not written without STORE_DW)
             # dS in float32 whatever S's storage (or bfloat16, see adjoint_dtype); it reaches the state pass
             # through the handoff's "states" slot (autograd would cast it to S's dtype)
-            dU, dS = grad_buffer(U, U.shape), torch.empty_like(S, dtype=adjoint_dtype(S))
+            dU, dS = grad_buffer(W, (Nc, HV, C, V)), torch.empty_like(S, dtype=adjoint_dtype(S))
             dgam = torch.empty_like(gamma)
             rows = rows_loaded(row_tables, ctx.rows_meta)
             starts, lens = kernel_rows(rows, gamma)
@@ -561,13 +596,14 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
             # PDELTA_SCRATCH_TRANSPOSE=1 (opt-in): dA and Aᵀ as transposes through [C, C] scratch rows
             scratch = grad_buffer(W, (Nc, HV, C, C)) if os.environ.get("PDELTA_SCRATCH_TRANSPOSE") == "1" else None
             blocks = {"KB": kb} if (kb := key_blocks(BK)) else {}
+            u_arg = delta if U is None else U  # (U left out of the remake: the kernel reads Δ, never U)
             if Nc and not ctx.fallback and launch_or_fallback(
                     f"{name}_bwd_state", lambda: bwd_state_kernel[(Nc, HV)](
                         q_hat, p, gamma, W, S, dO, dW, dU, dS, H, HV, HV // H, starts, lens, STORE_DW=dw_here,
                         **({} if dw_here else blocks), **launch_config(f"{name}_bwd_state", warps, stages),
                         **common)) \
                     and launch_or_fallback(f"{name}_bwd_qp", lambda: bwd_qp_kernel[(Nc, HV)](
-                        q_hat, p, gamma, W, U, S, U if delta is None else delta, dO, dq, dp, dgam,
+                        q_hat, p, gamma, W, u_arg, S, U if delta is None else delta, dO, dq, dp, dgam,
                         scratch if scratch is not None else dq, H, HV, HV // H, starts, lens,
                         SCRATCH=scratch is not None, DOS_BF16=exact_in_bf16(dO, S), HAS_DELTA=delta is not None,
                         **launch_config(f"{name}_bwd_qp", warps, stages), **blocks,
@@ -583,7 +619,8 @@ def make_output_stage(name: str, fwd_kernel, bwd_state_kernel, bwd_qp_kernel, to
                 return (torch.zeros_like(q_hat), torch.zeros_like(p), dgam, grad_buffer(W, W.shape, zeros=True), dU, dS,
                         None, None, None, None, None)
             dO = dO if rows is None else _stream_to_chunks(dO, rows)
-            *grads, dS = torch_form_grads(torch_form, (q_hat, p, gamma, W.float(), U.float(), S.float()), (dO,))
+            U = u_again(U, W, S, delta).float()
+            *grads, dS = torch_form_grads(torch_form, (q_hat, p, gamma, W.float(), U, S.float()), (dO,))
             return (*grads, pass_on(ctx.handoff, "states", dS), None, None, None, None, None)
 
     Stage.__name__ = f"{name}_stage"

@@ -29,7 +29,7 @@ from ..indices import index_tensor, put_rows, take_rows
 from .output import delta_rows
 from ._triton_utils import INTERPRET, launch_config, launch_or_fallback, next_pow2, num_sms, warn_fallback
 from .stages import (GradHandoff, Recompute, add_left, arm, grad_buffer, left_dW, load_wy, save_states, save_wy,
-                     take_one, torch_form_grads)
+                     take_one, torch_form_grads, u_again)
 
 
 @triton.jit
@@ -294,12 +294,15 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
     output stage left dU alone (stages.fused_dw: its dW follows from that dU and S here). ``delta``: the Δ the
     forward kept (:func:`keeps_delta`), read by the chunk-gradient kernel in place of U − W S."""
     Nc, HV, C, K = W.shape
-    V = U.shape[-1]
+    V = starts.shape[-1]
     BK, BV, warps, stages = _config(K, V, narrow, pass_stages=True)
     grads_stages = _config(K, V, narrow)[3]  # the chunk-gradient kernel: not a pass, not measured at 2 (K = 128)
     NV = triton.cdiv(V, BV)
     nseg = len(first)
     split = store_grads and split_backward_enabled(K)
+    if U is None and store_grads and not (split and delta is not None):  # a path that reads U after all
+        U = u_again(U, W, starts, delta)
+    U = W if U is None else U  # (unread: the reverse pass never reads U, the chunk-gradient kernel reads Δ)
     if store_grads and not split:
         dW, dP = grad_buffer(W, (NV, Nc, HV, C, K)), grad_buffer(W, (NV, Nc, HV, C, K))
         dD, dU = grad_buffer(W, (NV, Nc, HV, K)), grad_buffer(W, (Nc, HV, C, V))
@@ -324,8 +327,8 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
                 BV=BV, ACCUMULATE=add_to is not None, PRECISION=_precision(False), HAS_DELTA=delta is not None,
                 DW_FROM_SUM=from_sum, **launch_config("state_grads", warps, grads_stages))):
             # Λ may already be in G's storage: no retry from G, but the grads follow from Λ and S directly
-            _state_grads_torch(W, U, P, starts, lam, dW, dU, dP, dD, accumulate=add_to is not None,
-                               dw_from_sum=from_sum)
+            _state_grads_torch(W, U if delta is None else delta + W.float() @ starts.float(), P, starts, lam, dW,
+                               dU, dP, dD, accumulate=add_to is not None, dw_from_sum=from_sum)
         return dW, dU, dP, dD, dS0
     if not store_grads:
         return None, None, None, None, dS0
@@ -436,6 +439,8 @@ class StatePass(torch.autograd.Function):
         kept = save_states(ctx, recompute, starts, functools.partial(remake_starts, first, length, narrow, dtype),
                            S_sub)
         save_wy(ctx, recompute, (W, U, P), D, S_enter, kept, M, delta)
+        if recompute is not None:
+            recompute.without_u(delta, W.shape[-1])
         ctx.subs, ctx.last, ctx.segments, ctx.handoff = subs, last, (seg_first, seg_len), handoff
         arm_state_pass(handoff)
         if delta is not None:
@@ -451,8 +456,9 @@ class StatePass(torch.autograd.Function):
                                                                    narrow, left, delta))
         if grads is None:  # recompute the pass in PyTorch and differentiate that
             g_starts = None if g_starts is None else g_starts.float()  # (bfloat16 when stages.adjoint_dtype says so)
+            U = u_again(U, W, starts, delta).float()
             grads = add_left(torch_form_grads(lambda *t: state_pass_torch(*t, *ctx.segments),
-                                              (W.float(), U.float(), P.float(), D, S_enter), (g_starts, g_final)),
+                                              (W.float(), U, P.float(), D, S_enter), (g_starts, g_final)),
                              left, starts)
         return (*grads, None, None, None, None, None, None, None, None)
 
@@ -482,7 +488,7 @@ def zero_or_float(g: Tensor | None, like: Tensor) -> Tensor:
 def _kernel_backward(ctx, W, U, P, D, starts, M, g_starts, g_final, narrow, left, delta=None):
     subs, last = ctx.subs, ctx.last
     first, length = [s[0] for s in subs], [s[1] for s in subs]
-    HV, K, V = W.shape[1], W.shape[-1], U.shape[-1]
+    HV, K, V = W.shape[1], W.shape[-1], starts.shape[-1]
     g_starts = zero_or_float(g_starts, starts)
     g_final = grad_buffer(W, (len(last), HV, K, V), zeros=True) if g_final is None else g_final
     terminal = grad_buffer(W, (len(subs), HV, K, V), zeros=True)

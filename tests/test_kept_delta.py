@@ -102,3 +102,78 @@ def test_kept_delta_not_with_remade_states(monkeypatch):
     seen = _kept_deltas(monkeypatch)
     _triton(make_inputs(T=130, H=1, K=16, V=16, variant="pgdn", dtype=torch.float32, device=DEVICE))
     assert seen and all(d is None for d in seen)
+
+
+def _remade_u(monkeypatch) -> list:
+    """Record the U of every WY remake in backward (None: left out, see stages.Recompute.without_u)."""
+    from pdelta_cp.kernels.channel import wy_channel_decay
+    from pdelta_cp.kernels.wy import wy_scalar_decay
+
+    seen = []
+    for stage in (wy_scalar_decay, wy_channel_decay):
+        def spy(*args, real=stage.remake, **kwargs):
+            out = real(*args, **kwargs)
+            seen.append(out[1])
+            return out
+
+        monkeypatch.setattr(stage, "remake", spy)
+    return seen
+
+
+@pytest.mark.parametrize("variant", ["pdn", "pkda"])
+def test_remake_leaves_u_out_where_backward_reads_the_kept_delta(variant, monkeypatch):
+    """Backward's readers take the kept Δ, so the remake does not write U (None in its place): every output and
+    gradient is bitwise that of PDELTA_REMAKE_U=1 (float32 inputs, GVA, varlen). U is written where a reader needs
+    it: PDELTA_KEEP_DELTA=0 (no Δ) and the one-kernel reverse pass (PDELTA_STATE_BWD_SPLIT=0, which reads U)."""
+    inp = make_inputs(T=200, H=2, HV=4, K=16, V=24, variant=variant, dtype=torch.float32, device=DEVICE,
+                      num_sequences=2)
+    cu = torch.tensor([0, 90, 200], device=DEVICE)
+
+    def run():
+        return outputs_and_grads(precond_delta_rule, inp, output_final_state=True, cu_seqlens=cu, backend="triton")
+
+    monkeypatch.setenv("PDELTA_REMAKE_U", "1")
+    seen = _remade_u(monkeypatch)
+    out_u, grads_u = run()
+    assert seen and all(u is not None for u in seen)
+    monkeypatch.delenv("PDELTA_REMAKE_U")
+    seen.clear()
+    out, grads = run()
+    assert seen and all(u is None for u in seen)
+    assert all(torch.equal(a, b) for a, b in zip(out, out_u))
+    assert all(torch.equal(grads[n], grads_u[n]) for n in grads_u), [n for n in grads_u
+                                                                     if not torch.equal(grads[n], grads_u[n])]
+    for setting in ("PDELTA_KEEP_DELTA", "PDELTA_STATE_BWD_SPLIT"):
+        monkeypatch.setenv(setting, "0")
+        seen.clear()
+        out_needs, grads_needs = run()
+        assert seen and all(u is not None for u in seen), setting
+        assert all(rel_rms(grads_needs[n], grads_u[n]) < 1e-5 for n in grads_u), setting
+        monkeypatch.delenv(setting)
+
+
+def test_u_left_out_only_where_no_reader_needs_it(monkeypatch):
+    """Recompute.without_u: only for the remake that takes ``with_u``, with Δ kept and the split reverse pass
+    (K <= 128), and not under PDELTA_REMAKE_U=1; the output stage's PyTorch forward takes it back (keep_u)."""
+    from pdelta_cp.kernels.stages import Recompute, u_again
+
+    delta = torch.zeros(1)
+    for K, kept, optional, env, expect in [(128, delta, True, None, False), (256, delta, True, None, True),
+                                           (128, None, True, None, True), (128, delta, False, None, True),
+                                           (128, delta, True, "1", True)]:
+        if env is None:
+            monkeypatch.delenv("PDELTA_REMAKE_U", raising=False)
+        else:
+            monkeypatch.setenv("PDELTA_REMAKE_U", env)
+        rc = Recompute(lambda *t, with_u=True: with_u, u_optional=optional)
+        rc.without_u(kept, K)
+        assert rc.u_needed == expect, (K, kept, optional, env)
+        if optional:
+            assert rc.cache.make(()) == expect  # what the remake is asked for
+        rc.keep_u()
+        assert rc.u_needed
+    W, S, d = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 5, 6), torch.randn(3, 2, 4, 6)
+    assert torch.allclose(u_again(None, W, S, d) - W @ S, d, atol=1e-6)
+    assert u_again(d, W, S, None) is d
+    with pytest.raises(RuntimeError, match="no Δ was kept"):
+        u_again(None, W, S, None)

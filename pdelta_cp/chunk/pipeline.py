@@ -271,8 +271,9 @@ class _DeltaStage:
             elif from_inverse:
                 # PDELTA_REMAKE_WY_BF16=1: remade in bfloat16 for 16-bit inputs (stages.remade_wy_dtype)
                 wy_dtype = remade_wy_dtype(out_dtype, states)
+                # (U left out of the remake where backward reads the kept Δ instead: Recompute.without_u)
                 self.recompute = Recompute(functools.partial(wy.remake, rows=self.rows, wy_dtype=wy_dtype), k_hat, p,
-                                           v, beta, self.gamma, T, states=states)
+                                           v, beta, self.gamma, T, states=states, u_optional=True)
             else:
                 self.recompute = Recompute(functools.partial(wy, rows=self.rows), k_hat, p, v, beta, self.gamma,
                                            states=states)
