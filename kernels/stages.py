@@ -42,11 +42,16 @@ class Recompute:
 
     def __init__(self, fn: Callable, *inputs: torch.Tensor, states: bool = False, u_optional: bool = False):
         self.inputs = tuple(remade.detached(t) for t in inputs)
-        # ``u_optional``: fn takes ``with_u`` (the remake from the inverse); see :meth:`without_u`
-        self.u_needed = True
-        self.cache = remade.RemadeOnce((lambda *t: fn(*t, with_u=self.u_needed)) if u_optional else fn)
+        # ``u_optional``: fn takes ``with_u`` (the remake from the inverse); see :meth:`without_u`. The cache lives
+        # on in the stages' ctx after this object is gone: it shares the flag, not this object (which holds inputs)
+        self._u_needed = needed = [True]
+        self.cache = remade.RemadeOnce((lambda *t: fn(*t, with_u=needed[0])) if u_optional else fn)
         self.u_optional = u_optional
         self.states = _States(self.cache) if states else None
+
+    @property
+    def u_needed(self) -> bool:
+        return self._u_needed[0]
 
     def without_u(self, delta: torch.Tensor | None, K: int) -> None:
         """Called by the state pass's forward: where it kept Δ = U − W S (``delta``) and its reverse pass is the
@@ -59,10 +64,10 @@ class Recompute:
 
         if self.u_optional and delta is not None and split_backward_enabled(K) \
                 and os.environ.get("PDELTA_REMAKE_U") != "1":
-            self.u_needed = False
+            self._u_needed[0] = False
 
     def keep_u(self) -> None:
-        self.u_needed = True
+        self._u_needed[0] = True
 
 
 def u_again(U: torch.Tensor | None, W: torch.Tensor, S: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
