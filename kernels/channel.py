@@ -23,7 +23,7 @@ from .stages import make_output_stage, make_wy_stage, output_key_blocks, wy_key_
 from .gram_channel import (_rows, _rows_t, gram_apply_lower, gram_apply_upper, gram_blocked, gram_lower,
                            gram_upper)
 from .wy import (_blocked_inverse, _invert_unit_lower, _load_block, _load_blocked_inverse, _store_blocked_inverse,
-                 _store_blocked_product, _store_blocked_u, _value_side_backward, _value_side_dl, _dl_from)
+                 _store_blocked_product, _store_blocked_u, _store_u, _value_side_backward, _value_side_dl, _dl_from)
 
 C = 64
 
@@ -54,14 +54,9 @@ def _wy_ch_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, START
     p_t = _rows(P, krow, rc, rk, mk, K) * tl.exp(g_end[None, :] - ga)
     tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], p_t, mask=mk[None, :])
     tl.store(DEC + (i_c64 * HV + i_h) * K + rk, tl.exp(g_end), mask=mk)
-    if STORE_U:  # (not where backward remakes for readers of the kept Δ only: stages.remake_needs_u)
+    if STORE_U:  # (not where backward remakes for readers of the kept Δ only: stages.Recompute.without_u)
         vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
-        for v0 in range(0, V, BV):
-            cols = v0 + tl.arange(0, BV)
-            mv = cols < V
-            vv = _value_tile(VV, vbase, vstride, vn, rc, cols, mv)
-            u = tl.dot(T, vv * beta[:, None], input_precision=PRECISION)
-            tl.store(U + (vrow + rc[:, None]) * V + cols[None, :], u, mask=mv[None, :])
+        _store_u(VV, vbase, vstride, vn, U, vrow, T, beta, rc, V, BV, PRECISION)
 
 
 @triton.jit

@@ -302,7 +302,7 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
     split = store_grads and split_backward_enabled(K)
     if U is None and store_grads and not (split and delta is not None):  # a path that reads U after all
         U = u_again(U, W, starts, delta)
-    U = W if U is None else U  # (unread: the reverse pass never reads U, the chunk-gradient kernel reads Δ)
+    u_arg = W if U is None else U  # (unread then: the reverse pass never reads U, the chunk-gradient kernel reads Δ)
     if store_grads and not split:
         dW, dP = grad_buffer(W, (NV, Nc, HV, C, K)), grad_buffer(W, (NV, Nc, HV, C, K))
         dD, dU = grad_buffer(W, (NV, Nc, HV, K)), grad_buffer(W, (Nc, HV, C, V))
@@ -312,7 +312,7 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
     in_place = split and reuse_g and G.is_contiguous()
     lam = (G if in_place else W.new_empty((Nc, HV, K, V), dtype=G.dtype)) if split else grad_buffer(W, (1,))
     dS0 = grad_buffer(W, (nseg, HV, K, V))
-    _state_bwd_kernel[(NV, HV, nseg)](W, U, P, D, starts, G, terminal, _segments_tensor(first, W.device),
+    _state_bwd_kernel[(NV, HV, nseg)](W, u_arg, P, D, starts, G, terminal, _segments_tensor(first, W.device),
                                        _segments_tensor(length, W.device), dW, dU, dP, dD, dS0, lam, HV, Nc * HV,
                                        K=K, V=V, C=C, BK=BK, BV=BV, STORE_GRADS=store_grads and not split,
                                        STORE_LAM=split, PRECISION=_precision(False),
@@ -323,12 +323,12 @@ def state_backward(W, U, P, D, starts, G, terminal, first, length, store_grads=T
         dW = grad_buffer(W, (Nc, HV, C, K)) if from_sum else dW
         dP, dD = grad_buffer(W, (Nc, HV, C, K)), grad_buffer(W, (Nc, HV, K))
         if not launch_or_fallback("state_grads", lambda: _state_grads_kernel[(Nc, HV)](
-                W, U, P, starts, lam, dW, dU, dP, dD, U if delta is None else delta, HV, K=K, V=V, C=C, BK=BK,
+                W, u_arg, P, starts, lam, dW, dU, dP, dD, u_arg if delta is None else delta, HV, K=K, V=V, C=C, BK=BK,
                 BV=BV, ACCUMULATE=add_to is not None, PRECISION=_precision(False), HAS_DELTA=delta is not None,
                 DW_FROM_SUM=from_sum, **launch_config("state_grads", warps, grads_stages))):
             # Λ may already be in G's storage: no retry from G, but the grads follow from Λ and S directly
-            _state_grads_torch(W, U if delta is None else delta + W.float() @ starts.float(), P, starts, lam, dW,
-                               dU, dP, dD, accumulate=add_to is not None, dw_from_sum=from_sum)
+            _state_grads_torch(W, u_again(U, W, starts, delta), P, starts, lam, dW, dU, dP, dD,
+                               accumulate=add_to is not None, dw_from_sum=from_sum)
         return dW, dU, dP, dD, dS0
     if not store_grads:
         return None, None, None, None, dS0

@@ -44,6 +44,18 @@ def _invert_unit_lower(L, rc, C: tl.constexpr):
 
 
 @triton.jit
+def _store_u(VV, vbase, vstride, vn, U, vrow, T, beta, rc, V: tl.constexpr, BV: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """U = T diag(β) V by V tiles, T the whole [C, C] inverse (V at (vbase, vstride): see `value_rows`)."""
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        mv = cols < V
+        vv = _value_tile(VV, vbase, vstride, vn, rc, cols, mv)
+        u = tl.dot(T, vv * beta[:, None], input_precision=PRECISION)
+        tl.store(U + (vrow + rc[:, None]) * V + cols[None, :], u, mask=mv[None, :])
+
+
+@triton.jit
 def _wy_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, STARTS, LENS,
                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    PRECISION: tl.constexpr, FROM_T: tl.constexpr = False, STREAM: tl.constexpr = 0,
@@ -74,14 +86,9 @@ def _wy_fwd_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, STARTS, 
     pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
     tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], pp * tl.exp(g_end - gam)[:, None], mask=mk[None, :])
     tl.store(DEC + i_c64 * HV + i_h, tl.exp(g_end))
-    if STORE_U:  # (not where backward remakes for readers of the kept Δ only: stages.remake_needs_u)
+    if STORE_U:  # (not where backward remakes for readers of the kept Δ only: stages.Recompute.without_u)
         vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
-        for v0 in range(0, V, BV):
-            cols = v0 + tl.arange(0, BV)
-            mv = cols < V
-            vv = _value_tile(VV, vbase, vstride, vn, rc, cols, mv)
-            u = tl.dot(T, vv * beta[:, None], input_precision=PRECISION)
-            tl.store(U + (vrow + rc[:, None]) * V + cols[None, :], u, mask=mv[None, :])
+        _store_u(VV, vbase, vstride, vn, U, vrow, T, beta, rc, V, BV, PRECISION)
 
 
 # --- the same forward in 16-row blocks: the default (PDELTA_WY_BLOCKED=0 restores the row kernel above) --------
@@ -301,7 +308,7 @@ def _wy_fwd_blocked_kernel(KH, P, VV, BETA, GAM, W, U, PT, TINV, DEC, H, HV, G, 
     pp = tl.load(P + (krow + rc[:, None]) * K + rk[None, :], mask=mk[None, :], other=0.0)
     tl.store(PT + (vrow + rc[:, None]) * K + rk[None, :], pp * tl.exp(g_end - gam)[:, None], mask=mk[None, :])
     tl.store(DEC + i_c64 * HV + i_h, tl.exp(g_end))
-    if STORE_U:
+    if STORE_U:  # (see the row kernel above)
         vbase, vstride, vn = value_rows(i_c64, i_h, HV, V, C, STREAM, STARTS, LENS)
         _store_blocked_u(VV, vbase, vstride, vn, U, vrow, BETA, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33,
                          r16, V, BV, PRECISION)
